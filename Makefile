@@ -1,0 +1,25 @@
+# The two commands of the README. Each sets everything up first (scripts/install.sh), so both work on a
+# fresh clone.
+SAMPLE_SLIDE ?= ../shared/testdata/slides/CMU-1-Small-Region.svs
+OUT ?= demo-output
+VENV := .venv
+
+.PHONY: install demo test benchmark
+
+install:
+	bash scripts/install.sh
+
+# Analyse a sample slide with the built-in demo model pack: GeoJSON, report, CSV and overlay in $(OUT)/.
+# Without ../shared (the team's test data) a synthetic slide is generated instead.
+demo: install
+	@if [ -f "$(SAMPLE_SLIDE)" ]; then slide="$(SAMPLE_SLIDE)"; else \
+		slide="$(OUT)/synthetic-sample.tiff"; mkdir -p $(OUT); \
+		$(VENV)/bin/python -m hepatoquant.synthetic "$$slide"; fi; \
+	$(VENV)/bin/hepatoquant analyze "$$slide" --out $(OUT)
+
+test: install
+	$(VENV)/bin/python -m pytest tests
+
+benchmark: install
+	$(VENV)/bin/python benchmarks/pipeline_efficiency.py
+	$(VENV)/bin/python benchmarks/memory_scaling.py

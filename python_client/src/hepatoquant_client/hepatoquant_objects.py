@@ -1,0 +1,112 @@
+"""HepatoQuant's results as QuPath objects: tile detections and region annotations, and how to recognise them.
+
+The names of measurements and the markers that make our objects recognisable live here, so that the server
+that writes them and the clients that import or replace them (paquo, Groovy) agree. Every object we write
+carries ``metadata["hepatoquant"]``; region annotations also have a name starting with ``HepatoQuant:``.
+A re-run removes only objects that carry these markers, never a pathologist's own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from shapely.geometry import box
+from shapely.geometry.base import BaseGeometry
+
+from hepatoquant_client.classes import REGION_CLASSES, tissue_class
+from hepatoquant_client.qupath_geojson import QuPathObject
+
+__all__ = [
+    "METADATA_KEY",
+    "REGION_NAME_PREFIX",
+    "probability_measurement",
+    "percent_measurement",
+    "tiles_measurement",
+    "tile_object",
+    "region_object",
+    "is_hepatoquant_object",
+]
+
+METADATA_KEY = "hepatoquant"
+REGION_NAME_PREFIX = "HepatoQuant: "
+TILE_COUNT_MEASUREMENT = "HQ tiles"
+TILE_AREA_MEASUREMENT = "HQ tile area mm^2"
+REGION_AREA_MEASUREMENT = "HQ region area mm^2"
+
+
+def probability_measurement(code: str) -> str:
+    """Tile measurement holding the probability of tissue class ``code`` (e.g. ``prob_TUM``)."""
+    return f"prob_{code}"
+
+
+def percent_measurement(code: str) -> str:
+    """Region measurement: percentage of the region's tiles classified ``code`` (e.g. ``TUM %``)."""
+    return f"{code} %"
+
+
+def tiles_measurement(code: str) -> str:
+    """Region measurement: number of the region's tiles classified ``code`` (e.g. ``TUM tiles``)."""
+    return f"{code} tiles"
+
+
+def tile_object(
+    x_level0_px: float,
+    y_level0_px: float,
+    size_level0_px: float,
+    predicted_code: str,
+    probabilities: Mapping[str, float],
+    *,
+    object_type: str = "detection",
+) -> QuPathObject:
+    """A square tile as a QuPath detection (or ``tile``) classified by its most probable tissue class."""
+    if object_type not in ("detection", "tile"):
+        raise ValueError(f"tile object type must be 'detection' or 'tile', not {object_type!r}")
+    cls = tissue_class(predicted_code)
+    return QuPathObject(
+        geometry=box(x_level0_px, y_level0_px, x_level0_px + size_level0_px, y_level0_px + size_level0_px),
+        object_type=object_type,
+        class_names=(cls.qupath_name,),
+        color_rgb=cls.color_rgb,
+        measurements={probability_measurement(code): float(p) for code, p in probabilities.items()},
+        metadata={METADATA_KEY: "tile"},
+    )
+
+
+def region_object(
+    geometry: BaseGeometry,
+    region_class_code: str,
+    name: str,
+    *,
+    tile_count: int,
+    tile_area_mm2: float,
+    region_area_mm2: float,
+    class_tiles: Mapping[str, int],
+    class_percent: Mapping[str, float],
+) -> QuPathObject:
+    """A region annotation whose measurement table shows its composition."""
+    cls = next((c for c in REGION_CLASSES if c.code == region_class_code), None)
+    if cls is None:
+        raise ValueError(f"unknown region class {region_class_code!r}")
+    measurements: dict[str, float] = {
+        REGION_AREA_MEASUREMENT: float(region_area_mm2),
+        TILE_COUNT_MEASUREMENT: float(tile_count),
+        TILE_AREA_MEASUREMENT: float(tile_area_mm2),
+    }
+    for code, percent in class_percent.items():
+        measurements[percent_measurement(code)] = float(percent)
+    for code, count in class_tiles.items():
+        measurements[tiles_measurement(code)] = float(count)
+    return QuPathObject(
+        geometry=geometry,
+        object_type="annotation",
+        class_names=(cls.qupath_name,),
+        color_rgb=cls.color_rgb,
+        name=REGION_NAME_PREFIX + name,
+        measurements=measurements,
+        metadata={METADATA_KEY: "region"},
+    )
+
+
+def is_hepatoquant_object(obj: QuPathObject) -> bool:
+    """True for objects HepatoQuant wrote (safe to replace on a re-run); False for everything else."""
+    return METADATA_KEY in obj.metadata or (obj.name or "").startswith(REGION_NAME_PREFIX)

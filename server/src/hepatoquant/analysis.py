@@ -1,0 +1,185 @@
+"""One slide, start to end: tissue, tiles, classification, regions, composition.
+
+:func:`analyze_slide` is the function the command line, the server and the benchmarks call; it returns an
+:class:`AnalysisResult` in memory, and :func:`hepatoquant.outputs.write_outputs` turns that into files.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import shapely
+
+from hepatoquant.classify import choose_device, load_classifier, predict_batches
+from hepatoquant.errors import InvalidParameterError, NoTissueError
+from hepatoquant.model_pack import ModelPack
+from hepatoquant.quantify import Composition, assign_tiles, quantify
+from hepatoquant.regions import DEFAULT_TUMOUR_CLASS_NAMES, Region, regions_from_geojson, whole_tissue_region
+from hepatoquant.slide import Slide, SlideInfo
+from hepatoquant.tile_reader import iter_tile_batches
+from hepatoquant.tiling import TileGrid, TileSpec, build_tile_grid
+from hepatoquant.tissue import TissueDetectionParams, TissueMask, detect_tissue
+
+__all__ = ["AnalysisOptions", "AnalysisResult", "ProgressCallback", "analyze_slide"]
+
+# stage name, done, total: called after tissue detection, tiling, and every classified batch.
+ProgressCallback = Callable[[str, int, int], None]
+
+
+@dataclass(frozen=True)
+class AnalysisOptions:
+    """Everything that shapes one analysis besides the slide and the model."""
+
+    tile: TileSpec = field(default_factory=TileSpec)
+    tissue: TissueDetectionParams = field(default_factory=TissueDetectionParams)
+    mpp_override_um_px: float | None = None
+    regions_path: Path | None = None
+    tumour_class_names: tuple[str, ...] = DEFAULT_TUMOUR_CLASS_NAMES
+    batch_size: int = 32
+    num_workers: int = 2
+    device: str = "auto"
+    keep_embeddings: bool = False
+    tile_object_type: str = "detection"
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.batch_size <= 4096:
+            raise InvalidParameterError(f"batch size {self.batch_size} is outside 1..4096")
+        if not 1 <= self.num_workers <= 64:
+            raise InvalidParameterError(f"reader workers {self.num_workers} is outside 1..64")
+        if self.tile_object_type not in ("detection", "tile"):
+            raise InvalidParameterError(
+                f"tile object type {self.tile_object_type!r} must be 'detection' or 'tile'"
+            )
+
+
+@dataclass(frozen=True)
+class AnalysisResult:
+    """Everything an analysis found, in memory (tiles in grid order)."""
+
+    slide: SlideInfo
+    options: AnalysisOptions
+    model: dict
+    device: str
+    classes: tuple[str, ...]
+    tissue: TissueMask
+    grid: TileGrid
+    probabilities: np.ndarray  # (tiles, classes) float32
+    embeddings: np.ndarray | None  # (tiles, dim) float32 when asked for
+    regions: list[Region]
+    assignment: np.ndarray  # region index per tile, -1 = unassigned
+    composition: Composition
+    timings_s: dict[str, float]
+    warnings: list[str]
+
+    @property
+    def predicted_class(self) -> np.ndarray:
+        return self.probabilities.argmax(axis=1) if len(self.probabilities) else np.empty(0, dtype=np.int64)
+
+    @property
+    def tiles_per_second(self) -> float:
+        seconds = self.timings_s.get("classification", 0.0)
+        return len(self.grid) / seconds if seconds > 0 else 0.0
+
+
+def analyze_slide(
+    slide_path: str | Path,
+    pack: ModelPack,
+    options: AnalysisOptions = AnalysisOptions(),
+    *,
+    progress: ProgressCallback | None = None,
+) -> AnalysisResult:
+    """Analyse one slide with a classifier pack. Raises our errors (bad slide, no tissue, bad regions)."""
+    report_progress = progress or (lambda stage, done, total: None)
+    timings: dict[str, float] = {}
+    warnings: list[str] = []
+    if pack.is_untrained_demo:
+        warnings.append(
+            f"model pack {pack.name!r} is the untrained demo: its tissue labels are random and mean nothing; "
+            "use a trained classifier pack (`hepatoquant models add`) for real measurements"
+        )
+    started = time.perf_counter()
+    with Slide(slide_path, mpp_override_um_px=options.mpp_override_um_px) as slide:
+        slide_info = slide.info()
+        tissue = detect_tissue(slide, options.tissue)
+    timings["tissue_detection"] = time.perf_counter() - started
+    report_progress("tissue", 1, 1)
+
+    regions: list[Region]
+    if options.regions_path is not None:
+        regions, region_warnings = regions_from_geojson(
+            options.regions_path,
+            (slide_info.width_px, slide_info.height_px),
+            tumour_class_names=options.tumour_class_names,
+        )
+        warnings += region_warnings
+    else:
+        regions = [whole_tissue_region(tissue.polygons)]
+
+    started = time.perf_counter()
+    restrict_to = None
+    if options.regions_path is not None:
+        restrict_to = shapely.union_all([r.geometry for r in regions])
+    grid = build_tile_grid(
+        (slide_info.width_px, slide_info.height_px), slide_info.mpp_um_px, tissue, options.tile, restrict_to
+    )
+    timings["tiling"] = time.perf_counter() - started
+    if not len(grid):
+        where = "inside the given regions" if restrict_to is not None else "on the slide"
+        raise NoTissueError(
+            f"slide {str(slide_path)!r}: no tile of {options.tile.tile_size_um:g} um has at least "
+            f"{options.tile.min_tissue_fraction:.0%} tissue {where} (tissue found: "
+            f"{tissue.area_um2() / 1e6:.3f} mm^2). If the slide is blank there is nothing to measure; if its "
+            "tissue is faint, lower --min-tissue-fraction or set --tissue-threshold"
+        )
+    report_progress("tiles", 0, len(grid))
+
+    started = time.perf_counter()
+    device = choose_device(options.device)
+    model = load_classifier(pack, device)
+    timings["model_loading"] = time.perf_counter() - started
+
+    started = time.perf_counter()
+    probabilities = np.empty((len(grid), len(pack.classes)), dtype=np.float32)
+    embeddings = (
+        np.empty((len(grid), model.encoder.config.embedding_dim), dtype=np.float32) if options.keep_embeddings else None
+    )
+    batches = iter_tile_batches(
+        slide_path, grid, out_size_px=pack.input_size_px, batch_size=options.batch_size,
+        num_workers=options.num_workers,
+    )
+    done = 0
+    for prediction in predict_batches(model, batches, device, keep_embeddings=options.keep_embeddings):
+        stop = prediction.start + len(prediction.probabilities)
+        probabilities[prediction.start : stop] = prediction.probabilities
+        if embeddings is not None and prediction.embeddings is not None:
+            embeddings[prediction.start : stop] = prediction.embeddings
+        done += len(prediction.probabilities)
+        report_progress("tiles", done, len(grid))
+    timings["classification"] = time.perf_counter() - started
+
+    started = time.perf_counter()
+    assignment = assign_tiles(grid, regions)
+    composition = quantify(
+        grid, probabilities.argmax(axis=1), pack.classes, regions, assignment, slide_info.mpp_um_px
+    )
+    timings["quantification"] = time.perf_counter() - started
+    return AnalysisResult(
+        slide=slide_info,
+        options=options,
+        model=pack.summary(),
+        device=str(device),
+        classes=pack.classes,
+        tissue=tissue,
+        grid=grid,
+        probabilities=probabilities,
+        embeddings=embeddings,
+        regions=regions,
+        assignment=assignment,
+        composition=composition,
+        timings_s=timings,
+        warnings=warnings,
+    )

@@ -1,0 +1,106 @@
+"""Patch classification: a frozen encoder and one linear layer give seven class probabilities per tile.
+
+The classifier takes uint8 RGB batches straight from the tile reader and does the model's own normalisation
+on the device, so the reader never builds float copies. Inference runs under ``torch.inference_mode`` with
+autocast (bf16 where supported, else fp16) on CUDA.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from hepatoquant.encoders import Encoder, create_encoder
+from hepatoquant.errors import InvalidParameterError, ModelPackError
+from hepatoquant.model_pack import ModelPack, load_head_weights
+
+__all__ = ["PatchClassifier", "load_classifier", "choose_device", "predict_batches", "BatchPrediction"]
+
+
+class PatchClassifier(nn.Module):
+    """Encoder + linear head over uint8 (batch, height, width, 3) tiles already at the input size."""
+
+    def __init__(
+        self,
+        encoder: Encoder,
+        head: nn.Linear,
+        classes: tuple[str, ...],
+        mean: tuple[float, float, float],
+        std: tuple[float, float, float],
+    ) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.head = head
+        self.classes = classes
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1) * 255.0, persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1) * 255.0, persistent=False)
+
+    def forward(self, tiles_uint8_nhwc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Class logits (batch, classes) and embeddings (batch, dim)."""
+        pixels = tiles_uint8_nhwc.permute(0, 3, 1, 2).float()
+        pixels = (pixels - self.mean) / self.std
+        embeddings = self.encoder(pixels)
+        return self.head(embeddings.float()), embeddings
+
+
+def choose_device(requested: str = "auto") -> torch.device:
+    """``auto`` is CUDA when available, else CPU; an explicit CUDA request without CUDA is an error."""
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(requested)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidParameterError(f"--device {requested} was asked for but no CUDA GPU is available; use --device cpu")
+    return device
+
+
+def load_classifier(pack: ModelPack, device: torch.device) -> PatchClassifier:
+    """The pack's encoder and head on ``device``, in eval mode, frozen."""
+    if pack.kind != "classifier":
+        raise ModelPackError(
+            f"model pack {pack.name!r} is a {pack.kind} pack; `analyze` needs a classifier pack (encoder + head)"
+        )
+    encoder = create_encoder(pack.encoder_name, weights=pack.encoder_weights)
+    head_state = load_head_weights(pack)
+    head = nn.Linear(encoder.config.embedding_dim, len(pack.classes))
+    head.load_state_dict(head_state, strict=True)
+    model = PatchClassifier(encoder, head, pack.classes, pack.mean, pack.std).to(device).eval()
+    model.requires_grad_(False)
+    return model
+
+
+def _autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast(device_type="cuda", dtype=dtype)
+
+
+@dataclass(frozen=True)
+class BatchPrediction:
+    """Probabilities (batch, classes) float32 and, if asked for, embeddings (batch, dim) float32."""
+
+    start: int
+    probabilities: np.ndarray
+    embeddings: np.ndarray | None
+
+
+def predict_batches(
+    model: PatchClassifier,
+    batches: Iterable,  # of objects with .start and .pixels (uint8 NHWC numpy)
+    device: torch.device,
+    *,
+    keep_embeddings: bool = False,
+) -> Iterator[BatchPrediction]:
+    """Run the classifier over batches of tiles, yielding results in the same order."""
+    with torch.inference_mode(), _autocast(device):
+        for batch in batches:
+            tiles = torch.from_numpy(batch.pixels).to(device, non_blocking=True)
+            logits, embeddings = model(tiles)
+            probabilities = torch.softmax(logits.float(), dim=1).cpu().numpy()
+            kept = embeddings.float().cpu().numpy() if keep_embeddings else None
+            yield BatchPrediction(batch.start, probabilities, kept)

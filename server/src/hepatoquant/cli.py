@@ -1,0 +1,170 @@
+"""The ``hepatoquant`` command line: ``analyze`` a slide, ``models list`` / ``models add``.
+
+Heavy modules (torch, timm, OpenSlide) are imported inside the commands, so ``--help`` is instant and
+offline. Our errors become one line on stderr and exit code 2; nothing is written when a command fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from hepatoquant import RESEARCH_USE_NOTICE, __version__
+
+__all__ = ["main"]
+
+EXIT_USER_ERROR = 2
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hepatoquant",
+        description="Liver tissue quantification on whole-slide images. " + RESEARCH_USE_NOTICE,
+    )
+    parser.add_argument("--version", action="version", version=f"hepatoquant {__version__}")
+    parser.add_argument(
+        "--models-dir", type=Path, default=None,
+        help="folder of model packs (default: $HEPATOQUANT_MODELS_DIR or ~/.local/share/hepatoquant/models)",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    analyze = commands.add_parser("analyze", help="analyse one slide: tissue composition per region")
+    analyze.add_argument("slide", type=Path, help="slide file (SVS, NDPI, MRXS, SCN, tiled TIFF, ...)")
+    analyze.add_argument("--regions", type=Path, help="QuPath GeoJSON of region annotations (e.g. tumour outlines)")
+    analyze.add_argument("--mpp", type=float, help="pixel size in um/px, for slides without it in their metadata")
+    analyze.add_argument("--out", type=Path, default=Path("hepatoquant-results"), help="output folder")
+    analyze.add_argument("--model", default="demo", help="classifier pack name or folder (default: the demo pack)")
+    analyze.add_argument("--tile-size", type=int, default=None, help="tile size in px at --tile-spacing (default: the pack's, 150)")
+    analyze.add_argument("--tile-spacing", type=float, default=None, help="tile resolution in um/px (default: the pack's, 0.5 = 20x)")
+    analyze.add_argument("--min-tissue-fraction", type=float, default=0.5, help="keep tiles with at least this tissue fraction")
+    analyze.add_argument("--tissue-threshold", type=int, default=None, help="fixed saturation threshold 0-255 (default: Otsu)")
+    analyze.add_argument("--tumour-classes", default=None, help="comma-separated QuPath class names that mark tumour regions")
+    analyze.add_argument("--tile-object", choices=("detection", "tile"), default="detection", help="QuPath object type of tiles")
+    analyze.add_argument("--batch-size", type=int, default=32)
+    analyze.add_argument("--workers", type=int, default=2, help="parallel tile readers")
+    analyze.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    analyze.add_argument("--save-embeddings", action="store_true", help="also write tile embeddings (.npz)")
+    analyze.add_argument("--no-progress", action="store_true", help="no progress bar (for logs)")
+
+    models = commands.add_parser("models", help="list or add model packs")
+    model_commands = models.add_subparsers(dest="models_command", required=True)
+    model_commands.add_parser("list", help="list the model packs and registered encoders")
+    add = model_commands.add_parser("add", help="turn a local checkpoint into a model pack")
+    add.add_argument("checkpoint", type=Path, help="encoder weights (pytorch_model.bin, .pth or .safetensors)")
+    add.add_argument("--encoder", required=True, help="registered encoder the checkpoint belongs to (uni, virchow2, gigapath, ...)")
+    add.add_argument("--name", required=True, help="name of the new pack")
+    add.add_argument("--head", type=Path, help="linear head weights (weight [7, dim], bias [7]); without it an encoder-only pack")
+    add.add_argument("--overwrite", action="store_true", help="replace an existing pack of that name")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _build_parser().parse_args(argv)
+    from hepatoquant.errors import HepatoQuantError
+
+    try:
+        if args.command == "analyze":
+            return _analyze(args)
+        if args.models_command == "list":
+            return _models_list(args)
+        return _models_add(args)
+    except HepatoQuantError as exc:
+        print(f"hepatoquant: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+
+
+def _analyze(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from hepatoquant.analysis import AnalysisOptions, analyze_slide
+    from hepatoquant.cli_display import progress_bar, summary_table
+    from hepatoquant.model_pack import resolve_model_pack
+    from hepatoquant.outputs import write_outputs
+    from hepatoquant.regions import DEFAULT_TUMOUR_CLASS_NAMES
+    from hepatoquant.tiling import TileSpec
+    from hepatoquant.tissue import TissueDetectionParams
+
+    console = Console(stderr=True)
+    pack = resolve_model_pack(args.model, args.models_dir)
+    if pack.is_untrained_demo:
+        console.print(
+            f"[bold yellow]warning:[/] model pack {pack.name!r} is the UNTRAINED DEMO: tissue labels are random. "
+            "Add a trained pack with `hepatoquant models add` for real measurements."
+        )
+    tumour_classes = (
+        tuple(n.strip() for n in args.tumour_classes.split(",") if n.strip())
+        if args.tumour_classes
+        else DEFAULT_TUMOUR_CLASS_NAMES
+    )
+    options = AnalysisOptions(
+        tile=TileSpec(
+            tile_size_px=args.tile_size or pack.tile_size_px,
+            spacing_um_px=args.tile_spacing or pack.spacing_um_px,
+            min_tissue_fraction=args.min_tissue_fraction,
+        ),
+        tissue=TissueDetectionParams(saturation_threshold=args.tissue_threshold),
+        mpp_override_um_px=args.mpp,
+        regions_path=args.regions,
+        tumour_class_names=tumour_classes,
+        batch_size=args.batch_size,
+        num_workers=args.workers,
+        device=args.device,
+        keep_embeddings=args.save_embeddings,
+        tile_object_type=args.tile_object,
+    )
+    with progress_bar(console, disabled=args.no_progress) as on_progress:
+        result = analyze_slide(args.slide, pack, options, progress=on_progress)
+    paths = write_outputs(result, args.out)
+    for warning in result.warnings:
+        console.print(f"[yellow]warning:[/] {warning}")
+    console.print(summary_table(result))
+    console.print(f"Outputs in {args.out}/: {paths.geojson.name}, {paths.report.name}, {paths.cohort_csv.name}, {paths.overlay_png.name}"
+                  + (f", {paths.embeddings.name}" if paths.embeddings else ""))
+    console.print(f"[dim]{RESEARCH_USE_NOTICE}[/]")
+    return 0
+
+
+def _models_list(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from hepatoquant.encoders import encoder_config, list_encoders
+    from hepatoquant.errors import ModelPackError
+    from hepatoquant.model_pack import default_models_dir, list_model_packs
+
+    console = Console()
+    models_dir = args.models_dir or default_models_dir()
+    table = Table(title=f"Model packs in {models_dir}")
+    for column in ("name", "kind", "encoder", "status", "classes"):
+        table.add_column(column)
+    for pack in list_model_packs(models_dir):
+        if isinstance(pack, ModelPackError):
+            table.add_row("[red]broken[/]", "", "", str(pack), "")
+        else:
+            table.add_row(pack.name, pack.kind, pack.encoder_name, pack.model_status, " ".join(pack.classes))
+    console.print(table)
+    encoders = Table(title="Registered encoders")
+    for column in ("name", "input px", "embedding", "description"):
+        encoders.add_column(column)
+    for name in list_encoders():
+        config = encoder_config(name)
+        encoders.add_row(name, str(config.input_size_px), str(config.embedding_dim), config.description)
+    console.print(encoders)
+    return 0
+
+
+def _models_add(args: argparse.Namespace) -> int:
+    from hepatoquant.model_pack import add_model_pack
+
+    pack = add_model_pack(
+        args.checkpoint, encoder=args.encoder, name=args.name, models_dir=args.models_dir, head=args.head,
+        overwrite=args.overwrite,
+    )
+    print(f"created {pack.kind} pack {pack.name!r} ({pack.model_status}) in {pack.path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

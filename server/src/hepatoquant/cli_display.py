@@ -1,0 +1,64 @@
+"""Terminal display for the command line: the progress bar and the closing summary table (rich)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from hepatoquant.analysis import AnalysisResult, ProgressCallback
+
+__all__ = ["progress_bar", "summary_table"]
+
+
+@contextlib.contextmanager
+def progress_bar(console: Console, *, disabled: bool = False) -> Iterator[ProgressCallback]:
+    """A callback for :func:`analyze_slide` that drives a bar: tiles done / total and tiles per second."""
+    progress = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        disable=disabled,
+    )
+    tasks: dict[str, int] = {}
+
+    def on_progress(stage: str, done: int, total: int) -> None:
+        if stage not in tasks:
+            label = {"tissue": "Tissue detection", "tiles": "Classifying tiles"}.get(stage, stage)
+            tasks[stage] = progress.add_task(label, total=total, rate="")
+        task_id = tasks[stage]
+        progress.update(task_id, completed=done, total=total)
+        speed = progress.tasks[task_id].speed
+        if speed:
+            progress.update(task_id, rate=f"{speed:.1f} tiles/s")
+
+    with progress:
+        yield on_progress
+
+
+def summary_table(result: AnalysisResult) -> Table:
+    """Composition per region class (rows) and tissue class (columns, % of the region's tiles)."""
+    status = " (UNTRAINED DEMO MODEL)" if result.model["model_status"] == "untrained-demo" else ""
+    table = Table(title=f"{result.slide.path}: {len(result.grid)} tiles, model {result.model['name']}{status}")
+    table.add_column("region")
+    table.add_column("tiles", justify="right")
+    table.add_column("mm^2", justify="right")
+    for code in result.classes:
+        table.add_column(f"{code} %", justify="right")
+    for entry in result.composition.region_classes:
+        table.add_row(
+            entry.name,
+            str(entry.tile_count),
+            f"{entry.tile_area_mm2:.3f}",
+            *(f"{entry.class_percent[code]:.1f}" for code in result.classes),
+        )
+    seconds = sum(result.timings_s.values())
+    table.caption = f"{seconds:.1f} s in all, {result.tiles_per_second:.1f} tiles/s classification"
+    return table

@@ -1,0 +1,314 @@
+"""The encoder registry: each foundation model is one registered function that builds it with timm.
+
+Callers use :func:`create_encoder` and :func:`list_encoders` only, and never branch on a name: everything that
+differs between models (input size, normalisation, embedding size and how tokens are pooled into it) is in
+the :class:`EncoderConfig` attached to the built :class:`Encoder`. Weights are read from local files only;
+the large published models (UNI, Virchow2, Prov-GigaPath) are gated downloads that users provide.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import timm
+import torch
+from torch import nn
+
+from hepatoquant.errors import InvalidParameterError, WeightsMismatchError
+
+__all__ = [
+    "EncoderConfig",
+    "Encoder",
+    "create_encoder",
+    "encoder_config",
+    "list_encoders",
+    "load_state_dict_file",
+]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    """What a caller needs to feed an encoder and use its output.
+
+    Tiles are read at ``spacing_um_px`` and resized to ``input_size_px`` square, scaled to [0, 1] and
+    normalised with ``mean``/``std``. ``pooling`` turns the token sequence into the ``embedding_dim``
+    embedding: ``"cls"`` (class token) or ``"cls+mean_patch"`` (class token concatenated with the mean of the
+    patch tokens, register tokens excluded, as Virchow2 prescribes).
+    """
+
+    name: str
+    description: str
+    input_size_px: int
+    embedding_dim: int
+    patch_size_px: int
+    pooling: str
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    spacing_um_px: float = 0.5
+    recommended_dtype: str = "bfloat16"
+    licence_note: str = ""
+    weights_source: str = ""
+
+
+class Encoder(nn.Module):
+    """A timm backbone with its config; ``forward`` gives pooled embeddings, ``forward_tokens`` all tokens."""
+
+    def __init__(self, backbone: nn.Module, config: EncoderConfig) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.config = config
+        self.num_prefix_tokens: int = int(getattr(backbone, "num_prefix_tokens", 1))
+
+    def forward_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Normalised tokens (batch, prefix + patches, dim) for normalised pixels (batch, 3, H, W)."""
+        return self.backbone.forward_features(pixels)
+
+    def pool(self, tokens: torch.Tensor) -> torch.Tensor:
+        cls_token = tokens[:, 0]
+        if self.config.pooling == "cls":
+            return cls_token
+        patch_mean = tokens[:, self.num_prefix_tokens :].mean(dim=1)
+        return torch.cat([cls_token, patch_mean], dim=-1)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.forward_tokens(pixels))
+
+
+_Builder = Callable[[], nn.Module]
+_REGISTRY: dict[str, tuple[EncoderConfig, _Builder]] = {}
+
+
+def _register(config: EncoderConfig) -> Callable[[_Builder], _Builder]:
+    def decorator(build: _Builder) -> _Builder:
+        if config.pooling not in ("cls", "cls+mean_patch"):
+            raise ValueError(f"unknown pooling {config.pooling!r} for encoder {config.name!r}")
+        _REGISTRY[config.name] = (config, build)
+        return build
+
+    return decorator
+
+
+# --- published pathology foundation models -------------------------------------------------------------
+
+
+@_register(
+    EncoderConfig(
+        name="uni",
+        description="UNI v1 (Mahmood Lab), ViT-L/16, DINOv2 on 100M H&E tiles",
+        input_size_px=224,
+        embedding_dim=1024,
+        patch_size_px=16,
+        pooling="cls",
+        licence_note="CC BY-NC-ND 4.0, research use only; weights from the gated MahmoodLab/UNI repository",
+        weights_source="hf_hub: MahmoodLab/UNI (pytorch_model.bin)",
+    )
+)
+def uni() -> nn.Module:
+    # timm arguments from the UNI model card.
+    return timm.create_model(
+        "vit_large_patch16_224", pretrained=False, img_size=224, patch_size=16, init_values=1e-5,
+        num_classes=0, dynamic_img_size=True,
+    )
+
+
+@_register(
+    EncoderConfig(
+        name="virchow2",
+        description="Virchow2 (Paige), ViT-H/14 with SwiGLU and 4 register tokens",
+        input_size_px=224,
+        embedding_dim=2560,
+        patch_size_px=14,
+        pooling="cls+mean_patch",
+        recommended_dtype="float16",
+        licence_note="CC BY-NC-ND 4.0, research use only; weights from the gated paige-ai/Virchow2 repository",
+        weights_source="hf_hub: paige-ai/Virchow2 (pytorch_model.bin)",
+    )
+)
+def virchow2() -> nn.Module:
+    # timm arguments from the Virchow2 model card (config.json model_args plus the SwiGLU / SiLU layers).
+    return timm.create_model(
+        "vit_huge_patch14_224", pretrained=False, img_size=224, init_values=1e-5, num_classes=0,
+        mlp_ratio=5.3375, reg_tokens=4, global_pool="", dynamic_img_size=True,
+        mlp_layer=timm.layers.SwiGLUPacked, act_layer=nn.SiLU,
+    )
+
+
+@_register(
+    EncoderConfig(
+        name="gigapath",
+        description="Prov-GigaPath tile encoder (Providence / Microsoft), ViT-g/16, DINOv2",
+        input_size_px=224,
+        embedding_dim=1536,
+        patch_size_px=16,
+        pooling="cls",
+        licence_note="Prov-GigaPath licence (research use only); weights from the gated prov-gigapath repository",
+        weights_source="hf_hub: prov-gigapath/prov-gigapath (pytorch_model.bin)",
+    )
+)
+def gigapath() -> nn.Module:
+    # timm arguments from the Prov-GigaPath config.json (architecture vit_giant_patch14_dinov2).
+    return timm.create_model(
+        "vit_giant_patch14_dinov2", pretrained=False, img_size=224, in_chans=3, patch_size=16, embed_dim=1536,
+        depth=40, num_heads=24, init_values=1e-5, mlp_ratio=5.33334, num_classes=0,
+    )
+
+
+# --- small architectures for the demo and the tests ----------------------------------------------------
+
+
+@_register(
+    EncoderConfig(
+        name="demo_vit_tiny",
+        description="ViT-Ti/16 (5.5M parameters), random weights: the demo pack's encoder, fast on a CPU",
+        input_size_px=224,
+        embedding_dim=192,
+        patch_size_px=16,
+        pooling="cls",
+        recommended_dtype="float32",
+        licence_note="HepatoQuant demo weights, fixed seed, untrained: not for any measurement",
+    )
+)
+def demo_vit_tiny() -> nn.Module:
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0)
+
+
+@_register(
+    EncoderConfig(
+        name="test_vit_micro",
+        description="2-block ViT, 32-d, 32 px input: for tests",
+        input_size_px=32,
+        embedding_dim=32,
+        patch_size_px=8,
+        pooling="cls",
+        recommended_dtype="float32",
+        licence_note="test architecture, random weights",
+    )
+)
+def test_vit_micro() -> nn.Module:
+    return timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=32, depth=2,
+        num_heads=2, init_values=1e-5, num_classes=0,
+    )
+
+
+@_register(
+    EncoderConfig(
+        name="test_vit_micro_reg",
+        description="2-block ViT with SwiGLU and 2 register tokens, Virchow2-style pooling: for tests",
+        input_size_px=28,
+        embedding_dim=64,
+        patch_size_px=7,
+        pooling="cls+mean_patch",
+        recommended_dtype="float32",
+        licence_note="test architecture, random weights",
+    )
+)
+def test_vit_micro_reg() -> nn.Module:
+    return timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, img_size=28, patch_size=7, embed_dim=32, depth=2,
+        num_heads=2, init_values=1e-5, num_classes=0, reg_tokens=2, global_pool="", mlp_ratio=2.0,
+        mlp_layer=timm.layers.SwiGLUPacked, act_layer=nn.SiLU,
+    )
+
+
+# --- public API ----------------------------------------------------------------------------------------
+
+
+def list_encoders() -> list[str]:
+    """Names of all registered encoders."""
+    return sorted(_REGISTRY)
+
+
+def encoder_config(name: str) -> EncoderConfig:
+    """The config of a registered encoder, without building it."""
+    try:
+        return _REGISTRY[name][0]
+    except KeyError:
+        raise InvalidParameterError(
+            f"unknown encoder {name!r}; registered encoders: {', '.join(list_encoders())}"
+        ) from None
+
+
+def create_encoder(
+    name: str, *, weights: str | Path | None = None, device: str | torch.device = "cpu"
+) -> Encoder:
+    """Build encoder ``name``; with ``weights`` (safetensors or a PyTorch checkpoint) load them strictly.
+
+    With weights, the model is built on the meta device and the tensors are assigned from the file, so a
+    1B-parameter model is never randomly initialised first. ``device="meta"`` builds it without memory (for
+    checking architectures).
+    """
+    config = encoder_config(name)
+    build = _REGISTRY[name][1]
+    device = torch.device(device)
+    if weights is None:
+        with _default_device(device):
+            return Encoder(build(), config).eval()
+    with _default_device(torch.device("meta")):
+        encoder = Encoder(build(), config)
+    state_dict = load_state_dict_file(weights)
+    _load_strict(encoder.backbone, state_dict, source=Path(weights), encoder_name=name)
+    return encoder.to(device).eval()
+
+
+@contextlib.contextmanager
+def _default_device(device: torch.device) -> Iterator[None]:
+    if device.type == "cpu":
+        yield
+        return
+    with device:
+        yield
+
+
+def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors of a safetensors file or a PyTorch checkpoint (plain, or under a ``state_dict``/``model`` key)."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsMismatchError(f"weights file {str(path)!r} does not exist; give the path of a downloaded checkpoint")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a non-checkpoint file
+        raise WeightsMismatchError(
+            f"weights file {str(path)!r} is not a readable PyTorch checkpoint or safetensors file ({exc})"
+        ) from exc
+    for key in ("state_dict", "model"):
+        if isinstance(checkpoint, dict) and isinstance(checkpoint.get(key), dict):
+            checkpoint = checkpoint[key]
+    if not isinstance(checkpoint, dict) or not all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
+        raise WeightsMismatchError(f"weights file {str(path)!r} does not hold a state dict of tensors")
+    return checkpoint
+
+
+def _load_strict(module: nn.Module, state_dict: dict[str, torch.Tensor], *, source: Path, encoder_name: str) -> None:
+    """Load with exact names and shapes, or raise an error listing what differs."""
+    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    given = {k: tuple(v.shape) for k, v in state_dict.items()}
+    missing = sorted(set(expected) - set(given))
+    unexpected = sorted(set(given) - set(expected))
+    wrong_shape = sorted(k for k in set(expected) & set(given) if expected[k] != given[k])
+    if missing or unexpected or wrong_shape:
+        details = []
+        if missing:
+            details.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
+        if unexpected:
+            details.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
+        if wrong_shape:
+            k = wrong_shape[0]
+            details.append(f"{len(wrong_shape)} with other shapes (e.g. {k}: file {given[k]}, model {expected[k]})")
+        raise WeightsMismatchError(
+            f"weights file {str(source)!r} does not fit encoder {encoder_name!r}: "
+            + "; ".join(details)
+            + f". Check that it is the checkpoint of {encoder_config(encoder_name).description}, or choose the "
+            "encoder it belongs to"
+        )
+    module.load_state_dict(state_dict, strict=True, assign=True)

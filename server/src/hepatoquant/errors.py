@@ -1,0 +1,65 @@
+"""The errors HepatoQuant raises on purpose, one class per kind of bad input.
+
+Each is also the matching builtin, so callers may catch ``FileNotFoundError`` or ``ValueError`` as well as
+ours; each message names the input, what is wrong and what to do. The CLI turns them into one line and a
+non-zero exit code; the server (later) maps them to gRPC status codes by class.
+"""
+
+from __future__ import annotations
+
+from hepatoquant_client.errors import HepatoQuantError, InvalidGeoJSONError
+
+__all__ = [
+    "HepatoQuantError",
+    "InvalidGeoJSONError",
+    "SlideNotFoundError",
+    "UnsupportedSlideError",
+    "CorruptSlideError",
+    "MissingMPPError",
+    "InvalidParameterError",
+    "NoTissueError",
+    "ModelPackError",
+    "ModelPackNotFoundError",
+    "WeightsMismatchError",
+    "RegionsError",
+]
+
+
+class SlideNotFoundError(HepatoQuantError, FileNotFoundError):
+    """The slide path does not exist or is not a file."""
+
+
+class UnsupportedSlideError(HepatoQuantError, ValueError):
+    """A file OpenSlide cannot open as a whole-slide image."""
+
+
+class CorruptSlideError(HepatoQuantError, OSError):
+    """A slide that opens but whose pixels cannot be read (truncated or damaged file)."""
+
+
+class MissingMPPError(HepatoQuantError, ValueError):
+    """A slide without pixel-size metadata, and no override given."""
+
+
+class InvalidParameterError(HepatoQuantError, ValueError):
+    """An option out of its allowed range (tile size, MPP, threshold, ...)."""
+
+
+class NoTissueError(HepatoQuantError, ValueError):
+    """Tissue detection found nothing to analyse."""
+
+
+class ModelPackError(HepatoQuantError, ValueError):
+    """A model pack whose manifest or weights are invalid."""
+
+
+class ModelPackNotFoundError(ModelPackError, FileNotFoundError):
+    """No model pack of that name or path."""
+
+
+class WeightsMismatchError(ModelPackError):
+    """A weight file whose parameter names or shapes do not match the architecture."""
+
+
+class RegionsError(InvalidGeoJSONError):
+    """A regions file that is valid GeoJSON but does not give usable regions for this slide."""

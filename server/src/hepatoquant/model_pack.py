@@ -1,0 +1,342 @@
+"""Model packs: a directory with ``hepatoquant-model.json`` and safetensors weights.
+
+A pack is what the CLI, the server and the benchmark load by name: the manifest says which registered
+encoder it uses, its preprocessing, the classes of its linear head and its status. The manifest is validated
+against the JSON Schema shipped in the package. Packs live in a models directory (``--models-dir``,
+``HEPATOQUANT_MODELS_DIR``, else ``$XDG_DATA_HOME/hepatoquant/models``); the demo pack is made there on first
+use, so that everything runs on a fresh machine without any download.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from functools import cache
+from importlib import resources
+from pathlib import Path
+
+import jsonschema
+import torch
+from hepatoquant_client.classes import TISSUE_CLASS_CODES
+from safetensors.torch import load_file, save_file
+
+from hepatoquant import __version__
+from hepatoquant.encoders import create_encoder, encoder_config
+from hepatoquant.errors import InvalidParameterError, ModelPackError, ModelPackNotFoundError, WeightsMismatchError
+
+__all__ = [
+    "MANIFEST_NAME",
+    "DEMO_PACK_NAME",
+    "ModelPack",
+    "load_model_pack",
+    "resolve_model_pack",
+    "list_model_packs",
+    "ensure_demo_pack",
+    "add_model_pack",
+    "default_models_dir",
+]
+
+MANIFEST_NAME = "hepatoquant-model.json"
+DEMO_PACK_NAME = "demo"
+DEMO_SEED = 20260101
+_ENCODER_FILE = "encoder.safetensors"
+_HEAD_FILE = "head.safetensors"
+
+
+@dataclass(frozen=True)
+class ModelPack:
+    """A validated model pack on disk."""
+
+    path: Path
+    manifest: dict
+
+    @property
+    def name(self) -> str:
+        return self.manifest["name"]
+
+    @property
+    def kind(self) -> str:
+        return self.manifest["kind"]
+
+    @property
+    def model_status(self) -> str:
+        return self.manifest["model_status"]
+
+    @property
+    def is_untrained_demo(self) -> bool:
+        return self.model_status == "untrained-demo"
+
+    @property
+    def encoder_name(self) -> str:
+        return self.manifest["encoder"]["name"]
+
+    @property
+    def encoder_weights(self) -> Path:
+        return self.path / self.manifest["encoder"]["weights"]
+
+    @property
+    def head_weights(self) -> Path | None:
+        head = self.manifest.get("head")
+        return self.path / head["weights"] if head else None
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return tuple(self.manifest["classes"])
+
+    @property
+    def input_size_px(self) -> int:
+        return int(self.manifest["input_size_px"])
+
+    @property
+    def spacing_um_px(self) -> float:
+        return float(self.manifest["spacing_um_px"])
+
+    @property
+    def tile_size_px(self) -> int:
+        return int(self.manifest["tile_size_px"])
+
+    @property
+    def mean(self) -> tuple[float, float, float]:
+        return tuple(self.manifest["normalization"]["mean"])  # type: ignore[return-value]
+
+    @property
+    def std(self) -> tuple[float, float, float]:
+        return tuple(self.manifest["normalization"]["std"])  # type: ignore[return-value]
+
+    def summary(self) -> dict:
+        """What reports record about the model."""
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "version": self.manifest["version"],
+            "model_status": self.model_status,
+            "encoder": self.encoder_name,
+            "classes": list(self.classes),
+            "input_size_px": self.input_size_px,
+            "spacing_um_px": self.spacing_um_px,
+            "tile_size_px": self.tile_size_px,
+            "licence_note": self.manifest["licence_note"],
+            "path": str(self.path),
+        }
+
+
+@cache
+def _manifest_schema() -> dict:
+    text = resources.files("hepatoquant").joinpath("schemas/model_pack.schema.json").read_text()
+    return json.loads(text)
+
+
+def default_models_dir() -> Path:
+    """``HEPATOQUANT_MODELS_DIR``, else ``$XDG_DATA_HOME/hepatoquant/models`` (``~/.local/share`` by default)."""
+    if os.environ.get("HEPATOQUANT_MODELS_DIR"):
+        return Path(os.environ["HEPATOQUANT_MODELS_DIR"])
+    data_home = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(data_home) / "hepatoquant" / "models"
+
+
+def load_model_pack(path: str | Path) -> ModelPack:
+    """Read and check a pack directory: schema, encoder name, weight files, preprocessing consistency."""
+    path = Path(path)
+    manifest_path = path / MANIFEST_NAME
+    if not manifest_path.is_file():
+        raise ModelPackNotFoundError(
+            f"{str(path)!r} is not a model pack: it has no {MANIFEST_NAME}; "
+            "create one with `hepatoquant models add` or list packs with `hepatoquant models list`"
+        )
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        jsonschema.validate(manifest, _manifest_schema())
+    except json.JSONDecodeError as exc:
+        raise ModelPackError(f"{str(manifest_path)!r} is not valid JSON ({exc}); fix or recreate the pack") from exc
+    except jsonschema.ValidationError as exc:
+        where = "/".join(str(p) for p in exc.absolute_path) or "(top level)"
+        raise ModelPackError(
+            f"{str(manifest_path)!r} does not follow the model pack schema at {where}: {exc.message}; "
+            "fix the manifest or recreate the pack with `hepatoquant models add`"
+        ) from exc
+    pack = ModelPack(path=path, manifest=manifest)
+    try:
+        config = encoder_config(pack.encoder_name)
+    except InvalidParameterError as exc:
+        raise ModelPackError(f"model pack {str(path)!r}: {exc}") from exc
+    if pack.input_size_px != config.input_size_px:
+        raise ModelPackError(
+            f"model pack {str(path)!r} declares input {pack.input_size_px} px but encoder {config.name!r} takes "
+            f"{config.input_size_px} px; fix input_size_px in {MANIFEST_NAME}"
+        )
+    for weights in (pack.encoder_weights, pack.head_weights):
+        if weights is not None and not weights.is_file():
+            raise ModelPackError(f"model pack {str(path)!r} lacks its weight file {weights.name!r}; recreate the pack")
+    return pack
+
+
+def resolve_model_pack(name_or_path: str, models_dir: Path | None = None) -> ModelPack:
+    """A pack by directory path, or by name in ``models_dir``; the demo pack is created when first asked for."""
+    models_dir = models_dir or default_models_dir()
+    candidate = Path(name_or_path)
+    if candidate.is_dir():
+        return load_model_pack(candidate)
+    if name_or_path == DEMO_PACK_NAME:
+        return ensure_demo_pack(models_dir)
+    if (models_dir / name_or_path).is_dir():
+        return load_model_pack(models_dir / name_or_path)
+    known = ", ".join(sorted(p.name for p in _pack_dirs(models_dir))) or "none"
+    raise ModelPackNotFoundError(
+        f"no model pack {name_or_path!r} in {str(models_dir)!r} (packs there: {known}); give a pack directory, "
+        f"add one with `hepatoquant models add`, or use --model {DEMO_PACK_NAME}"
+    )
+
+
+def _pack_dirs(models_dir: Path) -> list[Path]:
+    if not models_dir.is_dir():
+        return []
+    return sorted(p for p in models_dir.iterdir() if (p / MANIFEST_NAME).is_file())
+
+
+def list_model_packs(models_dir: Path | None = None) -> list[ModelPack | ModelPackError]:
+    """Every pack in ``models_dir``; a broken pack is listed as its error rather than hiding the others."""
+    packs: list[ModelPack | ModelPackError] = []
+    for pack_dir in _pack_dirs(models_dir or default_models_dir()):
+        try:
+            packs.append(load_model_pack(pack_dir))
+        except ModelPackError as exc:
+            packs.append(exc)
+    return packs
+
+
+def _write_pack(dest: Path, manifest: dict, tensors: dict[str, dict[str, torch.Tensor]]) -> ModelPack:
+    """Write a pack into a temporary sibling directory and rename it into place: never a half-written pack."""
+    jsonschema.validate(manifest, _manifest_schema())
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    try:
+        for filename, state_dict in tensors.items():
+            save_file({k: v.contiguous() for k, v in state_dict.items()}, str(tmp / filename))
+        (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
+        os.replace(tmp, dest)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if dest.is_dir() and (dest / MANIFEST_NAME).is_file():  # another process won the race
+            return load_model_pack(dest)
+        raise ModelPackError(f"could not write model pack {str(dest)!r}: {exc}") from exc
+    return load_model_pack(dest)
+
+
+def _manifest(
+    *, name: str, kind: str, status: str, encoder: str, classes: tuple[str, ...], description: str, licence: str
+) -> dict:
+    config = encoder_config(encoder)
+    manifest = {
+        "format_version": 1,
+        "name": name,
+        "kind": kind,
+        "version": "1",
+        "model_status": status,
+        "description": description,
+        "encoder": {"name": encoder, "weights": _ENCODER_FILE},
+        "classes": list(classes),
+        "input_size_px": config.input_size_px,
+        "spacing_um_px": config.spacing_um_px,
+        "tile_size_px": 150,
+        "normalization": {"mean": list(config.mean), "std": list(config.std)},
+        "licence_note": licence,
+        "created_by": f"hepatoquant {__version__}",
+    }
+    if kind == "classifier":
+        manifest["head"] = {"weights": _HEAD_FILE}
+    return manifest
+
+
+def ensure_demo_pack(models_dir: Path | None = None, *, encoder: str = "demo_vit_tiny") -> ModelPack:
+    """The demo classifier pack: small encoder and linear head with fixed-seed, untrained weights.
+
+    Made on first use (a few seconds) so a fresh machine needs no download; every output made with it says
+    ``model_status: untrained-demo``. Its predictions mean nothing about tissue.
+    """
+    dest = (models_dir or default_models_dir()) / DEMO_PACK_NAME
+    if (dest / MANIFEST_NAME).is_file():
+        return load_model_pack(dest)
+    torch.manual_seed(DEMO_SEED)
+    model = create_encoder(encoder)
+    head = torch.nn.Linear(model.config.embedding_dim, len(TISSUE_CLASS_CODES))
+    manifest = _manifest(
+        name=DEMO_PACK_NAME,
+        kind="classifier",
+        status="untrained-demo",
+        encoder=encoder,
+        classes=TISSUE_CLASS_CODES,
+        description="Demo pack: random fixed-seed weights so the pipeline runs anywhere. Its labels are meaningless.",
+        licence="HepatoQuant demo weights; untrained, for trying the software only",
+    )
+    return _write_pack(dest, manifest, {_ENCODER_FILE: model.backbone.state_dict(), _HEAD_FILE: head.state_dict()})
+
+
+def add_model_pack(
+    checkpoint: str | Path,
+    *,
+    encoder: str,
+    name: str,
+    models_dir: Path | None = None,
+    head: str | Path | None = None,
+    classes: tuple[str, ...] = TISSUE_CLASS_CODES,
+    licence_note: str | None = None,
+    overwrite: bool = False,
+) -> ModelPack:
+    """Turn a local encoder checkpoint (e.g. UNI's ``pytorch_model.bin``) and optionally a linear head into a pack.
+
+    The checkpoint is loaded strictly into the registered architecture first, so a pack never holds weights
+    that do not fit. Without ``head`` the pack is an encoder pack (embeddings, benchmarks), not a classifier.
+    """
+    dest = (models_dir or default_models_dir()) / name
+    if dest.exists() and not overwrite:
+        raise ModelPackError(f"model pack {str(dest)!r} already exists; choose another --name or remove it first")
+    model = create_encoder(encoder, weights=checkpoint)
+    tensors = {_ENCODER_FILE: model.backbone.state_dict()}
+    if head is not None:
+        head_state = _load_head(Path(head), model.config.embedding_dim, len(classes))
+        tensors[_HEAD_FILE] = head_state
+    manifest = _manifest(
+        name=name,
+        kind="classifier" if head is not None else "encoder",
+        status="trained" if head is not None else "pretrained-encoder",
+        encoder=encoder,
+        classes=classes,
+        description=f"{encoder_config(encoder).description}; from {Path(checkpoint).name}",
+        licence=licence_note or encoder_config(encoder).licence_note,
+    )
+    if dest.exists():
+        shutil.rmtree(dest)
+    return _write_pack(dest, manifest, tensors)
+
+
+def _load_head(path: Path, embedding_dim: int, num_classes: int) -> dict[str, torch.Tensor]:
+    """A linear head's ``weight`` [classes, dim] and ``bias`` [classes], checked against the encoder."""
+    from hepatoquant.encoders import load_state_dict_file
+
+    state = load_state_dict_file(path)
+    state = {k.removeprefix("head.").removeprefix("fc."): v for k, v in state.items()}
+    weight, bias = state.get("weight"), state.get("bias")
+    if weight is None or bias is None or set(state) != {"weight", "bias"}:
+        raise WeightsMismatchError(
+            f"head file {str(path)!r} must hold exactly 'weight' and 'bias' of one linear layer; it has "
+            f"{', '.join(sorted(state)) or 'nothing'}"
+        )
+    if tuple(weight.shape) != (num_classes, embedding_dim) or tuple(bias.shape) != (num_classes,):
+        raise WeightsMismatchError(
+            f"head file {str(path)!r} has weight {tuple(weight.shape)} and bias {tuple(bias.shape)}; this encoder "
+            f"needs weight ({num_classes}, {embedding_dim}) and bias ({num_classes},) for {num_classes} classes"
+        )
+    return {"weight": weight, "bias": bias}
+
+
+def load_head_weights(pack: ModelPack) -> dict[str, torch.Tensor]:
+    """The pack's linear-head tensors (for classifier packs)."""
+    if pack.head_weights is None:
+        raise ModelPackError(
+            f"model pack {pack.name!r} is an encoder pack without a classifier head; train a linear probe "
+            "or choose a classifier pack"
+        )
+    return load_file(str(pack.head_weights))

@@ -1,0 +1,73 @@
+"""The files an analysis produces, written atomically into an output folder.
+
+QuPath GeoJSON (``<slide>.geojson``), the report (``<slide>.report.json``), a one-row cohort table
+(``<slide>.csv``), an overlay picture (``<slide>.overlay.png``) and, on request, the tile embeddings
+(``<slide>.embeddings.npz``). All are first written into a temporary folder beside them and renamed into place
+only when every one is complete, so a failed run leaves no partial output.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from hepatoquant.analysis import AnalysisResult
+from hepatoquant.outputs.cohort import write_cohort_row
+from hepatoquant.outputs.geojson import write_qupath_geojson
+from hepatoquant.outputs.overlay import write_overlay
+from hepatoquant.outputs.report import build_report, write_report
+
+__all__ = ["OutputPaths", "write_outputs"]
+
+
+@dataclass(frozen=True)
+class OutputPaths:
+    geojson: Path
+    report: Path
+    cohort_csv: Path
+    overlay_png: Path
+    embeddings: Path | None
+
+
+def write_outputs(result: AnalysisResult, out_dir: str | Path) -> OutputPaths:
+    """Write every output of ``result`` into ``out_dir`` (created if needed); all or nothing."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = Path(result.slide.path).stem
+    names = {
+        "geojson": f"{stem}.geojson",
+        "report": f"{stem}.report.json",
+        "cohort_csv": f"{stem}.csv",
+        "overlay_png": f"{stem}.overlay.png",
+    }
+    if result.embeddings is not None:
+        names["embeddings"] = f"{stem}.embeddings.npz"
+    staging = Path(tempfile.mkdtemp(prefix=f".{stem}.", dir=out_dir))
+    try:
+        write_qupath_geojson(result, staging / names["geojson"])
+        write_overlay(result, staging / names["overlay_png"])
+        if result.embeddings is not None:
+            np.savez_compressed(
+                staging / names["embeddings"],
+                x_level0_px=result.grid.x_level0_px,
+                y_level0_px=result.grid.y_level0_px,
+                size_level0_px=np.float64(result.grid.size_level0_px),
+                embeddings=result.embeddings,
+                probabilities=result.probabilities,
+                classes=np.array(result.classes),
+                encoder=np.array(result.model["encoder"]),
+            )
+        report = build_report(result, outputs=names)
+        write_cohort_row(report, staging / names["cohort_csv"])
+        write_report(report, staging / names["report"])
+        for name in names.values():
+            os.replace(staging / name, out_dir / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    paths = {key: out_dir / name for key, name in names.items()}
+    return OutputPaths(embeddings=paths.pop("embeddings", None), **paths)

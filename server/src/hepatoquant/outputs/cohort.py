@@ -1,0 +1,57 @@
+"""One CSV row per slide, with a fixed set of columns so that rows of a cohort concatenate into one table."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+from hepatoquant_client.classes import HEADLINE_INDICATORS, TISSUE_CLASS_CODES
+
+__all__ = ["COHORT_REGION_CLASSES", "cohort_columns", "cohort_row", "write_cohort_row"]
+
+COHORT_REGION_CLASSES = ("tumour", "non_tumour", "tissue", "unassigned")
+
+
+def cohort_columns() -> list[str]:
+    """Column names, the same for every slide and model of the seven classes."""
+    columns = ["slide", "slide_path", "model", "model_status", "mpp_um_px", "tissue_area_mm2", "tile_count"]
+    for region_class in COHORT_REGION_CLASSES:
+        columns += [f"{region_class}_region_area_mm2", f"{region_class}_tiles", f"{region_class}_tile_area_mm2"]
+        columns += [f"{region_class}_{code}_pct" for code in TISSUE_CLASS_CODES]
+    for region_class, codes in HEADLINE_INDICATORS.items():
+        columns += [f"headline_{region_class}_{code}_pct" for code in codes]
+    return columns
+
+
+def cohort_row(report: dict) -> dict[str, object]:
+    """The cohort row of one report; cells of region classes the slide lacks stay empty."""
+    row: dict[str, object] = {column: "" for column in cohort_columns()}
+    row.update(
+        slide=Path(report["slide"]["path"]).stem,
+        slide_path=report["slide"]["path"],
+        model=report["model"]["name"],
+        model_status=report["model_status"],
+        mpp_um_px=report["slide"]["mpp_um_px"],
+        tissue_area_mm2=round(report["tissue"]["area_mm2"], 6),
+        tile_count=report["tiles"]["count"],
+    )
+    for entry in report["composition"]["region_classes"]:
+        prefix = entry["region_class"]
+        if entry["region_area_mm2"] is not None:
+            row[f"{prefix}_region_area_mm2"] = round(entry["region_area_mm2"], 6)
+        row[f"{prefix}_tiles"] = entry["tile_count"]
+        row[f"{prefix}_tile_area_mm2"] = round(entry["tile_area_mm2"], 6)
+        for code, percent in entry["class_percent"].items():
+            if f"{prefix}_{code}_pct" in row:
+                row[f"{prefix}_{code}_pct"] = round(percent, 4)
+    for region_class, values in report["composition"]["headline_indicators_percent"].items():
+        for code, percent in values.items():
+            row[f"headline_{region_class}_{code}_pct"] = round(percent, 4)
+    return row
+
+
+def write_cohort_row(report: dict, path: Path) -> None:
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=cohort_columns())
+        writer.writeheader()
+        writer.writerow(cohort_row(report))

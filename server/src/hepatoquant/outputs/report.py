@@ -1,0 +1,76 @@
+"""The versioned report JSON: slide, parameters, model, timings, composition, warnings, research-use notice."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import platform
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+
+from hepatoquant import RESEARCH_USE_NOTICE, __version__
+from hepatoquant.analysis import AnalysisResult
+
+__all__ = ["REPORT_SCHEMA_VERSION", "build_report", "write_report"]
+
+# Bump the major number when a field changes meaning or disappears; the minor when fields are added.
+REPORT_SCHEMA_VERSION = "1.0"
+
+
+def _versions() -> dict[str, str]:
+    versions = {"hepatoquant": __version__, "python": platform.python_version()}
+    for dist in ("torch", "timm", "openslide-python", "openslide-bin", "shapely", "numpy", "hepatoquant-client"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            versions[dist] = "not installed"
+    return versions
+
+
+def build_report(result: AnalysisResult, *, outputs: dict[str, str]) -> dict:
+    """The report as a JSON-ready dict."""
+    options = result.options
+    return {
+        "report_schema_version": REPORT_SCHEMA_VERSION,
+        "notice": RESEARCH_USE_NOTICE,
+        "model_status": result.model["model_status"],
+        "warnings": list(result.warnings),
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "versions": _versions(),
+        "slide": dataclasses.asdict(result.slide),
+        "parameters": {
+            "tile_size_px": options.tile.tile_size_px,
+            "tile_spacing_um_px": options.tile.spacing_um_px,
+            "tile_size_um": options.tile.tile_size_um,
+            "min_tissue_fraction": options.tile.min_tissue_fraction,
+            "tissue_detection": dataclasses.asdict(options.tissue),
+            "regions_file": str(options.regions_path) if options.regions_path else None,
+            "tumour_class_names": list(options.tumour_class_names),
+            "batch_size": options.batch_size,
+            "num_workers": options.num_workers,
+            "device": result.device,
+            "tile_object_type": options.tile_object_type,
+        },
+        "model": result.model,
+        "tissue": {
+            "area_mm2": result.tissue.area_um2() / 1e6,
+            "saturation_threshold": result.tissue.saturation_threshold,
+            "mask_spacing_um_px": result.tissue.spacing_um_px,
+        },
+        "tiles": {
+            "count": len(result.grid),
+            "size_level0_px": result.grid.size_level0_px,
+            "size_um": options.tile.tile_size_um,
+            "area_mm2_each": (options.tile.tile_size_um**2) / 1e6,
+        },
+        "regions_source": result.regions[0].source if result.regions else None,
+        "composition": result.composition.to_dict(),
+        "timings_s": {k: round(v, 4) for k, v in result.timings_s.items()},
+        "tiles_per_second": result.tiles_per_second,
+        "outputs": outputs,
+    }
+
+
+def write_report(report: dict, path: Path) -> None:
+    path.write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")

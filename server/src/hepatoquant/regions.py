@@ -1,0 +1,112 @@
+"""Analysis regions: where tiles are counted. From a QuPath GeoJSON file, a segmenter, or the whole tissue.
+
+A region is a polygon (or multipolygon) in level-0 pixels with a region class, ``tumour`` or ``non_tumour``
+(``tissue`` when the whole tissue is one region). Annotations from a file are mapped by their QuPath class
+name: names in ``tumour_class_names`` are tumour, every other polygonal annotation is non-tumour, and the
+report records the mapping so nothing is silently reinterpreted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import shapely
+from hepatoquant_client.classes import NON_TUMOUR_REGION, TUMOUR_REGION, WHOLE_TISSUE_REGION
+from hepatoquant_client.qupath_geojson import polygonal_part, read_qupath_geojson
+from shapely.geometry import MultiPolygon, Polygon, box
+
+from hepatoquant.errors import RegionsError
+
+__all__ = ["Region", "DEFAULT_TUMOUR_CLASS_NAMES", "regions_from_geojson", "whole_tissue_region"]
+
+DEFAULT_TUMOUR_CLASS_NAMES: tuple[str, ...] = (
+    "Tumor", "Tumour", "Tumor region", "Tumour region", TUMOUR_REGION.qupath_name, "Metastasis", "HCC", "TUM",
+)
+
+
+@dataclass(frozen=True)
+class Region:
+    """A region in level-0 pixels; ``source`` is ``user``, ``segmenter`` or ``tissue``."""
+
+    name: str
+    region_class: str
+    geometry: Polygon | MultiPolygon
+    source: str
+    source_class: str | None = None
+
+
+def whole_tissue_region(tissue_polygons: MultiPolygon) -> Region:
+    """All detected tissue as one region (used when no regions are given)."""
+    return Region(name="Whole tissue", region_class=WHOLE_TISSUE_REGION.code, geometry=tissue_polygons, source="tissue")
+
+
+def regions_from_geojson(
+    path: str | Path,
+    slide_size_px: tuple[int, int],
+    *,
+    tumour_class_names: tuple[str, ...] = DEFAULT_TUMOUR_CLASS_NAMES,
+) -> tuple[list[Region], list[str]]:
+    """Polygonal annotations of a QuPath GeoJSON file as regions, clipped to the slide; and warnings.
+
+    Detections, tiles, cells, points and lines are not regions and are skipped (with a warning). A file with
+    no polygonal annotation, or an annotation wholly outside the slide, is an error naming it.
+    """
+    objects = read_qupath_geojson(path)
+    slide_box = box(0, 0, *slide_size_px)
+    tumour_names = {n.casefold() for n in tumour_class_names}
+    regions: list[Region] = []
+    skipped: dict[str, int] = {}
+    clipped: list[str] = []
+    for index, obj in enumerate(objects):
+        geometry = polygonal_part(obj.geometry) if obj.object_type == "annotation" else None
+        if geometry is None:
+            kind = obj.object_type if obj.object_type != "annotation" else f"{obj.geometry.geom_type} annotation"
+            skipped[kind] = skipped.get(kind, 0) + 1
+            continue
+        label = obj.name or (": ".join(obj.class_names) if obj.class_names else f"annotation {index + 1}")
+        if not geometry.intersects(slide_box):
+            minx, miny, maxx, maxy = (round(v) for v in geometry.bounds)
+            raise RegionsError(
+                f"regions file {str(path)!r}: annotation {index + 1} ({label!r}) lies outside the slide "
+                f"(its bounds x {minx}..{maxx}, y {miny}..{maxy}; the slide is {slide_size_px[0]} x "
+                f"{slide_size_px[1]} px): was it exported from another image? Export the annotations of "
+                "this slide from QuPath (level-0 pixel coordinates)"
+            )
+        if not slide_box.contains(geometry):
+            geometry = polygonal_part(shapely.intersection(geometry, slide_box))
+            clipped.append(label)
+            if geometry is None:
+                continue
+        source_class = ": ".join(obj.class_names) if obj.class_names else None
+        is_tumour = source_class is not None and source_class.casefold() in tumour_names
+        regions.append(
+            Region(
+                name=label,
+                region_class=TUMOUR_REGION.code if is_tumour else NON_TUMOUR_REGION.code,
+                geometry=geometry,
+                source="user",
+                source_class=source_class,
+            )
+        )
+    if not regions:
+        raise RegionsError(
+            f"regions file {str(path)!r} has no polygon annotations ({len(objects)} objects: "
+            f"{', '.join(f'{n} {k}' for k, n in skipped.items()) or 'none'}); export area annotations "
+            "(not detections, points or lines) from QuPath, or leave out --regions to analyse all tissue"
+        )
+    warnings = []
+    if skipped:
+        warnings.append(
+            f"regions file {Path(path).name}: skipped objects that are not area annotations: "
+            + ", ".join(f"{n} {k}" for k, n in skipped.items())
+        )
+    if clipped:
+        warnings.append(f"regions file {Path(path).name}: clipped to the slide's bounds: {', '.join(clipped[:5])}")
+    non_tumour_classes = sorted({r.source_class or "(unclassified)" for r in regions if r.region_class != "tumour"})
+    if non_tumour_classes:
+        warnings.append(
+            "annotations counted as non-tumour regions (classes not in the tumour list): "
+            + ", ".join(non_tumour_classes)
+        )
+    return regions, warnings

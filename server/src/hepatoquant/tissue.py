@@ -1,0 +1,148 @@
+"""Tissue detection on a low-resolution overview, in the spirit of CLAM and WSInfer.
+
+H&E tissue is coloured (saturated) while glass, background and most scanner artefacts are grey: a saturation
+threshold (Otsu's, with a floor so that a blank slide's noise never counts as tissue) separates them, then
+morphology and area filters in physical units (um^2) remove dust and fill small holes. The mask and the tissue
+polygons are returned; polygons are in level-0 pixel coordinates.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+import shapely
+from shapely import affinity
+from shapely.geometry import MultiPolygon, Polygon
+
+from hepatoquant_client.qupath_geojson import polygonal_part
+
+from hepatoquant.errors import InvalidParameterError
+from hepatoquant.slide import Slide
+
+__all__ = ["TissueDetectionParams", "TissueMask", "detect_tissue", "tissue_mask_from_rgb"]
+
+
+@dataclass(frozen=True)
+class TissueDetectionParams:
+    """Tissue detection settings; areas in um^2, spacing in um/px.
+
+    ``saturation_threshold`` (0-255) fixes the threshold; ``None`` lets Otsu choose it per slide, never below
+    ``min_saturation`` (0-255) so that faint noise on empty glass is not tissue.
+    """
+
+    spacing_um_px: float = 8.0
+    saturation_threshold: int | None = None
+    min_saturation: int = 20
+    max_brightness: int = 250  # pixels brighter than this in every channel are glass, whatever their hue
+    min_object_area_um2: float = 20_000.0  # about a 140 um square: smaller specks are dust or debris
+    min_hole_area_um2: float = 5_000.0  # smaller holes (vessels, fat droplets) stay tissue
+
+    def __post_init__(self) -> None:
+        if not 1.0 <= self.spacing_um_px <= 64.0:
+            raise InvalidParameterError(
+                f"tissue detection spacing {self.spacing_um_px} um/px is outside 1..64 um/px"
+            )
+        if self.saturation_threshold is not None and not 0 <= self.saturation_threshold <= 255:
+            raise InvalidParameterError(f"saturation threshold {self.saturation_threshold} is outside 0..255")
+        if self.min_object_area_um2 < 0 or self.min_hole_area_um2 < 0:
+            raise InvalidParameterError("minimum object and hole areas must be >= 0 um^2")
+
+
+@dataclass(frozen=True)
+class TissueMask:
+    """Boolean tissue mask of the overview and the same tissue as polygons in level-0 pixels.
+
+    ``downsample`` is level-0 pixels per mask pixel: mask pixel (i, j) covers level-0 x in
+    [j * downsample, (j + 1) * downsample).
+    """
+
+    mask: np.ndarray
+    downsample: float
+    spacing_um_px: float
+    polygons: MultiPolygon
+    saturation_threshold: int
+    overview_rgb: np.ndarray  # the overview the mask was computed on, kept for overlays
+
+    @property
+    def tissue_fraction(self) -> float:
+        return float(self.mask.mean()) if self.mask.size else 0.0
+
+    def area_um2(self) -> float:
+        return float(self.mask.sum()) * self.spacing_um_px**2
+
+
+def tissue_mask_from_rgb(
+    rgb: np.ndarray, spacing_um_px: float, params: TissueDetectionParams
+) -> tuple[np.ndarray, int]:
+    """Tissue mask (bool, same height and width as ``rgb``) and the saturation threshold that was used."""
+    hsv = cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV)
+    saturation = cv2.medianBlur(hsv[..., 1], 5)
+    if params.saturation_threshold is not None:
+        threshold = params.saturation_threshold
+    else:
+        otsu, _ = cv2.threshold(saturation, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+        threshold = max(int(otsu), params.min_saturation)
+    mask = saturation > threshold
+    mask &= ~np.all(rgb > params.max_brightness, axis=-1)
+
+    # Close small gaps, then drop specks and fill holes below the area limits (in pixels of this raster).
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (3, 3))
+    mask = cv2.morphologyEx(mask.astype(np.uint8), cv2.MORPH_CLOSE, kernel).astype(bool)
+    px_area_um2 = spacing_um_px**2
+    mask = _remove_small_components(mask, params.min_object_area_um2 / px_area_um2)
+    mask = ~_remove_small_components(~mask, params.min_hole_area_um2 / px_area_um2)
+    return mask, threshold
+
+
+def _remove_small_components(mask: np.ndarray, min_area_px: float) -> np.ndarray:
+    """``mask`` without its 8-connected components smaller than ``min_area_px`` pixels."""
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
+    keep = stats[:, cv2.CC_STAT_AREA] >= min_area_px
+    keep[0] = False  # label 0 is the complement of mask
+    return keep[labels]
+
+
+def mask_to_polygons(mask: np.ndarray, downsample: float) -> MultiPolygon:
+    """Polygons with holes tracing ``mask``, scaled by ``downsample`` to level-0 pixel coordinates."""
+    contours, hierarchy = cv2.findContours(mask.astype(np.uint8), cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
+    if hierarchy is None:
+        return MultiPolygon()
+    polygons: list[Polygon] = []
+    for index, (_, _, first_child, parent) in enumerate(hierarchy[0]):
+        if parent != -1 or len(contours[index]) < 3:
+            continue
+        holes = []
+        child = first_child
+        while child != -1:
+            if len(contours[child]) >= 3:
+                holes.append(contours[child][:, 0, :])
+            child = hierarchy[0][child][0]
+        polygon = Polygon(contours[index][:, 0, :], holes)
+        polygons.append(polygon)
+    if not polygons:
+        return MultiPolygon()
+    # Contours run through pixel centres; scale pixel units to level 0 (offset by half a pixel).
+    # Traced contours can touch themselves (invalid); make_valid may then return a collection.
+    merged = polygonal_part(shapely.make_valid(shapely.union_all(polygons)))
+    if merged is None:
+        return MultiPolygon()
+    merged = affinity.affine_transform(merged, [downsample, 0, 0, downsample, downsample / 2, downsample / 2])
+    return merged if isinstance(merged, MultiPolygon) else MultiPolygon([merged])
+
+
+def detect_tissue(slide: Slide, params: TissueDetectionParams = TissueDetectionParams()) -> TissueMask:
+    """Detect tissue on an overview of ``slide`` read at ``params.spacing_um_px`` (never at full size)."""
+    spacing = max(params.spacing_um_px, slide.mpp_um_px)
+    overview = slide.read_overview(spacing)
+    mask, threshold = tissue_mask_from_rgb(overview, spacing, params)
+    downsample = slide.dimensions[0] / overview.shape[1]
+    return TissueMask(
+        mask=mask,
+        downsample=downsample,
+        spacing_um_px=downsample * slide.mpp_um_px,
+        polygons=mask_to_polygons(mask, downsample),
+        saturation_threshold=threshold,
+        overview_rgb=overview,
+    )
