@@ -48,3 +48,121 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(autouse=True)
 def _private_models_dir(monkeypatch: pytest.MonkeyPatch, models_dir: Path) -> None:
     monkeypatch.setenv("HEPATOQUANT_MODELS_DIR", str(models_dir))
+
+
+# --- tiny models for encoder, model pack and classifier tests ---------------------------------------------
+
+TINY_ENCODER = "test_vit_micro"
+
+
+def _tiny_encoder(encoder: str, seed: int, layer_scale: float | None):
+    """A registered (small) encoder with fixed-seed random weights and, optionally, LayerScale gammas set.
+
+    Freshly initialised, ``test_vit_micro``'s LayerScale gammas are 1e-5, so its class token (the embedding)
+    hardly depends on the input (tiles differ by ~1e-5): useless for telling tiles apart. Setting the gammas
+    to ``layer_scale`` (like a trained model) makes the embedding depend on the pixels.
+    """
+    import torch
+
+    from hepatoquant.encoders import create_encoder
+
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = create_encoder(encoder)
+    if layer_scale is not None:
+        with torch.no_grad():
+            for name, parameter in model.named_parameters():
+                if name.endswith(".gamma"):
+                    parameter.fill_(layer_scale)
+    return model
+
+
+@pytest.fixture(scope="session")
+def build_tiny_encoder():
+    """``build_tiny_encoder(encoder=TINY_ENCODER, seed=0, layer_scale=1.0)``: the model ``make_tiny_checkpoint`` saves."""
+
+    def build(encoder: str = TINY_ENCODER, seed: int = 0, layer_scale: float | None = 1.0):
+        return _tiny_encoder(encoder, seed, layer_scale)
+
+    return build
+
+
+@pytest.fixture
+def make_tiny_checkpoint(tmp_path: Path):
+    """Factory: save a tiny encoder's backbone state dict and return the file's path.
+
+    ``make_tiny_checkpoint(filename, encoder=..., seed=..., layer_scale=1.0, wrap=None | "state_dict" |
+    "model")`` saves the weights of ``build_tiny_encoder(encoder, seed, layer_scale)``: a ``.safetensors``
+    name with safetensors, any other with ``torch.save`` (optionally as ``{wrap: state_dict}``), in the
+    test's ``tmp_path``.
+    """
+    import torch
+    from safetensors.torch import save_file
+
+    def make(
+        filename: str = "tiny.safetensors",
+        *,
+        encoder: str = TINY_ENCODER,
+        seed: int = 0,
+        layer_scale: float | None = 1.0,
+        wrap: str | None = None,
+    ) -> Path:
+        state_dict = _tiny_encoder(encoder, seed, layer_scale).backbone.state_dict()
+        path = tmp_path / filename
+        if path.suffix == ".safetensors":
+            save_file({k: v.contiguous() for k, v in state_dict.items()}, str(path))
+        else:
+            torch.save({wrap: state_dict} if wrap else state_dict, path)
+        return path
+
+    return make
+
+
+def _linear_head(path: Path, dim: int, num_classes: int, prefix: str) -> Path:
+    import torch
+    from safetensors.torch import save_file
+
+    generator = torch.Generator().manual_seed(dim * 100 + num_classes)
+    state = {
+        prefix + "weight": torch.randn(num_classes, dim, generator=generator),
+        prefix + "bias": torch.randn(num_classes, generator=generator),
+    }
+    if path.suffix == ".safetensors":
+        save_file(state, str(path))
+    else:
+        torch.save(state, path)
+    return path
+
+
+@pytest.fixture
+def make_linear_head(tmp_path: Path):
+    """Factory: save a linear head ``weight [classes, dim]``, ``bias [classes]`` and return the file's path.
+
+    ``make_linear_head(filename, dim=32, num_classes=7, prefix="")``; ``.safetensors`` or ``torch.save``.
+    """
+
+    def make(filename: str = "head.safetensors", *, dim: int = 32, num_classes: int = 7, prefix: str = "") -> Path:
+        return _linear_head(tmp_path / filename, dim, num_classes, prefix)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_classifier_pack(tmp_path_factory: pytest.TempPathFactory):
+    """A trained-kind classifier pack ``tiny``: ``test_vit_micro`` encoder + 7-class linear head.
+
+    Made with ``add_model_pack`` from fixed-seed random weights (LayerScale gammas 1, so tiles give different
+    embeddings). Shared by the session: tests that change it copy ``pack.path`` first.
+    """
+    from safetensors.torch import save_file
+
+    from hepatoquant.model_pack import add_model_pack
+
+    source = tmp_path_factory.mktemp("tiny_pack_source")
+    checkpoint = source / "encoder.safetensors"
+    state_dict = _tiny_encoder(TINY_ENCODER, 0, 1.0).backbone.state_dict()
+    save_file({k: v.contiguous() for k, v in state_dict.items()}, str(checkpoint))
+    head = _linear_head(source / "head.safetensors", 32, 7, "")
+    return add_model_pack(
+        checkpoint, encoder=TINY_ENCODER, name="tiny", models_dir=tmp_path_factory.mktemp("tiny_pack"), head=head
+    )

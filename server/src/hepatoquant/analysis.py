@@ -24,7 +24,7 @@ from hepatoquant.tile_reader import iter_tile_batches
 from hepatoquant.tiling import TileGrid, TileSpec, build_tile_grid
 from hepatoquant.tissue import TissueDetectionParams, TissueMask, detect_tissue
 
-__all__ = ["AnalysisOptions", "AnalysisResult", "ProgressCallback", "analyze_slide"]
+__all__ = ["AnalysisOptions", "AnalysisResult", "ProgressCallback", "analyze_slide", "demo_model_warning"]
 
 # stage name, done, total: called after tissue detection, tiling, and every classified batch.
 ProgressCallback = Callable[[str, int, int], None]
@@ -85,6 +85,13 @@ class AnalysisResult:
         return len(self.grid) / seconds if seconds > 0 else 0.0
 
 
+def demo_model_warning(pack: ModelPack) -> str:
+    return (
+        f"model pack {pack.name!r} is the UNTRAINED DEMO: its tissue labels are random and mean nothing; "
+        "use a trained classifier pack (`hepatoquant models add`) for real measurements"
+    )
+
+
 def analyze_slide(
     slide_path: str | Path,
     pack: ModelPack,
@@ -97,10 +104,7 @@ def analyze_slide(
     timings: dict[str, float] = {}
     warnings: list[str] = []
     if pack.is_untrained_demo:
-        warnings.append(
-            f"model pack {pack.name!r} is the untrained demo: its tissue labels are random and mean nothing; "
-            "use a trained classifier pack (`hepatoquant models add`) for real measurements"
-        )
+        warnings.append(demo_model_warning(pack))
     started = time.perf_counter()
     with Slide(slide_path, mpp_override_um_px=options.mpp_override_um_px) as slide:
         slide_info = slide.info()

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from hepatoquant.encoders import Encoder, create_encoder
-from hepatoquant.errors import InvalidParameterError, ModelPackError
+from hepatoquant.errors import InvalidParameterError, ModelPackError, WeightsMismatchError
 from hepatoquant.model_pack import ModelPack, load_head_weights
 
 __all__ = ["PatchClassifier", "load_classifier", "choose_device", "predict_batches", "BatchPrediction"]
@@ -52,7 +52,12 @@ def choose_device(requested: str = "auto") -> torch.device:
     """``auto`` is CUDA when available, else CPU; an explicit CUDA request without CUDA is an error."""
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(requested)
+    try:
+        device = torch.device(requested)
+    except RuntimeError:
+        raise InvalidParameterError(
+            f"--device {requested!r} is not a device; use auto, cpu, cuda or cuda:N"
+        ) from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise InvalidParameterError(f"--device {requested} was asked for but no CUDA GPU is available; use --device cpu")
     return device
@@ -67,6 +72,14 @@ def load_classifier(pack: ModelPack, device: torch.device) -> PatchClassifier:
     encoder = create_encoder(pack.encoder_name, weights=pack.encoder_weights)
     head_state = load_head_weights(pack)
     head = nn.Linear(encoder.config.embedding_dim, len(pack.classes))
+    expected = {k: tuple(v.shape) for k, v in head.state_dict().items()}
+    given = {k: tuple(v.shape) for k, v in head_state.items()}
+    if given != expected:  # e.g. a manifest whose class list was edited
+        raise WeightsMismatchError(
+            f"model pack {str(pack.path)!r}: head file {pack.head_weights.name!r} holds {given}, but "
+            f"{len(pack.classes)} classes and encoder {pack.encoder_name!r} need {expected}; "
+            "make the manifest's classes match the head or recreate the pack"
+        )
     head.load_state_dict(head_state, strict=True)
     model = PatchClassifier(encoder, head, pack.classes, pack.mean, pack.std).to(device).eval()
     model.requires_grad_(False)

@@ -78,7 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _analyze(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from hepatoquant.analysis import AnalysisOptions, analyze_slide
+    from hepatoquant.analysis import AnalysisOptions, analyze_slide, demo_model_warning
     from hepatoquant.cli_display import progress_bar, summary_table
     from hepatoquant.model_pack import resolve_model_pack
     from hepatoquant.outputs import write_outputs
@@ -88,11 +88,9 @@ def _analyze(args: argparse.Namespace) -> int:
 
     console = Console(stderr=True)
     pack = resolve_model_pack(args.model, args.models_dir)
-    if pack.is_untrained_demo:
-        console.print(
-            f"[bold yellow]warning:[/] model pack {pack.name!r} is the UNTRAINED DEMO: tissue labels are random. "
-            "Add a trained pack with `hepatoquant models add` for real measurements."
-        )
+    shown_first = demo_model_warning(pack) if pack.is_untrained_demo else None
+    if shown_first:
+        console.print(f"[bold yellow]warning:[/] {shown_first}")
     tumour_classes = (
         tuple(n.strip() for n in args.tumour_classes.split(",") if n.strip())
         if args.tumour_classes
@@ -118,7 +116,8 @@ def _analyze(args: argparse.Namespace) -> int:
         result = analyze_slide(args.slide, pack, options, progress=on_progress)
     paths = write_outputs(result, args.out)
     for warning in result.warnings:
-        console.print(f"[yellow]warning:[/] {warning}")
+        if warning != shown_first:
+            console.print(f"[yellow]warning:[/] {warning}")
     console.print(summary_table(result))
     console.print(f"Outputs in {args.out}/: {paths.geojson.name}, {paths.report.name}, {paths.cohort_csv.name}, {paths.overlay_png.name}"
                   + (f", {paths.embeddings.name}" if paths.embeddings else ""))
@@ -139,12 +138,15 @@ def _models_list(args: argparse.Namespace) -> int:
     table = Table(title=f"Model packs in {models_dir}")
     for column in ("name", "kind", "encoder", "status", "classes"):
         table.add_column(column)
+    broken = []
     for pack in list_model_packs(models_dir):
         if isinstance(pack, ModelPackError):
-            table.add_row("[red]broken[/]", "", "", str(pack), "")
-        else:
-            table.add_row(pack.name, pack.kind, pack.encoder_name, pack.model_status, " ".join(pack.classes))
+            broken.append(pack)
+        else:  # --model looks packs up by folder name
+            table.add_row(pack.path.name, pack.kind, pack.encoder_name, pack.model_status, " ".join(pack.classes))
     console.print(table)
+    for error in broken:
+        console.print(f"[red]broken pack:[/] {error}", soft_wrap=True)
     encoders = Table(title="Registered encoders")
     for column in ("name", "input px", "embedding", "description"):
         encoders.add_column(column)

@@ -17,7 +17,7 @@ import timm
 import torch
 from torch import nn
 
-from hepatoquant.errors import InvalidParameterError, WeightsMismatchError
+from hepatoquant.errors import InvalidParameterError, WeightsMismatchError, WeightsNotFoundError
 
 __all__ = [
     "EncoderConfig",
@@ -270,11 +270,17 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     """Tensors of a safetensors file or a PyTorch checkpoint (plain, or under a ``state_dict``/``model`` key)."""
     path = Path(path)
     if not path.is_file():
-        raise WeightsMismatchError(f"weights file {str(path)!r} does not exist; give the path of a downloaded checkpoint")
+        raise WeightsNotFoundError(f"weights file {str(path)!r} does not exist; give the path of a downloaded checkpoint")
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except SafetensorError as exc:
+            raise WeightsMismatchError(
+                f"weights file {str(path)!r} is not a readable safetensors file ({exc}); give an intact checkpoint"
+            ) from exc
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a non-checkpoint file

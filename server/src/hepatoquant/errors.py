@@ -21,6 +21,7 @@ __all__ = [
     "ModelPackError",
     "ModelPackNotFoundError",
     "WeightsMismatchError",
+    "WeightsNotFoundError",
     "RegionsError",
 ]
 
@@ -59,6 +60,10 @@ class ModelPackNotFoundError(ModelPackError, FileNotFoundError):
 
 class WeightsMismatchError(ModelPackError):
     """A weight file whose parameter names or shapes do not match the architecture."""
+
+
+class WeightsNotFoundError(WeightsMismatchError, FileNotFoundError):
+    """A weight file path that does not exist."""
 
 
 class RegionsError(InvalidGeoJSONError):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -149,7 +150,7 @@ def load_model_pack(path: str | Path) -> ModelPack:
     try:
         manifest = json.loads(manifest_path.read_text())
         jsonschema.validate(manifest, _manifest_schema())
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ModelPackError(f"{str(manifest_path)!r} is not valid JSON ({exc}); fix or recreate the pack") from exc
     except jsonschema.ValidationError as exc:
         where = "/".join(str(p) for p in exc.absolute_path) or "(top level)"
@@ -207,21 +208,33 @@ def list_model_packs(models_dir: Path | None = None) -> list[ModelPack | ModelPa
     return packs
 
 
-def _write_pack(dest: Path, manifest: dict, tensors: dict[str, dict[str, torch.Tensor]]) -> ModelPack:
-    """Write a pack into a temporary sibling directory and rename it into place: never a half-written pack."""
+def _write_pack(
+    dest: Path, manifest: dict, tensors: dict[str, dict[str, torch.Tensor]], *, replace: bool = False
+) -> ModelPack:
+    """Write a pack into a temporary sibling directory and rename it into place: never a half-written pack.
+
+    With ``replace``, an existing pack at ``dest`` is swapped out only after the new one is complete.
+    """
     jsonschema.validate(manifest, _manifest_schema())
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    old = dest.parent / f"{tmp.name}.old"
     try:
         for filename, state_dict in tensors.items():
             save_file({k: v.contiguous() for k, v in state_dict.items()}, str(tmp / filename))
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
+        tmp.chmod(0o755)  # mkdtemp makes it private; a models folder is often shared with a server
+        if replace and dest.exists():
+            os.replace(dest, old)
         os.replace(tmp, dest)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        if dest.is_dir() and (dest / MANIFEST_NAME).is_file():  # another process won the race
+        if old.exists() and not dest.exists():
+            os.replace(old, dest)  # put the previous pack back
+        if dest.is_dir() and (dest / MANIFEST_NAME).is_file() and not replace:  # another process won the race
             return load_model_pack(dest)
         raise ModelPackError(f"could not write model pack {str(dest)!r}: {exc}") from exc
+    shutil.rmtree(old, ignore_errors=True)
     return load_model_pack(dest)
 
 
@@ -259,9 +272,10 @@ def ensure_demo_pack(models_dir: Path | None = None, *, encoder: str = "demo_vit
     dest = (models_dir or default_models_dir()) / DEMO_PACK_NAME
     if (dest / MANIFEST_NAME).is_file():
         return load_model_pack(dest)
-    torch.manual_seed(DEMO_SEED)
-    model = create_encoder(encoder)
-    head = torch.nn.Linear(model.config.embedding_dim, len(TISSUE_CLASS_CODES))
+    with torch.random.fork_rng(devices=[]):  # fixed weights without touching the caller's random state
+        torch.manual_seed(DEMO_SEED)
+        model = create_encoder(encoder)
+        head = torch.nn.Linear(model.config.embedding_dim, len(TISSUE_CLASS_CODES))
     manifest = _manifest(
         name=DEMO_PACK_NAME,
         kind="classifier",
@@ -290,6 +304,11 @@ def add_model_pack(
     The checkpoint is loaded strictly into the registered architecture first, so a pack never holds weights
     that do not fit. Without ``head`` the pack is an encoder pack (embeddings, benchmarks), not a classifier.
     """
+    # Checked before ``name`` touches the file system: "", "." or ".." with overwrite would delete a parent folder.
+    if not re.fullmatch(_manifest_schema()["properties"]["name"]["pattern"], name):
+        raise InvalidParameterError(
+            f"pack name {name!r} is not allowed; use letters, digits, '.', '_' and '-', starting with a letter or digit"
+        )
     dest = (models_dir or default_models_dir()) / name
     if dest.exists() and not overwrite:
         raise ModelPackError(f"model pack {str(dest)!r} already exists; choose another --name or remove it first")
@@ -307,9 +326,7 @@ def add_model_pack(
         description=f"{encoder_config(encoder).description}; from {Path(checkpoint).name}",
         licence=licence_note or encoder_config(encoder).licence_note,
     )
-    if dest.exists():
-        shutil.rmtree(dest)
-    return _write_pack(dest, manifest, tensors)
+    return _write_pack(dest, manifest, tensors, replace=overwrite)
 
 
 def _load_head(path: Path, embedding_dim: int, num_classes: int) -> dict[str, torch.Tensor]:

@@ -88,10 +88,15 @@ class Slide:
             raise SlideNotFoundError(f"slide {str(self.path)!r} is a directory, not a slide file; give the file itself")
         try:
             self._osr = openslide.OpenSlide(str(self.path))
+            # Read the pyramid geometry once: after a failed read OpenSlide refuses every further call on the
+            # handle, and level choice must still work so that the next read reports CorruptSlideError.
+            self._level_dimensions = tuple(tuple(dims) for dims in self._osr.level_dimensions)
+            self._level_downsamples = tuple(float(d) for d in self._osr.level_downsamples)
         except openslide.OpenSlideUnsupportedFormatError as exc:
             raise UnsupportedSlideError(
                 f"slide {str(self.path)!r} is not a whole-slide format OpenSlide can read (a plain, untiled "
-                f"TIFF, a DICOM file or a non-image file); {_CONVERT_HINT}"
+                f"TIFF, a DICOM file, a non-image file, or a copy truncated in transfer: compare its size with "
+                f"the original); {_CONVERT_HINT}"
             ) from exc
         except (openslide.OpenSlideError, OSError) as exc:
             raise CorruptSlideError(
@@ -113,15 +118,15 @@ class Slide:
     @property
     def dimensions(self) -> tuple[int, int]:
         """(width, height) of level 0 in pixels."""
-        return self._osr.dimensions
+        return self._level_dimensions[0]
 
     @property
     def level_downsamples(self) -> tuple[float, ...]:
-        return tuple(self._osr.level_downsamples)
+        return self._level_downsamples
 
     @property
     def level_dimensions(self) -> tuple[tuple[int, int], ...]:
-        return tuple(self._osr.level_dimensions)
+        return self._level_dimensions
 
     @property
     def properties(self) -> dict[str, str]:

@@ -69,11 +69,21 @@ def iter_tile_batches(
     num_workers: int = 2,
     prefetch_batches: int | None = None,
 ) -> Iterator[TileBatch]:
-    """Yield the grid's tiles in order, ``batch_size`` at a time, each resized to ``out_size_px`` square."""
-    if batch_size < 1 or num_workers < 1:
-        raise InvalidParameterError(f"batch size ({batch_size}) and workers ({num_workers}) must be >= 1")
-    in_flight_limit = prefetch_batches or num_workers + 1
-    slides = _ThreadLocalSlides(Path(slide_path))
+    """The grid's tiles in order, ``batch_size`` at a time, each resized to ``out_size_px`` square.
+
+    Arguments are checked here, at the call; reading starts when the returned iterator is first advanced.
+    """
+    if batch_size < 1 or num_workers < 1 or (prefetch_batches is not None and prefetch_batches < 1):
+        raise InvalidParameterError(
+            f"batch size ({batch_size}), workers ({num_workers}) and prefetch ({prefetch_batches}) must be >= 1"
+        )
+    return _read_batches(Path(slide_path), grid, out_size_px, batch_size, num_workers, prefetch_batches or num_workers + 1)
+
+
+def _read_batches(
+    slide_path: Path, grid: TileGrid, out_size_px: int, batch_size: int, num_workers: int, in_flight_limit: int
+) -> Iterator[TileBatch]:
+    slides = _ThreadLocalSlides(slide_path)
     size = grid.size_level0_px
 
     def read_batch(start: int) -> TileBatch:

@@ -137,7 +137,9 @@ def detect_tissue(slide: Slide, params: TissueDetectionParams = TissueDetectionP
     spacing = max(params.spacing_um_px, slide.mpp_um_px)
     overview = slide.read_overview(spacing)
     mask, threshold = tissue_mask_from_rgb(overview, spacing, params)
-    downsample = slide.dimensions[0] / overview.shape[1]
+    # Overview pixel (i, j) covers level-0 [j * s, (j + 1) * s) with s = spacing / MPP, on both axes (its sides
+    # are truncated to whole pixels, so width / overview width would overstate s and push y off the slide).
+    downsample = spacing / slide.mpp_um_px
     return TissueMask(
         mask=mask,
         downsample=downsample,

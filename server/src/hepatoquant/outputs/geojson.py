@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterator
 from pathlib import Path
 
 from hepatoquant_client.hepatoquant_objects import region_object, tile_object
-from hepatoquant_client.qupath_geojson import QuPathObject, dumps_feature_collection
+from hepatoquant_client.qupath_geojson import QuPathObject, to_feature
 
 from hepatoquant.analysis import AnalysisResult
 
 __all__ = ["qupath_objects", "write_qupath_geojson"]
 
 
-def qupath_objects(result: AnalysisResult) -> list[QuPathObject]:
+def qupath_objects(result: AnalysisResult) -> Iterator[QuPathObject]:
     """Regions first, then tiles: QuPath nests tiles under regions after ``resolveHierarchy()``."""
-    objects = [
-        region_object(
+    for region, composition in zip(result.regions, result.composition.regions):
+        if region.geometry.is_empty:
+            continue
+        yield region_object(
             region.geometry,
             region.region_class,
             region.name,
@@ -25,24 +29,25 @@ def qupath_objects(result: AnalysisResult) -> list[QuPathObject]:
             class_tiles=composition.class_tiles,
             class_percent=composition.class_percent,
         )
-        for region, composition in zip(result.regions, result.composition.regions)
-        if not region.geometry.is_empty
-    ]
     grid, classes = result.grid, result.classes
     predicted = result.predicted_class
     for i in range(len(grid)):
-        objects.append(
-            tile_object(
-                float(grid.x_level0_px[i]),
-                float(grid.y_level0_px[i]),
-                grid.size_level0_px,
-                classes[predicted[i]],
-                dict(zip(classes, result.probabilities[i].tolist())),
-                object_type=result.options.tile_object_type,
-            )
+        yield tile_object(
+            float(grid.x_level0_px[i]),
+            float(grid.y_level0_px[i]),
+            grid.size_level0_px,
+            classes[predicted[i]],
+            dict(zip(classes, result.probabilities[i].tolist())),
+            object_type=result.options.tile_object_type,
         )
-    return objects
 
 
 def write_qupath_geojson(result: AnalysisResult, path: Path) -> None:
-    path.write_text(dumps_feature_collection(qupath_objects(result)))
+    """A FeatureCollection written feature by feature, so memory does not grow with the number of tiles."""
+    with path.open("w") as handle:
+        handle.write('{"type":"FeatureCollection","features":[')
+        for index, obj in enumerate(qupath_objects(result)):
+            if index:
+                handle.write(",")
+            handle.write(json.dumps(to_feature(obj), separators=(",", ":"), allow_nan=False))
+        handle.write("]}\n")
