@@ -6,12 +6,13 @@ Both are measured in this one run, on this machine, with the same model, batch s
 - bare model: the same classifier on already-decoded uint8 tensors of the same count, no I/O.
 efficiency = pipeline tiles/s / bare tiles/s (1.0 would mean reading and bookkeeping cost nothing).
 
-Usage: python benchmarks/pipeline_efficiency.py [--size 4096] [--model demo] [--batch-size 32] [--workers 2]
+Usage: python benchmarks/pipeline_efficiency.py [--size 6144] [--repeats 3] [--model demo] [--batch-size 32] [--workers 2]
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -29,7 +30,8 @@ from hepatoquant.tile_reader import TileBatch
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", type=int, default=4096, help="generated slide side in px at 0.5 um/px")
+    parser.add_argument("--size", type=int, default=6144, help="generated slide side in px at 0.5 um/px")
+    parser.add_argument("--repeats", type=int, default=3, help="alternating runs of each; medians are compared")
     parser.add_argument("--model", default="demo")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int, default=2)
@@ -48,27 +50,33 @@ def main() -> None:
         warm = TileBatch(0, np.zeros((args.batch_size, size, size, 3), np.uint8))
         list(predict_batches(model, [warm], device))
 
-        started = time.perf_counter()
-        result = analyze_slide(slide, pack, options)
-        write_outputs(result, Path(tmp) / "out")
-        pipeline_s = time.perf_counter() - started
-        tiles = len(result.grid)
-
-        rng = np.random.default_rng(0)
-        pixels = rng.integers(0, 256, (tiles, size, size, 3), dtype=np.uint8)
-        batches = [TileBatch(s, pixels[s : s + args.batch_size]) for s in range(0, tiles, args.batch_size)]
-        started = time.perf_counter()
-        for _ in predict_batches(model, batches, device):
-            pass
-        bare_s = time.perf_counter() - started
+        # Alternate the two measurements and take medians: this machine's speed drifts between runs.
+        pipeline_runs, bare_runs = [], []
+        for repeat in range(args.repeats):
+            started = time.perf_counter()
+            result = analyze_slide(slide, pack, options)
+            write_outputs(result, Path(tmp) / "out")
+            pipeline_runs.append(time.perf_counter() - started)
+            tiles = len(result.grid)
+            if repeat == 0:
+                rng = np.random.default_rng(0)
+                pixels = rng.integers(0, 256, (tiles, size, size, 3), dtype=np.uint8)
+                batches = [TileBatch(i, pixels[i : i + args.batch_size]) for i in range(0, tiles, args.batch_size)]
+            started = time.perf_counter()
+            for _ in predict_batches(model, batches, device):
+                pass
+            bare_runs.append(time.perf_counter() - started)
+        pipeline_s, bare_s = statistics.median(pipeline_runs), statistics.median(bare_runs)
 
     pipeline_tps, bare_tps = tiles / pipeline_s, tiles / bare_s
     print(f"model {pack.name} ({pack.encoder_name}), device {device}, torch threads {torch.get_num_threads()}, "
           f"batch {args.batch_size}, reader workers {args.workers}")
     print(f"tiles: {tiles}")
-    print(f"pipeline (analyze + outputs): {pipeline_s:.2f} s, {pipeline_tps:.1f} tiles/s")
+    print(f"pipeline (analyze + outputs): {pipeline_s:.2f} s, {pipeline_tps:.1f} tiles/s "
+          f"(runs: {', '.join(f'{t:.2f}' for t in pipeline_runs)})")
     print(f"  stages: " + ", ".join(f"{k} {v:.2f} s" for k, v in result.timings_s.items()))
-    print(f"bare encoder + head:          {bare_s:.2f} s, {bare_tps:.1f} tiles/s")
+    print(f"bare encoder + head:          {bare_s:.2f} s, {bare_tps:.1f} tiles/s "
+          f"(runs: {', '.join(f'{t:.2f}' for t in bare_runs)})")
     print(f"pipeline efficiency: {pipeline_tps / bare_tps:.3f}")
 
 

@@ -23,8 +23,7 @@ def render_overlay(result: AnalysisResult) -> np.ndarray:
     """RGB image: overview of the slide with class-coloured tiles, tissue and region outlines, and a legend."""
     with Slide(result.slide.path, mpp_override_um_px=result.slide.mpp_um_px) as slide:
         width, height = slide.dimensions
-        spacing = max(slide.mpp_um_px, max(width, height) * slide.mpp_um_px / _LONG_SIDE_PX)
-        base = slide.read_overview(spacing)
+        base = slide.read_overview(_overlay_spacing_um_px(slide))
     scale = base.shape[1] / width  # overlay pixels per level-0 pixel
     tint = base.copy()
     grid = result.grid
@@ -45,6 +44,19 @@ def render_overlay(result: AnalysisResult) -> np.ndarray:
     padded = np.full((out_height, image.shape[1], 3), 255, dtype=np.uint8)
     padded[: image.shape[0]] = image
     return np.concatenate([padded, _legend(result, out_height)], axis=1)
+
+
+def _overlay_spacing_um_px(slide: Slide) -> float:
+    """About ``_LONG_SIDE_PX`` on the long side, or a pyramid level's own resolution when one is big enough.
+
+    Reading a level at its native size costs a fraction of downscaling a finer one (a 100k px slide's level 0).
+    """
+    long_side_px = max(slide.dimensions)
+    target = max(slide.mpp_um_px, long_side_px * slide.mpp_um_px / _LONG_SIDE_PX)
+    for downsample in sorted(slide.level_downsamples, reverse=True):
+        if long_side_px / downsample >= _LONG_SIDE_PX / 2:
+            return max(target, downsample * slide.mpp_um_px)
+    return target
 
 
 def _draw_outline(image: np.ndarray, geometry, scale: float, colour: tuple[int, int, int], thickness: int) -> None:
