@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from pathlib import Path
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -46,12 +47,15 @@ def progress_bar(console: Console, *, disabled: bool = False) -> Iterator[Progre
 def summary_table(result: AnalysisResult) -> Table:
     """Composition per region class (rows) and tissue class (columns, % of the region's tiles)."""
     status = " (UNTRAINED DEMO MODEL)" if result.model["model_status"] == "untrained-demo" else ""
-    table = Table(title=f"{result.slide.path}: {len(result.grid)} tiles, model {result.model['name']}{status}")
-    table.add_column("region")
+    table = Table(
+        title=f"{Path(result.slide.path).name}: {len(result.grid)} tiles, model {result.model['name']}{status}",
+        caption_justify="left",
+    )
+    table.add_column("region", no_wrap=True)
     table.add_column("tiles", justify="right")
     table.add_column("mm^2", justify="right")
-    for code in result.classes:
-        table.add_column(f"{code} %", justify="right")
+    for code in result.classes:  # % of the region's tiles
+        table.add_column(f"{code}%", justify="right")
     for entry in result.composition.region_classes:
         table.add_row(
             entry.name,
@@ -60,5 +64,8 @@ def summary_table(result: AnalysisResult) -> Table:
             *(f"{entry.class_percent[code]:.1f}" for code in result.classes),
         )
     seconds = sum(result.timings_s.values())
-    table.caption = f"{seconds:.1f} s in all, {result.tiles_per_second:.1f} tiles/s classification"
+    table.caption = (
+        f"Columns CODE% are percentages of the region's tiles. {seconds:.1f} s in all, "
+        f"{result.tiles_per_second:.1f} tiles/s classification."
+    )
     return table
