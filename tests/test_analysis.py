@@ -12,6 +12,7 @@ import pytest
 
 from hepatoquant.analysis import AnalysisOptions, analyze_slide
 from hepatoquant.cli import main
+from hepatoquant.errors import OutputWriteError
 from hepatoquant.model_pack import ModelPack, ensure_demo_pack
 from hepatoquant.outputs import write_outputs
 from hepatoquant.outputs.cohort import cohort_columns
@@ -206,6 +207,18 @@ def test_a_failure_while_writing_leaves_no_partial_output(
 
     monkeypatch.setattr("hepatoquant.outputs.write_overlay", broken_overlay)
     out = tmp_path / "out"
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(OutputWriteError, match="disk full") as info:
         write_outputs(result, out)
+    assert str(out) in str(info.value) and isinstance(info.value, OSError)
     assert list(out.iterdir()) == []  # no output, no staging folder left behind
+
+
+def test_unwritable_output_folder_is_a_clear_error(
+    synthetic_slide: Path, tiny_pack: ModelPack, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    code = main(["analyze", str(synthetic_slide), "--model", str(tiny_pack.path), "--out", str(blocker / "out"),
+                 "--no-progress"])
+    assert code == 2
+    assert "could not write the outputs" in capsys.readouterr().err

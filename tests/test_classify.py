@@ -178,7 +178,7 @@ def test_choose_device_explicit(monkeypatch: pytest.MonkeyPatch) -> None:
         assert requested in str(info.value) and "--device cpu" in str(info.value)
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only machine")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA GPU is present; this checks the behaviour without one (patched in the test above)")
 def test_cuda_without_cuda_is_an_error_here() -> None:
     assert choose_device("auto") == CPU
     with pytest.raises(InvalidParameterError):

@@ -23,6 +23,7 @@ __all__ = [
     "WeightsMismatchError",
     "WeightsNotFoundError",
     "RegionsError",
+    "OutputWriteError",
 ]
 
 
@@ -64,6 +65,10 @@ class WeightsMismatchError(ModelPackError):
 
 class WeightsNotFoundError(WeightsMismatchError, FileNotFoundError):
     """A weight file path that does not exist."""
+
+
+class OutputWriteError(HepatoQuantError, OSError):
+    """The output folder cannot be written (permissions, full disk); nothing partial is left in it."""
 
 
 class RegionsError(InvalidGeoJSONError):

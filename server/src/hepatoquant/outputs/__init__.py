@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from hepatoquant.analysis import AnalysisResult
+from hepatoquant.errors import OutputWriteError
 from hepatoquant.outputs.cohort import write_cohort_row
 from hepatoquant.outputs.geojson import write_qupath_geojson
 from hepatoquant.outputs.overlay import write_overlay
@@ -37,6 +38,16 @@ class OutputPaths:
 def write_outputs(result: AnalysisResult, out_dir: str | Path) -> OutputPaths:
     """Write every output of ``result`` into ``out_dir`` (created if needed); all or nothing."""
     out_dir = Path(out_dir)
+    try:
+        return _write_all(result, out_dir)
+    except OSError as exc:
+        raise OutputWriteError(
+            f"could not write the outputs into {str(out_dir)!r} ({exc}); check that the folder is writable and "
+            "the disk has space, or choose another --out (nothing partial was left there)"
+        ) from exc
+
+
+def _write_all(result: AnalysisResult, out_dir: Path) -> OutputPaths:
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = Path(result.slide.path).stem
     names = {
