@@ -14,6 +14,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import cv2
 import numpy as np
 
 from hepatoquant.errors import InvalidParameterError
@@ -98,6 +99,10 @@ def _read_batches(
     starts = iter(range(0, len(grid), batch_size))
     pending: deque[Future[TileBatch]] = deque()
     executor = ThreadPoolExecutor(max_workers=num_workers, thread_name_prefix="tile-reader")
+    # Our worker threads are the parallelism: OpenCV's own thread pool on 150 px resizes only adds overhead
+    # (measured: 1.86 vs 1.31 ms CPU per tile on 2 cores). Its setting is process-wide, so restore it after.
+    opencv_threads = cv2.getNumThreads()
+    cv2.setNumThreads(1)
     try:
         for start in starts:
             pending.append(executor.submit(read_batch, start))
@@ -114,3 +119,4 @@ def _read_batches(
             future.cancel()
         executor.shutdown(wait=True)
         slides.close()
+        cv2.setNumThreads(opencv_threads)
