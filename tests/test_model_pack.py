@@ -193,7 +193,7 @@ def test_manifest_that_is_not_text(pack_dir: Path) -> None:
     [
         (lambda m: m.pop("classes"), "classes"),
         (lambda m: m.pop("normalization"), "normalization"),
-        (lambda m: m.update(kind="segmenter"), "kind"),
+        (lambda m: m.update(kind="detector"), "kind"),
         (lambda m: m.pop("head"), "head"),  # a classifier without a head
         (lambda m: m.update(format_version=2), "format_version"),
         (lambda m: m["normalization"].update(std=[0.2, 0.0, 0.2]), "normalization/std/1"),
@@ -487,7 +487,7 @@ def wide_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_cli_models_list(tmp_path: Path, tiny_classifier_pack: ModelPack, capsys, wide_terminal) -> None:
     _copy_pack(tiny_classifier_pack, tmp_path / "alpha")
     broken = _copy_pack(tiny_classifier_pack, tmp_path / "zeta")
-    _edit_manifest(broken, lambda m: m.update(kind="segmenter"))
+    _edit_manifest(broken, lambda m: m.update(kind="detector"))
 
     assert main(["--models-dir", str(tmp_path), "models", "list"]) == 0
     out, err = capsys.readouterr()

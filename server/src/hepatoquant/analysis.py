@@ -19,6 +19,7 @@ from hepatoquant.errors import InvalidParameterError, NoTissueError
 from hepatoquant.model_pack import ModelPack
 from hepatoquant.quantify import Composition, assign_tiles, quantify
 from hepatoquant.regions import DEFAULT_TUMOUR_CLASS_NAMES, Region, regions_from_geojson, whole_tissue_region
+from hepatoquant.segmentation.inference import SegmentationMap, SlidingWindowParams, segment_slide
 from hepatoquant.slide import Slide, SlideInfo
 from hepatoquant.tile_reader import iter_tile_batches
 from hepatoquant.tiling import TileGrid, TileSpec, build_tile_grid
@@ -44,6 +45,7 @@ class AnalysisOptions:
     device: str = "auto"
     keep_embeddings: bool = False
     tile_object_type: str = "detection"
+    windows: SlidingWindowParams = field(default_factory=SlidingWindowParams)
 
     def __post_init__(self) -> None:
         if not 1 <= self.batch_size <= 4096:
@@ -74,6 +76,8 @@ class AnalysisResult:
     composition: Composition
     timings_s: dict[str, float]
     warnings: list[str]
+    segmenter: dict | None = None  # the segmenter pack's summary when it made the regions
+    segmentation: SegmentationMap | None = None
 
     @property
     def predicted_class(self) -> np.ndarray:
@@ -92,14 +96,57 @@ def demo_model_warning(pack: ModelPack) -> str:
     )
 
 
+def _segment(
+    slide_path: str | Path,
+    slide_info: SlideInfo,
+    tissue: TissueMask,
+    segmenter: ModelPack,
+    options: AnalysisOptions,
+    report_progress: ProgressCallback,
+) -> tuple[SegmentationMap, list[Region], list[str]]:
+    """Tumour / non-tumour regions from the segmenter pack (sliding windows, then polygons)."""
+    from hepatoquant.segmentation.pack import load_segmenter
+    from hepatoquant.segmentation.vectorize import regions_from_label_mask
+
+    warnings = []
+    if segmenter.is_untrained_demo:
+        warnings.append(demo_model_warning(segmenter))
+    device = choose_device(options.device)
+    model = load_segmenter(segmenter, device)
+    segmentation = segment_slide(
+        slide_path,
+        (slide_info.width_px, slide_info.height_px),
+        slide_info.mpp_um_px,
+        tissue,
+        model,
+        mean=segmenter.mean,
+        std=segmenter.std,
+        window_spacing_um_px=options.windows.spacing_um_px or segmenter.spacing_um_px,
+        params=options.windows,
+        device=device,
+        progress=lambda done, total: report_progress("windows", done, total),
+    )
+    regions = regions_from_label_mask(
+        segmentation.mask, downsample=segmentation.downsample, mpp_um_px=slide_info.mpp_um_px
+    )
+    if not regions:
+        warnings.append(
+            f"the segmenter {segmenter.name!r} found no tumour or non-tumour region larger than the minimum area: "
+            "every tile is counted as unassigned"
+        )
+    return segmentation, regions, warnings
+
+
 def analyze_slide(
     slide_path: str | Path,
     pack: ModelPack,
     options: AnalysisOptions = AnalysisOptions(),
     *,
+    segmenter: ModelPack | None = None,
     progress: ProgressCallback | None = None,
 ) -> AnalysisResult:
-    """Analyse one slide with a classifier pack. Raises our errors (bad slide, no tissue, bad regions)."""
+    """Analyse one slide with a classifier pack; regions from ``options.regions_path``, else the ``segmenter``
+    pack, else the whole tissue. Raises our errors (bad slide, no tissue, bad regions)."""
     report_progress = progress or (lambda stage, done, total: None)
     timings: dict[str, float] = {}
     warnings: list[str] = []
@@ -113,6 +160,7 @@ def analyze_slide(
     report_progress("tissue", 1, 1)
 
     regions: list[Region]
+    segmentation: SegmentationMap | None = None
     if options.regions_path is not None:
         regions, region_warnings = regions_from_geojson(
             options.regions_path,
@@ -120,6 +168,14 @@ def analyze_slide(
             tumour_class_names=options.tumour_class_names,
         )
         warnings += region_warnings
+        if segmenter is not None:
+            warnings.append(f"regions given with --regions: the segmenter {segmenter.name!r} was not used")
+            segmenter = None
+    elif segmenter is not None:
+        started = time.perf_counter()
+        segmentation, regions, segmentation_warnings = _segment(slide_path, slide_info, tissue, segmenter, options, report_progress)
+        warnings += segmentation_warnings
+        timings["segmentation"] = time.perf_counter() - started
     else:
         regions = [whole_tissue_region(tissue.polygons)]
 
@@ -186,4 +242,6 @@ def analyze_slide(
         composition=composition,
         timings_s=timings,
         warnings=warnings,
+        segmenter=segmenter.summary() if segmentation is not None and segmenter is not None else None,
+        segmentation=segmentation,
     )

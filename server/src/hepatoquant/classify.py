@@ -19,7 +19,28 @@ from hepatoquant.encoders import Encoder, create_encoder
 from hepatoquant.errors import InvalidParameterError, ModelPackError, WeightsMismatchError
 from hepatoquant.model_pack import ModelPack, load_head_weights
 
-__all__ = ["PatchClassifier", "load_classifier", "choose_device", "predict_batches", "BatchPrediction"]
+__all__ = [
+    "PatchClassifier",
+    "load_classifier",
+    "choose_device",
+    "autocast",
+    "predict_batches",
+    "BatchPrediction",
+    "normalisation_buffers",
+    "normalise_uint8_nhwc",
+]
+
+
+def normalisation_buffers(
+    mean: tuple[float, float, float], std: tuple[float, float, float]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and std as (1, 3, 1, 1) tensors scaled to 0-255 pixel values, for :func:`normalise_uint8_nhwc`."""
+    return torch.tensor(mean).view(1, 3, 1, 1) * 255.0, torch.tensor(std).view(1, 3, 1, 1) * 255.0
+
+
+def normalise_uint8_nhwc(tiles: torch.Tensor, mean_255: torch.Tensor, std_255: torch.Tensor) -> torch.Tensor:
+    """uint8 (batch, height, width, 3) straight from the reader → normalised float (batch, 3, height, width)."""
+    return (tiles.permute(0, 3, 1, 2).float() - mean_255) / std_255
 
 
 class PatchClassifier(nn.Module):
@@ -37,13 +58,13 @@ class PatchClassifier(nn.Module):
         self.encoder = encoder
         self.head = head
         self.classes = classes
-        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1) * 255.0, persistent=False)
-        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1) * 255.0, persistent=False)
+        mean_255, std_255 = normalisation_buffers(mean, std)
+        self.register_buffer("mean", mean_255, persistent=False)
+        self.register_buffer("std", std_255, persistent=False)
 
     def forward(self, tiles_uint8_nhwc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Class logits (batch, classes) and embeddings (batch, dim)."""
-        pixels = tiles_uint8_nhwc.permute(0, 3, 1, 2).float()
-        pixels = (pixels - self.mean) / self.std
+        pixels = normalise_uint8_nhwc(tiles_uint8_nhwc, self.mean, self.std)
         embeddings = self.encoder(pixels)
         return self.head(embeddings.float()), embeddings
 
@@ -86,7 +107,7 @@ def load_classifier(pack: ModelPack, device: torch.device) -> PatchClassifier:
     return model
 
 
-def _autocast(device: torch.device) -> contextlib.AbstractContextManager:
+def autocast(device: torch.device) -> contextlib.AbstractContextManager:
     if device.type != "cuda":
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -110,7 +131,7 @@ def predict_batches(
     keep_embeddings: bool = False,
 ) -> Iterator[BatchPrediction]:
     """Run the classifier over batches of tiles, yielding results in the same order."""
-    with torch.inference_mode(), _autocast(device):
+    with torch.inference_mode(), autocast(device):
         for batch in batches:
             tiles = torch.from_numpy(batch.pixels).to(device, non_blocking=True)
             logits, embeddings = model(tiles)

@@ -7,6 +7,7 @@ offline. Our errors become one line on stderr and exit code 2; nothing is writte
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -36,6 +37,12 @@ def _build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--mpp", type=float, help="pixel size in um/px, for slides without it in their metadata")
     analyze.add_argument("--out", type=Path, default=Path("hepatoquant-results"), help="output folder")
     analyze.add_argument("--model", default="demo", help="classifier pack name or folder (default: the demo pack)")
+    analyze.add_argument(
+        "--seg-model", default=os.environ.get("HEPATOQUANT_SEG_MODEL", "none"),
+        help="segmenter pack for tumour / non-tumour regions, or 'none' for the whole tissue as one region "
+        "(default: $HEPATOQUANT_SEG_MODEL or none; 'demo-seg' is the untrained demo). --regions wins over it",
+    )
+    analyze.add_argument("--window-overlap", type=float, default=0.25, help="segmentation window overlap fraction")
     analyze.add_argument("--tile-size", type=int, default=None, help="tile size in px at --tile-spacing (default: the pack's, 150)")
     analyze.add_argument("--tile-spacing", type=float, default=None, help="tile resolution in um/px (default: the pack's, 0.5 = 20x)")
     analyze.add_argument("--min-tissue-fraction", type=float, default=0.5, help="keep tiles with at least this tissue fraction")
@@ -83,14 +90,16 @@ def _analyze(args: argparse.Namespace) -> int:
     from hepatoquant.model_pack import resolve_model_pack
     from hepatoquant.outputs import write_outputs
     from hepatoquant.regions import DEFAULT_TUMOUR_CLASS_NAMES
+    from hepatoquant.segmentation.inference import SlidingWindowParams
     from hepatoquant.tiling import TileSpec
     from hepatoquant.tissue import TissueDetectionParams
 
     console = Console(stderr=True)
     pack = resolve_model_pack(args.model, args.models_dir)
-    shown_first = demo_model_warning(pack) if pack.is_untrained_demo else None
-    if shown_first:
-        console.print(f"[bold yellow]warning:[/] {shown_first}")
+    segmenter = None if args.seg_model == "none" else resolve_model_pack(args.seg_model, args.models_dir)
+    shown_first = [demo_model_warning(p) for p in (pack, segmenter) if p is not None and p.is_untrained_demo]
+    for warning in shown_first:
+        console.print(f"[bold yellow]warning:[/] {warning}")
     tumour_classes = (
         tuple(n.strip() for n in args.tumour_classes.split(",") if n.strip())
         if args.tumour_classes
@@ -111,12 +120,13 @@ def _analyze(args: argparse.Namespace) -> int:
         device=args.device,
         keep_embeddings=args.save_embeddings,
         tile_object_type=args.tile_object,
+        windows=SlidingWindowParams(overlap=args.window_overlap, num_workers=args.workers),
     )
     with progress_bar(console, disabled=args.no_progress) as on_progress:
-        result = analyze_slide(args.slide, pack, options, progress=on_progress)
+        result = analyze_slide(args.slide, pack, options, segmenter=segmenter, progress=on_progress)
     paths = write_outputs(result, args.out)
     for warning in result.warnings:
-        if warning != shown_first:
+        if warning not in shown_first:
             console.print(f"[yellow]warning:[/] {warning}")
     console.print(summary_table(result))
     console.print(f"Outputs in {args.out}/: {paths.geojson.name}, {paths.report.name}, {paths.cohort_csv.name}, {paths.overlay_png.name}"

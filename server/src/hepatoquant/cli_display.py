@@ -32,13 +32,13 @@ def progress_bar(console: Console, *, disabled: bool = False) -> Iterator[Progre
 
     def on_progress(stage: str, done: int, total: int) -> None:
         if stage not in tasks:
-            label = {"tissue": "Tissue detection", "tiles": "Classifying tiles"}.get(stage, stage)
+            label = {"tissue": "Tissue detection", "windows": "Segmenting", "tiles": "Classifying tiles"}.get(stage, stage)
             tasks[stage] = progress.add_task(label, total=total, rate="")
         task_id = tasks[stage]
         progress.update(task_id, completed=done, total=total)
         speed = progress.tasks[task_id].speed
         if speed:
-            progress.update(task_id, rate=f"{speed:.1f} tiles/s")
+            progress.update(task_id, rate=f"{speed:.1f} {'windows' if stage == 'windows' else 'tiles'}/s")
 
     with progress:
         yield on_progress

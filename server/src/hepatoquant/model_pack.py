@@ -9,11 +9,13 @@ use, so that everything runs on a fresh machine without any download.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
@@ -42,6 +44,7 @@ __all__ = [
 
 MANIFEST_NAME = "hepatoquant-model.json"
 DEMO_PACK_NAME = "demo"
+DEMO_SEGMENTER_PACK_NAME = "demo-seg"
 DEMO_SEED = 20260101
 _ENCODER_FILE = "encoder.safetensors"
 _HEAD_FILE = "head.safetensors"
@@ -118,7 +121,7 @@ class ModelPack:
             "classes": list(self.classes),
             "input_size_px": self.input_size_px,
             "spacing_um_px": self.spacing_um_px,
-            "tile_size_px": self.tile_size_px,
+            "tile_size_px": self.manifest.get("tile_size_px"),
             "licence_note": self.manifest["licence_note"],
             "path": str(self.path),
         }
@@ -182,6 +185,10 @@ def resolve_model_pack(name_or_path: str, models_dir: Path | None = None) -> Mod
         return load_model_pack(candidate)
     if name_or_path == DEMO_PACK_NAME:
         return ensure_demo_pack(models_dir)
+    if name_or_path == DEMO_SEGMENTER_PACK_NAME:
+        from hepatoquant.segmentation.pack import ensure_demo_segmentation_pack
+
+        return ensure_demo_segmentation_pack(models_dir)
     if (models_dir / name_or_path).is_dir():
         return load_model_pack(models_dir / name_or_path)
     known = ", ".join(sorted(p.name for p in _pack_dirs(models_dir))) or "none"
@@ -208,34 +215,60 @@ def list_model_packs(models_dir: Path | None = None) -> list[ModelPack | ModelPa
     return packs
 
 
-def _write_pack(
-    dest: Path, manifest: dict, tensors: dict[str, dict[str, torch.Tensor]], *, replace: bool = False
+def write_pack(
+    dest: Path,
+    manifest: dict,
+    tensors: dict[str, dict[str, torch.Tensor]],
+    *,
+    replace: bool = False,
+    write_extra: Callable[[Path], None] | None = None,
 ) -> ModelPack:
     """Write a pack into a temporary sibling directory and rename it into place: never a half-written pack.
 
+    ``tensors`` maps file names to state dicts (saved as safetensors); ``write_extra(folder)`` may add more
+    (a peft adapter folder). ``manifest`` may name ``{sha256:<file>}`` placeholders: see :func:`file_sha256`.
     With ``replace``, an existing pack at ``dest`` is swapped out only after the new one is complete.
     """
-    jsonschema.validate(manifest, _manifest_schema())
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
     old = dest.parent / f"{tmp.name}.old"
     try:
         for filename, state_dict in tensors.items():
             save_file({k: v.contiguous() for k, v in state_dict.items()}, str(tmp / filename))
+        if write_extra is not None:
+            write_extra(tmp)
+        encoder_entry = manifest["encoder"]
+        if encoder_entry.get("sha256") == "":
+            encoder_entry["sha256"] = file_sha256(tmp / encoder_entry["weights"])
+        jsonschema.validate(manifest, _manifest_schema())
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
         tmp.chmod(0o755)  # mkdtemp makes it private; a models folder is often shared with a server
         if replace and dest.exists():
             os.replace(dest, old)
         os.replace(tmp, dest)
-    except OSError as exc:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if old.exists() and not dest.exists():
             os.replace(old, dest)  # put the previous pack back
+        if not isinstance(exc, OSError):
+            raise
         if dest.is_dir() and (dest / MANIFEST_NAME).is_file() and not replace:  # another process won the race
             return load_model_pack(dest)
         raise ModelPackError(f"could not write model pack {str(dest)!r}: {exc}") from exc
     shutil.rmtree(old, ignore_errors=True)
     return load_model_pack(dest)
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file, read in 1 MiB blocks (weight files reach gigabytes).
+
+    A manifest whose ``encoder.sha256`` is the empty string gets the encoder file's digest when written.
+    """
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _manifest(
@@ -285,7 +318,7 @@ def ensure_demo_pack(models_dir: Path | None = None, *, encoder: str = "demo_vit
         description="Demo pack: random fixed-seed weights so the pipeline runs anywhere. Its labels are meaningless.",
         licence="HepatoQuant demo weights; untrained, for trying the software only",
     )
-    return _write_pack(dest, manifest, {_ENCODER_FILE: model.backbone.state_dict(), _HEAD_FILE: head.state_dict()})
+    return write_pack(dest, manifest, {_ENCODER_FILE: model.backbone.state_dict(), _HEAD_FILE: head.state_dict()})
 
 
 def add_model_pack(
@@ -326,7 +359,7 @@ def add_model_pack(
         description=f"{encoder_config(encoder).description}; from {Path(checkpoint).name}",
         licence=licence_note or encoder_config(encoder).licence_note,
     )
-    return _write_pack(dest, manifest, tensors, replace=overwrite)
+    return write_pack(dest, manifest, tensors, replace=overwrite)
 
 
 def _load_head(path: Path, embedding_dim: int, num_classes: int) -> dict[str, torch.Tensor]:

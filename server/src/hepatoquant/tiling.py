@@ -16,7 +16,7 @@ from shapely.geometry.base import BaseGeometry
 from hepatoquant.errors import InvalidParameterError
 from hepatoquant.tissue import TissueMask
 
-__all__ = ["TileSpec", "TileGrid", "build_tile_grid"]
+__all__ = ["TileSpec", "TileGrid", "build_tile_grid", "tissue_fraction_grid"]
 
 
 @dataclass(frozen=True)
@@ -107,7 +107,7 @@ def build_tile_grid(
         return TileGrid(empty, empty, side, empty, spec)
     xs = np.arange(cols) * side
     ys = np.arange(rows) * side
-    fraction = _tile_tissue_fraction(tissue, xs, ys, side)  # (rows, cols)
+    fraction = tissue_fraction_grid(tissue, xs, ys, side)  # (rows, cols)
     row_index, col_index = np.nonzero(fraction >= max(spec.min_tissue_fraction, 1e-9))
     grid = TileGrid(xs[col_index], ys[row_index], side, fraction[row_index, col_index], spec)
     if regions is not None and len(grid):
@@ -117,7 +117,7 @@ def build_tile_grid(
     return grid
 
 
-def _tile_tissue_fraction(tissue: TissueMask, xs: np.ndarray, ys: np.ndarray, side: float) -> np.ndarray:
+def tissue_fraction_grid(tissue: TissueMask, xs: np.ndarray, ys: np.ndarray, side: float) -> np.ndarray:
     """Mean of the tissue mask over each tile of the grid (rows = ys, cols = xs), from a summed-area table."""
     mask = tissue.mask.astype(np.float64)
     mask_h, mask_w = mask.shape

@@ -104,8 +104,14 @@ def _remove_small_components(mask: np.ndarray, min_area_px: float) -> np.ndarray
     return keep[labels]
 
 
-def mask_to_polygons(mask: np.ndarray, downsample: float) -> MultiPolygon:
-    """Polygons with holes tracing ``mask``, scaled by ``downsample`` to level-0 pixel coordinates."""
+def mask_to_polygons(mask: np.ndarray, downsample: float, *, centre_offset: float = 0.5) -> MultiPolygon:
+    """Polygons with holes tracing ``mask``, scaled by ``downsample`` to level-0 pixel coordinates.
+
+    Contours run through the centres of the mask's border pixels: pixel (i, j) maps to level-0
+    x = (j + centre_offset) * downsample, y = (i + centre_offset) * downsample. The default puts the contour
+    half a pixel inside the pixel footprint; ``centre_offset=0`` suits rasters whose pixels stand for lattice
+    points (``hepatoquant.segmentation.vectorize`` traces pixel edges that way).
+    """
     contours, hierarchy = cv2.findContours(mask.astype(np.uint8), cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
     if hierarchy is None:
         return MultiPolygon()
@@ -123,12 +129,12 @@ def mask_to_polygons(mask: np.ndarray, downsample: float) -> MultiPolygon:
         polygons.append(polygon)
     if not polygons:
         return MultiPolygon()
-    # Contours run through pixel centres; scale pixel units to level 0 (offset by half a pixel).
     # Traced contours can touch themselves (invalid); make_valid may then return a collection.
     merged = polygonal_part(shapely.make_valid(shapely.union_all(polygons)))
     if merged is None:
         return MultiPolygon()
-    merged = affinity.affine_transform(merged, [downsample, 0, 0, downsample, downsample / 2, downsample / 2])
+    offset = centre_offset * downsample
+    merged = affinity.affine_transform(merged, [downsample, 0, 0, downsample, offset, offset])
     return merged if isinstance(merged, MultiPolygon) else MultiPolygon([merged])
 
 

@@ -53,6 +53,15 @@ def build_report(result: AnalysisResult, *, outputs: dict[str, str]) -> dict:
             "tile_object_type": options.tile_object_type,
         },
         "model": result.model,
+        "segmenter": result.segmenter,
+        "segmentation": None
+        if result.segmentation is None
+        else {
+            "map_spacing_um_px": result.segmentation.spacing_um_px,
+            "windows_run": result.segmentation.windows_run,
+            "windows_total": result.segmentation.windows_total,
+            "window_overlap": options.windows.overlap,
+        },
         "tissue": {
             "area_mm2": result.tissue.area_um2() / 1e6,
             "saturation_threshold": result.tissue.saturation_threshold,
