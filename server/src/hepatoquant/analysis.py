@@ -90,9 +90,12 @@ class AnalysisResult:
 
 
 def demo_model_warning(pack: ModelPack) -> str:
+    segmenter = pack.kind == "segmenter"
+    what = "tumour / non-tumour regions are" if segmenter else "tissue labels are"
+    how = "`hepatoquant seg train`" if segmenter else "`hepatoquant models add`"
     return (
-        f"model pack {pack.name!r} is the UNTRAINED DEMO: its tissue labels are random and mean nothing; "
-        "use a trained classifier pack (`hepatoquant models add`) for real measurements"
+        f"model pack {pack.name!r} is the UNTRAINED DEMO: its {what} random and mean nothing; "
+        f"use a trained {pack.kind} pack ({how}) for real measurements"
     )
 
 

@@ -64,6 +64,22 @@ def _build_parser() -> argparse.ArgumentParser:
     add.add_argument("--name", required=True, help="name of the new pack")
     add.add_argument("--head", type=Path, help="linear head weights (weight [7, dim], bias [7]); without it an encoder-only pack")
     add.add_argument("--overwrite", action="store_true", help="replace an existing pack of that name")
+    seg = commands.add_parser("seg", help="train and evaluate the tumour / non-tumour segmenter")
+    seg_commands = seg.add_subparsers(dest="seg_command", required=True)
+    train = seg_commands.add_parser("train", help="train LoRA + decoder from a JSON config; writes a segmenter pack")
+    train.add_argument("config", type=Path, help="training config (schema: hepatoquant/schemas/seg_train.schema.json)")
+    train.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
+    evaluate = seg_commands.add_parser("eval", help="score a segmenter pack: IoU, Dice, precision, recall, F1")
+    evaluate.add_argument("--model", required=True, help="segmenter pack name or folder")
+    evaluate.add_argument("--pairs", type=Path, help="PFM_Segmentation-style JSON of image / mask pairs")
+    evaluate.add_argument("--split", default="test", choices=("train", "val", "test"))
+    evaluate.add_argument("--slide", type=Path, action="append", default=[], help="slide with ground truth (repeatable)")
+    evaluate.add_argument("--annotations", type=Path, action="append", default=[], help="QuPath GeoJSON for each --slide")
+    evaluate.add_argument("--mpp", type=float, help="pixel size override for the slides")
+    evaluate.add_argument("--rest-of-tissue", choices=("non_tumour", "ignore"), default="non_tumour",
+                          help="label of detected tissue outside every annotation")
+    evaluate.add_argument("--out", type=Path, default=Path("hepatoquant-results"), help="folder for the JSON and Markdown")
+    evaluate.add_argument("--device", default="auto")
     return parser
 
 
@@ -74,6 +90,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "analyze":
             return _analyze(args)
+        if args.command == "seg":
+            return _seg_train(args) if args.seg_command == "train" else _seg_eval(args)
         if args.models_command == "list":
             return _models_list(args)
         return _models_add(args)
@@ -175,6 +193,45 @@ def _models_add(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
     )
     print(f"created {pack.kind} pack {pack.name!r} ({pack.model_status}) in {pack.path}")
+    return 0
+
+
+def _seg_train(args: argparse.Namespace) -> int:
+    from hepatoquant.segmentation.train import load_training_config, train_segmenter
+
+    result = train_segmenter(load_training_config(args.config), resume=args.resume)
+    print(f"best validation mean Dice {result.best_val_dice:.4f}; segmenter pack: {result.pack.path}")
+    return 0
+
+
+def _seg_eval(args: argparse.Namespace) -> int:
+    from hepatoquant.classify import choose_device
+    from hepatoquant.errors import InvalidParameterError
+    from hepatoquant.model_pack import resolve_model_pack
+    from hepatoquant.segmentation.evaluate import write_evaluation
+    from hepatoquant.segmentation.evaluation_runs import evaluate_on_pairs, evaluate_on_slides
+    from hepatoquant.segmentation.metrics import scores_markdown
+    from hepatoquant.segmentation.pack import load_segmenter
+
+    if bool(args.pairs) == bool(args.slide):
+        raise InvalidParameterError("give either --pairs DATASET.json or --slide/--annotations, not both or neither")
+    if len(args.slide) != len(args.annotations):
+        raise InvalidParameterError(
+            f"{len(args.slide)} --slide but {len(args.annotations)} --annotations: give one annotations file per slide"
+        )
+    pack = resolve_model_pack(args.model, args.models_dir)
+    device = choose_device(args.device)
+    model = load_segmenter(pack, device)
+    if args.pairs:
+        scores = evaluate_on_pairs(model, args.pairs, args.split, device)
+        stem = f"seg-eval-{pack.name}-{args.pairs.stem}-{args.split}"
+    else:
+        slides = [(s, a, args.mpp) for s, a in zip(args.slide, args.annotations)]
+        scores = evaluate_on_slides(model, pack, slides, rest_of_tissue=args.rest_of_tissue, device=device)
+        stem = f"seg-eval-{pack.name}-slides"
+    json_path, md_path = write_evaluation(scores, args.out, stem)
+    print(scores_markdown(scores))
+    print(f"written: {json_path}, {md_path}")
     return 0
 
 

@@ -45,7 +45,7 @@ class VectorizeParams:
     simplified (Douglas-Peucker, topology preserved) with ``simplify_tolerance_um``. Zero turns a step off.
     """
 
-    min_region_area_um2: float = 50_000.0  # about a 220 um square
+    min_region_area_um2: float = 20_000.0  # islands smaller than this (about 2 x 2 tiles) are dropped
     min_hole_area_um2: float = 20_000.0  # about a 140 um square
     simplify_tolerance_um: float = 4.0
 
