@@ -15,7 +15,7 @@ demo: install
 	@if [ -f "$(SAMPLE_SLIDE)" ]; then slide="$(SAMPLE_SLIDE)"; else \
 		slide="$(OUT)/synthetic-sample.tiff"; mkdir -p $(OUT); \
 		$(VENV)/bin/python -m hepatoquant.synthetic "$$slide"; fi; \
-	$(VENV)/bin/hepatoquant analyze "$$slide" --out $(OUT)
+	$(VENV)/bin/hepatoquant analyze "$$slide" --seg-model demo-seg --out $(OUT)
 
 test: install
 	$(VENV)/bin/python -m pytest tests
@@ -23,3 +23,4 @@ test: install
 benchmark: install
 	$(VENV)/bin/python benchmarks/pipeline_efficiency.py
 	$(VENV)/bin/python benchmarks/memory_scaling.py
+	$(VENV)/bin/python benchmarks/segmentation.py

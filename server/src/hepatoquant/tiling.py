@@ -119,10 +119,11 @@ def build_tile_grid(
 
 def tissue_fraction_grid(tissue: TissueMask, xs: np.ndarray, ys: np.ndarray, side: float) -> np.ndarray:
     """Mean of the tissue mask over each tile of the grid (rows = ys, cols = xs), from a summed-area table."""
-    mask = tissue.mask.astype(np.float64)
-    mask_h, mask_w = mask.shape
-    integral = np.zeros((mask_h + 1, mask_w + 1))
-    integral[1:, 1:] = mask.cumsum(0).cumsum(1)
+    mask_h, mask_w = tissue.mask.shape
+    # int64 counts, cumulated in place: one array of the mask's size, whatever the slide's size.
+    integral = np.zeros((mask_h + 1, mask_w + 1), dtype=np.int64)
+    np.cumsum(tissue.mask, axis=0, dtype=np.int64, out=integral[1:, 1:])
+    np.cumsum(integral[1:, 1:], axis=1, out=integral[1:, 1:])
 
     def edges(starts: np.ndarray, limit: int) -> tuple[np.ndarray, np.ndarray]:
         lo = np.clip(np.round(starts / tissue.downsample).astype(int), 0, limit)
@@ -134,6 +135,6 @@ def tissue_fraction_grid(tissue: TissueMask, xs: np.ndarray, ys: np.ndarray, sid
     y0, y1 = edges(ys, mask_h)
     total = (
         integral[np.ix_(y1, x1)] - integral[np.ix_(y0, x1)] - integral[np.ix_(y1, x0)] + integral[np.ix_(y0, x0)]
-    )
+    ).astype(np.float64)
     area = np.outer(y1 - y0, x1 - x0).astype(np.float64)
     return np.divide(total, area, out=np.zeros_like(total), where=area > 0)

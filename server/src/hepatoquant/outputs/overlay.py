@@ -84,8 +84,12 @@ def _legend(result: AnalysisResult, height: int) -> np.ndarray:
         y += 22
     y += 8
     lines = [f"model: {result.model['name']}", f"tiles: {len(result.grid)}"]
-    if result.model["model_status"] == "untrained-demo":
-        lines += ["UNTRAINED DEMO MODEL:", "labels are meaningless"]
+    if result.segmenter is not None:
+        lines.append(f"regions: segmenter {result.segmenter['name']}")
+    demo = [m for m in (result.model, result.segmenter) if m is not None and m["model_status"] == "untrained-demo"]
+    if demo:
+        lines += ["UNTRAINED DEMO MODEL:", "labels are meaningless" if len(demo) == 1 and demo[0] is result.model
+                  else "labels and regions meaningless"]
     lines += ["Research use only"]
     for line in lines:
         cv2.putText(panel, line, (10, y), font, 0.4, (160, 0, 0) if "DEMO" in line else (0, 0, 0), 1, cv2.LINE_AA)

@@ -152,14 +152,9 @@ def segment_slide(
             if progress is not None:
                 progress(done, len(grid))
 
-    covered = weight_sum > 0
-    np.divide(logit_sum, weight_sum, out=logit_sum, where=covered)
-    probabilities = _softmax(logit_sum, axis=0)
-    probabilities[:, ~covered] = 0.0
-    probabilities[BACKGROUND, ~covered] = 1.0
-    mask = probabilities.argmax(axis=0).astype(np.uint8)
     tissue_here = cv2.resize(tissue.mask.astype(np.uint8), (map_w, map_h), interpolation=cv2.INTER_NEAREST) > 0
-    mask[~tissue_here] = BACKGROUND
+    mask = _finalise(logit_sum, weight_sum, tissue_here)
+    probabilities = logit_sum  # normalised in place
     return SegmentationMap(
         probabilities=probabilities,
         mask=mask,
@@ -170,9 +165,24 @@ def segment_slide(
     )
 
 
-def _softmax(values: np.ndarray, axis: int) -> np.ndarray:
-    """In place where possible: the map is the largest array of the analysis."""
-    values -= values.max(axis=axis, keepdims=True)
-    np.exp(values, out=values)
-    values /= values.sum(axis=axis, keepdims=True)
-    return values
+def _finalise(logit_sum: np.ndarray, weight_sum: np.ndarray, tissue: np.ndarray, rows: int = 256) -> np.ndarray:
+    """Blend weights out, softmax (in place: ``logit_sum`` becomes the probabilities), labels clipped to tissue.
+
+    Done in strips of ``rows`` so temporaries stay small next to the map (the largest array of an analysis).
+    Map pixels no window covered are certain background.
+    """
+    mask = np.empty(weight_sum.shape, dtype=np.uint8)
+    for top in range(0, weight_sum.shape[0], rows):
+        strip = logit_sum[:, top : top + rows]
+        weight = weight_sum[top : top + rows]
+        covered = weight > 0
+        np.divide(strip, weight, out=strip, where=covered)
+        strip -= strip.max(axis=0, keepdims=True)
+        np.exp(strip, out=strip)
+        strip /= strip.sum(axis=0, keepdims=True)
+        strip[:, ~covered] = 0.0
+        strip[BACKGROUND, ~covered] = 1.0
+        labels = strip.argmax(axis=0).astype(np.uint8)
+        labels[~tissue[top : top + rows]] = BACKGROUND
+        mask[top : top + rows] = labels
+    return mask

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
@@ -247,12 +248,14 @@ def train_segmenter(
                 replace=True,
             )
             log(f"  best so far: wrote segmenter pack {pack.path}")
+        partial = run_dir / f".{_CHECKPOINT}.partial"  # renamed into place: a crash never leaves half a checkpoint
         torch.save(
             {"trainable": _trainable_state(model), "optimizer": optimizer.state_dict(),
              "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "best_dice": best_dice,
              "history": json.dumps(history)},
-            run_dir / _CHECKPOINT,
+            partial,
         )
+        os.replace(partial, run_dir / _CHECKPOINT)
     (run_dir / "history.json").write_text(json.dumps(history, indent=2) + "\n")
     if pack is None:  # resumed after the last epoch
         from hepatoquant.model_pack import load_model_pack
