@@ -205,3 +205,27 @@ def test_cli_analyze_with_the_demo_segmenter(synthetic_slide: Path, tmp_path: Pa
     report = json.loads((tmp_path / "synthetic.report.json").read_text())
     assert report["segmenter"]["model_status"] == "untrained-demo"
     assert report["regions_source"] in ("segmenter", None)
+
+
+def test_seg_eval_needs_one_kind_of_ground_truth(training_run: dict, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    pack = str(training_run["result"].pack.path)
+    assert main(["seg", "eval", "--model", pack, "--out", str(tmp_path)]) == 2
+    assert "either --pairs" in capsys.readouterr().err
+    slide, annotations = training_run["val"]
+    assert main(["seg", "eval", "--model", pack, "--slide", str(slide), "--slide", str(slide),
+                 "--annotations", str(annotations), "--out", str(tmp_path)]) == 2
+    assert "one annotations file per slide" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
+def test_user_regions_win_over_the_segmenter(training_run: dict, synthetic_slide: Path, tmp_path: Path) -> None:
+    from hepatoquant.analysis import AnalysisOptions, analyze_slide
+    from hepatoquant.model_pack import ensure_demo_pack
+
+    slide, annotations = training_run["val"]
+    classifier = ensure_demo_pack(tmp_path / "models", encoder="test_vit_micro")
+    result = analyze_slide(slide, classifier, AnalysisOptions(regions_path=annotations),
+                           segmenter=training_run["result"].pack)
+    assert {r.source for r in result.regions} == {"user"} and result.segmentation is None
+    assert any("segmenter" in w and "not used" in w for w in result.warnings)
