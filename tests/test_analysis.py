@@ -69,11 +69,13 @@ def test_analysis_of_a_generated_slide_writes_every_output(synthetic_slide: Path
     assert regions[0].measurements["HQ tiles"] == n
     assert sum(regions[0].measurements[f"{c} tiles"] for c in result.classes) == n
     assert set(tiles[0].measurements) == {f"prob_{c}" for c in result.classes}
+    # The untrained status travels with every object into QuPath.
+    assert tiles[0].metadata["model_status"] == regions[0].metadata["model_status"] == "untrained-demo"
     first_box = tiles[0].geometry.bounds
     assert first_box[2] - first_box[0] == pytest.approx(150.0, abs=0.01)  # 75 um at 0.5 um/px
 
     report = json.loads(paths.report.read_text())
-    assert report["report_schema_version"] == "1.0"
+    assert report["report_schema_version"] == "1.1"
     assert report["model_status"] == "untrained-demo"
     assert "Research use only" in report["notice"]
     assert report["slide"]["mpp_um_px"] == 0.5 and report["slide"]["mpp_source"] == "metadata"
@@ -85,6 +87,7 @@ def test_analysis_of_a_generated_slide_writes_every_output(synthetic_slide: Path
         rows = list(csv.DictReader(handle))
     assert len(rows) == 1 and list(rows[0]) == cohort_columns()
     assert int(rows[0]["tissue_tiles"]) == n and rows[0]["tumour_tiles"] == ""
+    assert rows[0]["model_status"] == "untrained-demo" and rows[0]["segmenter"] == ""
 
     overlay = cv2.imread(str(paths.overlay_png))
     assert overlay is not None and overlay.shape[0] >= 330 and overlay.shape[1] > 230

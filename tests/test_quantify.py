@@ -87,3 +87,24 @@ def test_percentages_of_every_region_sum_to_100() -> None:
         if entry.tile_count:
             assert sum(entry.class_percent.values()) == pytest.approx(100.0)
             assert sum(entry.class_tiles.values()) == entry.tile_count
+
+
+def test_nested_regions_that_both_hold_a_tile_give_it_to_the_tumour_then_the_inner_one() -> None:
+    grid = _grid([0, 500], [0, 0])
+    outer = _region("outer", "non_tumour", box(0, 0, 1000, 1000))
+    inner_normal = _region("inner", "non_tumour", box(400, 0, 700, 200))
+    tumour = _region("t", "tumour", box(0, 0, 200, 200))
+    assert assign_tiles(grid, [outer, tumour, inner_normal]).tolist() == [1, 2]
+
+
+def test_assignment_counts_partial_cover_on_outlines_exactly() -> None:
+    """Interior tiles use the fast containment path; tiles on the outline are intersected."""
+    from shapely.geometry import Point
+
+    disc = Point(500, 500).buffer(300, quad_segs=256)
+    xs = [x for x in range(0, 1000, 100) for _ in range(10)]
+    ys = [y for _ in range(10) for y in range(0, 1000, 100)]
+    grid = _grid(xs, ys)
+    assignment = assign_tiles(grid, [_region("d", "tumour", disc)])
+    expected = [disc.intersection(box(x, y, x + 100, y + 100)).area > 0 for x, y in zip(xs, ys)]
+    assert (assignment == 0).tolist() == expected

@@ -81,3 +81,40 @@ def test_malformed_regions_files_name_the_file(tmp_path: Path, filename: str, co
 def test_missing_regions_file(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError):
         regions_from_geojson(tmp_path / "absent.geojson", (100, 100))
+
+
+def _feature(coordinates, class_name=None, *, name=None, metadata=None) -> dict:
+    properties: dict = {"objectType": "annotation"}
+    if class_name:
+        properties["classification"] = {"name": class_name, "color": [200, 0, 0]}
+    if name:
+        properties["name"] = name
+    if metadata:
+        properties["metadata"] = metadata
+    return {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [coordinates]}, "properties": properties}
+
+
+def _square(x0: float, y0: float, x1: float, y1: float) -> list:
+    return [[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]
+
+
+def test_tumour_inside_a_larger_annotation_is_cut_out_of_it(tmp_path: Path) -> None:
+    """QuPath exports parents first: a 'Tissue' outline around a 'Tumor' must not swallow the tumour."""
+    path = tmp_path / "nested.geojson"
+    path.write_text(json.dumps([_feature(_square(0, 0, 1000, 1000), "Tissue"), _feature(_square(200, 200, 400, 400), "Tumor")]))
+    regions, _ = regions_from_geojson(path, (1000, 1000))
+    tissue, tumour = regions
+    assert tumour.region_class == "tumour" and tumour.geometry.area == pytest.approx(200 * 200)
+    assert tissue.region_class == "non_tumour" and tissue.geometry.area == pytest.approx(1000 * 1000 - 200 * 200)
+
+
+def test_our_own_objects_and_ignore_classes_are_not_regions(tmp_path: Path) -> None:
+    path = tmp_path / "mixed.geojson"
+    path.write_text(json.dumps([
+        _feature(_square(0, 0, 500, 500), "HQ Tissue", name="HepatoQuant: Whole tissue", metadata={"hepatoquant": "region"}),
+        _feature(_square(0, 0, 100, 100), "Ignore*"),
+        _feature(_square(100, 100, 300, 300), "Tumor"),
+    ]))
+    regions, warnings = regions_from_geojson(path, (1000, 1000))
+    assert [r.region_class for r in regions] == ["tumour"]
+    assert any("HepatoQuant object" in w and "Ignore*" in w for w in warnings)

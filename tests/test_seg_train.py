@@ -108,6 +108,11 @@ def test_seg_eval_on_a_heldout_slide_writes_json_and_markdown(
     assert "IoU" in capsys.readouterr().out
 
 
+def test_a_new_run_never_replaces_an_existing_pack(training_run: dict) -> None:
+    with pytest.raises(InvalidParameterError, match="already exists"):
+        train_segmenter(load_training_config(training_run["config"]))
+
+
 def test_resume_continues_from_the_last_checkpoint(training_run: dict) -> None:
     config_path: Path = training_run["config"]
     raw = json.loads(config_path.read_text())

@@ -158,3 +158,31 @@ def test_read_error_propagates_and_threads_end(tmp_path: Path, cmu_slide: Path) 
         list(iter_tile_batches(path, grid, out_size_px=OUT_PX, batch_size=4, num_workers=2))
     assert str(path) in str(excinfo.value)
     assert reader_threads() - before == set()
+
+
+def test_a_failure_in_the_consumer_ends_the_reader_threads(synthetic_slide) -> None:
+    """What analyze_slide does when classification or cancellation raises mid-slide."""
+    import contextlib
+    import threading
+
+    import cv2
+
+    from hepatoquant.slide import Slide
+    from hepatoquant.tiling import build_tile_grid
+    from hepatoquant.tissue import detect_tissue
+
+    with Slide(synthetic_slide) as slide:
+        grid = build_tile_grid(slide.dimensions, slide.mpp_um_px, detect_tissue(slide))
+    before = {t for t in threading.enumerate() if t.name.startswith("tile-reader")}
+    opencv_threads = cv2.getNumThreads()
+    kept_error = None
+    try:
+        batches = iter_tile_batches(synthetic_slide, grid, out_size_px=32, batch_size=4, num_workers=2)
+        with contextlib.closing(batches):
+            for _ in batches:
+                raise RuntimeError("cancelled")
+    except RuntimeError as exc:
+        kept_error = exc  # a server keeps the error (and so the frame) alive: closing must not rely on GC
+    assert kept_error is not None
+    assert {t for t in threading.enumerate() if t.name.startswith("tile-reader")} == before
+    assert cv2.getNumThreads() == opencv_threads

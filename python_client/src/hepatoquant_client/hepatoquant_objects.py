@@ -57,6 +57,7 @@ def tile_object(
     probabilities: Mapping[str, float],
     *,
     object_type: str = "detection",
+    model_status: str | None = None,
 ) -> QuPathObject:
     """A square tile as a QuPath detection (or ``tile``) classified by its most probable tissue class."""
     if object_type not in ("detection", "tile"):
@@ -68,7 +69,7 @@ def tile_object(
         class_names=(cls.qupath_name,),
         color_rgb=cls.color_rgb,
         measurements={probability_measurement(code): float(p) for code, p in probabilities.items()},
-        metadata={METADATA_KEY: "tile"},
+        metadata=_metadata("tile", model_status=model_status),
     )
 
 
@@ -82,6 +83,8 @@ def region_object(
     region_area_mm2: float,
     class_tiles: Mapping[str, int],
     class_percent: Mapping[str, float],
+    model_status: str | None = None,
+    segmenter_status: str | None = None,
 ) -> QuPathObject:
     """A region annotation whose measurement table shows its composition."""
     cls = next((c for c in REGION_CLASSES if c.code == region_class_code), None)
@@ -103,8 +106,13 @@ def region_object(
         color_rgb=cls.color_rgb,
         name=REGION_NAME_PREFIX + name,
         measurements=measurements,
-        metadata={METADATA_KEY: "region"},
+        metadata=_metadata("region", model_status=model_status, segmenter_status=segmenter_status),
     )
+
+
+def _metadata(kind: str, **statuses: str | None) -> dict[str, str]:
+    """Our marker, plus the models' status (``untrained-demo`` must travel with every object it labelled)."""
+    return {METADATA_KEY: kind, **{key: value for key, value in statuses.items() if value}}
 
 
 def is_hepatoquant_object(obj: QuPathObject) -> bool:

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -215,13 +216,14 @@ def analyze_slide(
         num_workers=options.num_workers,
     )
     done = 0
-    for prediction in predict_batches(model, batches, device, keep_embeddings=options.keep_embeddings):
-        stop = prediction.start + len(prediction.probabilities)
-        probabilities[prediction.start : stop] = prediction.probabilities
-        if embeddings is not None and prediction.embeddings is not None:
-            embeddings[prediction.start : stop] = prediction.embeddings
-        done += len(prediction.probabilities)
-        report_progress("tiles", done, len(grid))
+    with contextlib.closing(batches):  # reader threads and slide handles end even when a batch fails
+        for prediction in predict_batches(model, batches, device, keep_embeddings=options.keep_embeddings):
+            stop = prediction.start + len(prediction.probabilities)
+            probabilities[prediction.start : stop] = prediction.probabilities
+            if embeddings is not None and prediction.embeddings is not None:
+                embeddings[prediction.start : stop] = prediction.embeddings
+            done += len(prediction.probabilities)
+            report_progress("tiles", done, len(grid))
     timings["classification"] = time.perf_counter() - started
 
     started = time.perf_counter()

@@ -70,17 +70,22 @@ class PatchClassifier(nn.Module):
 
 
 def choose_device(requested: str = "auto") -> torch.device:
-    """``auto`` is CUDA when available, else CPU; an explicit CUDA request without CUDA is an error."""
+    """``auto`` is CUDA when available, else CPU; ``cpu``, ``cuda`` or ``cuda:N`` otherwise, checked here."""
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(requested)
     except RuntimeError:
-        raise InvalidParameterError(
-            f"--device {requested!r} is not a device; use auto, cpu, cuda or cuda:N"
-        ) from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise InvalidParameterError(f"--device {requested} was asked for but no CUDA GPU is available; use --device cpu")
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise InvalidParameterError(f"device {requested!r} is not supported; use auto, cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InvalidParameterError(f"--device {requested} was asked for but no CUDA GPU is available; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise InvalidParameterError(
+                f"--device {requested}: this machine has {torch.cuda.device_count()} CUDA device(s), numbered from 0"
+            )
     return device
 
 

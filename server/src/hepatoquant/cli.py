@@ -64,6 +64,25 @@ def _build_parser() -> argparse.ArgumentParser:
     add.add_argument("--name", required=True, help="name of the new pack")
     add.add_argument("--head", type=Path, help="linear head weights (weight [7, dim], bias [7]); without it an encoder-only pack")
     add.add_argument("--overwrite", action="store_true", help="replace an existing pack of that name")
+    serve = commands.add_parser("serve", help="run the gRPC server and the HTTP/JSON gateway")
+    serve.add_argument("--slide-root", type=Path, action="append", default=[], required=True,
+                       help="folder slides may be read from (repeatable); nothing outside is served")
+    serve.add_argument("--state-dir", type=Path, default=Path(os.environ.get("HEPATOQUANT_STATE_DIR", "hepatoquant-state")),
+                       help="job database and results (default: $HEPATOQUANT_STATE_DIR or ./hepatoquant-state)")
+    serve.add_argument("--host", default="[::]", help="gRPC bind address")
+    serve.add_argument("--port", type=int, default=50051, help="gRPC port")
+    serve.add_argument("--http-host", default="0.0.0.0", help="HTTP/JSON gateway bind address")
+    serve.add_argument("--http-port", type=int, default=8080, help="HTTP/JSON gateway port")
+    serve.add_argument("--model", default="demo", help="default classifier pack")
+    serve.add_argument("--seg-model", default=os.environ.get("HEPATOQUANT_SEG_MODEL", "none"), help="default segmenter pack")
+    serve.add_argument("--device", default="auto")
+    serve.add_argument("--workers", type=int, default=1, help="jobs run at once (one per device is safest)")
+    serve.add_argument("--max-queued", type=int, default=16, help="queued jobs beyond which submissions are refused")
+    serve.add_argument("--max-results", type=int, default=None, help="keep only this many newest results")
+    serve.add_argument("--token-file", type=Path, help="file with the bearer token clients must send ($HEPATOQUANT_TOKEN also works)")
+    serve.add_argument("--tls-cert", type=Path, help="PEM certificate for gRPC TLS and HTTPS")
+    serve.add_argument("--tls-key", type=Path, help="PEM private key for --tls-cert")
+
     seg = commands.add_parser("seg", help="train and evaluate the tumour / non-tumour segmenter")
     seg_commands = seg.add_subparsers(dest="seg_command", required=True)
     train = seg_commands.add_parser("train", help="train LoRA + decoder from a JSON config; writes a segmenter pack")
@@ -90,6 +109,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "analyze":
             return _analyze(args)
+        if args.command == "serve":
+            return _serve(args)
         if args.command == "seg":
             return _seg_train(args) if args.seg_command == "train" else _seg_eval(args)
         if args.models_command == "list":
@@ -193,6 +214,40 @@ def _models_add(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
     )
     print(f"created {pack.kind} pack {pack.name!r} ({pack.model_status}) in {pack.path}")
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import logging
+
+    from hepatoquant.errors import InvalidParameterError
+    from hepatoquant.service.engine import ServerConfig
+    from hepatoquant.service.server import serve_until_signalled, start_server
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s level=%(levelname)s logger=%(name)s %(message)s")
+    for root in args.slide_root:
+        if not root.is_dir():
+            raise InvalidParameterError(f"--slide-root {str(root)!r} is not a folder")
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise InvalidParameterError("give both --tls-cert and --tls-key, or neither")
+    token = args.token_file.read_text().strip() if args.token_file else os.environ.get("HEPATOQUANT_TOKEN") or None
+    config = ServerConfig(
+        slide_roots=tuple(r.resolve() for r in args.slide_root),
+        state_dir=args.state_dir,
+        models_dir=args.models_dir,
+        default_model=args.model,
+        default_segmenter=args.seg_model,
+        device=args.device,
+        workers=args.workers,
+        max_queued_jobs=args.max_queued,
+        max_results=args.max_results,
+        token=token,
+    )
+    tls = (str(args.tls_cert), str(args.tls_key)) if args.tls_cert else None
+    running = start_server(config, host=args.host, grpc_port=args.port, http_host=args.http_host,
+                           http_port=args.http_port, tls=tls)
+    print(f"hepatoquant serving: gRPC port {running.grpc_port}, HTTP/JSON port {running.http_port}", flush=True)
+    serve_until_signalled(running)
     return 0
 
 

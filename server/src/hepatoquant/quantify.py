@@ -22,22 +22,35 @@ UM2_PER_MM2 = 1e6
 
 
 def assign_tiles(grid: TileGrid, regions: list[Region]) -> np.ndarray:
-    """Index into ``regions`` of the region covering most of each tile, or ``UNASSIGNED`` (-1)."""
+    """Index into ``regions`` of the region covering most of each tile, or ``UNASSIGNED`` (-1).
+
+    Equal cover (nested regions that both hold the whole tile) goes to a tumour region first, then to the
+    smaller (inner) region, then to the earlier one. Tiles wholly inside a region are found with prepared
+    geometries; only tiles on a region's outline are intersected, so the cost does not grow with
+    tiles x outline vertices.
+    """
     assignment = np.full(len(grid), UNASSIGNED, dtype=np.int64)
     if not len(grid) or not regions:
         return assignment
     geometries = np.array([r.geometry for r in regions], dtype=object)
+    shapely.prepare(geometries)
     tree = shapely.STRtree(geometries)
     boxes = grid.boxes()
     tile_index, region_index = tree.query(boxes, predicate="intersects")
     if not len(tile_index):
         return assignment
-    overlap = shapely.area(shapely.intersection(boxes[tile_index], geometries[region_index]))
-    # Order by tile, then by decreasing overlap (then region order): the first row of each tile wins.
-    order = np.lexsort((region_index, -overlap, tile_index))
-    tile_sorted, region_sorted, overlap_sorted = tile_index[order], region_index[order], overlap[order]
+    cover = np.ones(len(tile_index))  # fraction of the tile inside the region
+    edge = ~shapely.contains_properly(geometries[region_index], boxes[tile_index])
+    tile_area = grid.size_level0_px**2
+    cover[edge] = shapely.area(shapely.intersection(boxes[tile_index[edge]], geometries[region_index[edge]])) / tile_area
+    cover = np.round(cover, 6)  # equal cover compares equal despite floating-point noise
+    not_tumour = np.array([r.region_class != "tumour" for r in regions])[region_index]
+    region_area = shapely.area(geometries)[region_index]
+    # Sort by tile, then decreasing cover, tumour first, smaller region first, file order: first row wins.
+    order = np.lexsort((region_index, region_area, not_tumour, -cover, tile_index))
+    tile_sorted, region_sorted, cover_sorted = tile_index[order], region_index[order], cover[order]
     first = np.r_[True, tile_sorted[1:] != tile_sorted[:-1]]
-    winners = first & (overlap_sorted > 0)
+    winners = first & (cover_sorted > 0)
     assignment[tile_sorted[winners]] = region_sorted[winners]
     return assignment
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import shapely
 from hepatoquant_client.classes import NON_TUMOUR_REGION, TUMOUR_REGION, WHOLE_TISSUE_REGION
+from hepatoquant_client.hepatoquant_objects import is_hepatoquant_object
 from hepatoquant_client.qupath_geojson import polygonal_part, read_qupath_geojson
 from shapely.geometry import MultiPolygon, Polygon, box
 
@@ -59,6 +60,12 @@ def regions_from_geojson(
     skipped: dict[str, int] = {}
     clipped: list[str] = []
     for index, obj in enumerate(objects):
+        if is_hepatoquant_object(obj):  # our own earlier output, exported back: not the pathologist's regions
+            skipped["HepatoQuant object"] = skipped.get("HepatoQuant object", 0) + 1
+            continue
+        if any(name.endswith("*") for name in obj.class_names):  # QuPath's Ignore*, Region*: not tissue regions
+            skipped[f"{': '.join(obj.class_names)} annotation"] = skipped.get(f"{': '.join(obj.class_names)} annotation", 0) + 1
+            continue
         geometry = polygonal_part(obj.geometry) if obj.object_type == "annotation" else None
         if geometry is None:
             kind = obj.object_type if obj.object_type != "annotation" else f"{obj.geometry.geom_type} annotation"
@@ -89,13 +96,14 @@ def regions_from_geojson(
                 source_class=source_class,
             )
         )
+    regions, overlap_warnings = _tumour_over_non_tumour(regions)
     if not regions:
         raise RegionsError(
             f"regions file {str(path)!r} has no polygon annotations ({len(objects)} objects: "
             f"{', '.join(f'{n} {k}' for k, n in skipped.items()) or 'none'}); export area annotations "
             "(not detections, points or lines) from QuPath, or leave out --regions to analyse all tissue"
         )
-    warnings = []
+    warnings = list(overlap_warnings)
     if skipped:
         warnings.append(
             f"regions file {Path(path).name}: skipped objects that are not area annotations: "
@@ -110,3 +118,26 @@ def regions_from_geojson(
             + ", ".join(non_tumour_classes)
         )
     return regions, warnings
+
+
+def _tumour_over_non_tumour(regions: list[Region]) -> tuple[list[Region], list[str]]:
+    """Non-tumour regions minus every tumour region: a tumour drawn inside a larger annotation (say, the
+    whole section) counts as tumour only, and the non-tumour area excludes it, as in training labels."""
+    tumour = [r.geometry for r in regions if r.region_class == TUMOUR_REGION.code]
+    if not tumour:
+        return regions, []
+    tumour_union = shapely.union_all(tumour)
+    resolved, emptied = [], []
+    for region in regions:
+        if region.region_class == TUMOUR_REGION.code or not region.geometry.intersects(tumour_union):
+            resolved.append(region)
+            continue
+        rest = polygonal_part(shapely.difference(region.geometry, tumour_union))
+        if rest is None or rest.is_empty:
+            emptied.append(region.name)
+            continue
+        resolved.append(Region(region.name, region.region_class, rest, region.source, region.source_class))
+    warnings = []
+    if emptied:
+        warnings.append(f"non-tumour annotations wholly inside tumour annotations were dropped: {', '.join(emptied[:5])}")
+    return resolved, warnings

@@ -35,11 +35,14 @@ class OutputPaths:
     embeddings: Path | None
 
 
-def write_outputs(result: AnalysisResult, out_dir: str | Path) -> OutputPaths:
-    """Write every output of ``result`` into ``out_dir`` (created if needed); all or nothing."""
+def write_outputs(result: AnalysisResult, out_dir: str | Path, *, include_tiles: bool = True) -> OutputPaths:
+    """Write every output of ``result`` into ``out_dir`` (created if needed); all or nothing.
+
+    ``include_tiles=False`` leaves the tile objects out of the GeoJSON (region annotations only).
+    """
     out_dir = Path(out_dir)
     try:
-        return _write_all(result, out_dir)
+        return _write_all(result, out_dir, include_tiles)
     except OSError as exc:
         raise OutputWriteError(
             f"could not write the outputs into {str(out_dir)!r} ({exc}); check that the folder is writable and "
@@ -47,7 +50,7 @@ def write_outputs(result: AnalysisResult, out_dir: str | Path) -> OutputPaths:
         ) from exc
 
 
-def _write_all(result: AnalysisResult, out_dir: Path) -> OutputPaths:
+def _write_all(result: AnalysisResult, out_dir: Path, include_tiles: bool) -> OutputPaths:
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = Path(result.slide.path).stem
     names = {
@@ -60,7 +63,7 @@ def _write_all(result: AnalysisResult, out_dir: Path) -> OutputPaths:
         names["embeddings"] = f"{stem}.embeddings.npz"
     staging = Path(tempfile.mkdtemp(prefix=f".{stem}.", dir=out_dir))
     try:
-        write_qupath_geojson(result, staging / names["geojson"])
+        write_qupath_geojson(result, staging / names["geojson"], include_tiles=include_tiles)
         write_overlay(result, staging / names["overlay_png"])
         if result.embeddings is not None:
             np.savez_compressed(
@@ -78,6 +81,8 @@ def _write_all(result: AnalysisResult, out_dir: Path) -> OutputPaths:
         write_report(report, staging / names["report"])
         for name in names.values():
             os.replace(staging / name, out_dir / name)
+        if "embeddings" not in names:  # an earlier run's embeddings would not match these results
+            (out_dir / f"{stem}.embeddings.npz").unlink(missing_ok=True)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     paths = {key: out_dir / name for key, name in names.items()}

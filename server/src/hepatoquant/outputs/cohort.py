@@ -14,7 +14,8 @@ COHORT_REGION_CLASSES = ("tumour", "non_tumour", "tissue", "unassigned")
 
 def cohort_columns() -> list[str]:
     """Column names, the same for every slide and model of the seven classes."""
-    columns = ["slide", "slide_path", "model", "model_status", "mpp_um_px", "tissue_area_mm2", "tile_count"]
+    columns = ["slide", "slide_path", "model", "model_status", "segmenter", "segmenter_status", "mpp_um_px",
+               "tissue_area_mm2", "tile_count"]
     for region_class in COHORT_REGION_CLASSES:
         columns += [f"{region_class}_region_area_mm2", f"{region_class}_tiles", f"{region_class}_tile_area_mm2"]
         columns += [f"{region_class}_{code}_pct" for code in TISSUE_CLASS_CODES]
@@ -31,6 +32,8 @@ def cohort_row(report: dict) -> dict[str, object]:
         slide_path=report["slide"]["path"],
         model=report["model"]["name"],
         model_status=report["model_status"],
+        segmenter=(report.get("segmenter") or {}).get("name", ""),
+        segmenter_status=(report.get("segmenter") or {}).get("model_status", ""),
         mpp_um_px=report["slide"]["mpp_um_px"],
         tissue_area_mm2=round(report["tissue"]["area_mm2"], 6),
         tile_count=report["tiles"]["count"],

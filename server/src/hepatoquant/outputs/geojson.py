@@ -14,7 +14,7 @@ from hepatoquant.analysis import AnalysisResult
 __all__ = ["qupath_objects", "write_qupath_geojson"]
 
 
-def qupath_objects(result: AnalysisResult) -> Iterator[QuPathObject]:
+def qupath_objects(result: AnalysisResult, *, include_tiles: bool = True) -> Iterator[QuPathObject]:
     """Regions first, then tiles: QuPath nests tiles under regions after ``resolveHierarchy()``."""
     for region, composition in zip(result.regions, result.composition.regions):
         if region.geometry.is_empty:
@@ -28,7 +28,11 @@ def qupath_objects(result: AnalysisResult) -> Iterator[QuPathObject]:
             region_area_mm2=composition.region_area_mm2 or 0.0,
             class_tiles=composition.class_tiles,
             class_percent=composition.class_percent,
+            model_status=result.model["model_status"],
+            segmenter_status=result.segmenter["model_status"] if result.segmenter else None,
         )
+    if not include_tiles:
+        return
     grid, classes = result.grid, result.classes
     predicted = result.predicted_class
     for i in range(len(grid)):
@@ -39,14 +43,15 @@ def qupath_objects(result: AnalysisResult) -> Iterator[QuPathObject]:
             classes[predicted[i]],
             dict(zip(classes, result.probabilities[i].tolist())),
             object_type=result.options.tile_object_type,
+            model_status=result.model["model_status"],
         )
 
 
-def write_qupath_geojson(result: AnalysisResult, path: Path) -> None:
+def write_qupath_geojson(result: AnalysisResult, path: Path, *, include_tiles: bool = True) -> None:
     """A FeatureCollection written feature by feature, so memory does not grow with the number of tiles."""
     with path.open("w") as handle:
         handle.write('{"type":"FeatureCollection","features":[')
-        for index, obj in enumerate(qupath_objects(result)):
+        for index, obj in enumerate(qupath_objects(result, include_tiles=include_tiles)):
             if index:
                 handle.write(",")
             handle.write(json.dumps(to_feature(obj), separators=(",", ":"), allow_nan=False))

@@ -15,7 +15,7 @@ from hepatoquant.analysis import AnalysisResult
 __all__ = ["REPORT_SCHEMA_VERSION", "build_report", "write_report"]
 
 # Bump the major number when a field changes meaning or disappears; the minor when fields are added.
-REPORT_SCHEMA_VERSION = "1.0"
+REPORT_SCHEMA_VERSION = "1.1"
 
 
 def _versions() -> dict[str, str]:
@@ -35,6 +35,7 @@ def build_report(result: AnalysisResult, *, outputs: dict[str, str]) -> dict:
         "report_schema_version": REPORT_SCHEMA_VERSION,
         "notice": RESEARCH_USE_NOTICE,
         "model_status": result.model["model_status"],
+        "segmenter_model_status": result.segmenter["model_status"] if result.segmenter else None,
         "warnings": list(result.warnings),
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "versions": _versions(),

@@ -8,6 +8,7 @@ so overlaps blend without seams. Memory is the map's: (classes + 1) float32 valu
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -135,7 +136,7 @@ def segment_slide(
     batches = iter_tile_batches(
         slide_path, grid, out_size_px=window_px, batch_size=params.batch_size, num_workers=params.num_workers
     )
-    with torch.inference_mode(), autocast(device):
+    with contextlib.closing(batches), torch.inference_mode(), autocast(device):
         for batch in batches:
             pixels = normalise_uint8_nhwc(torch.from_numpy(batch.pixels).to(device), mean_255, std_255)
             logits = model(pixels).float()

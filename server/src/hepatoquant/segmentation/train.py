@@ -205,6 +205,11 @@ def train_segmenter(
     run_dir.mkdir(parents=True, exist_ok=True)
     models_dir = config.path(config.raw["output"].get("models_dir")) or default_models_dir()
     pack_dest = models_dir / config.raw["output"]["pack_name"]
+    if pack_dest.exists() and not resume:
+        raise InvalidParameterError(
+            f"segmenter pack {str(pack_dest)!r} already exists; a new run would replace it with its first epoch's "
+            "model: choose another output.pack_name, remove the pack, or continue its run with --resume"
+        )
     start_epoch, best_dice, history = 0, -1.0, []
     if resume:
         checkpoint_path = run_dir / _CHECKPOINT

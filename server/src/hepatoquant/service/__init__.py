@@ -1,0 +1,1 @@
+"""The inference server: durable job store, bounded job executor, status-code mapping (gRPC and HTTP on top)."""

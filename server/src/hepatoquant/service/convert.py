@@ -1,0 +1,120 @@
+"""Conversions between the API's protobuf messages and the engine's domain types (one place for all)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from google.protobuf import json_format
+from google.protobuf.timestamp_pb2 import Timestamp
+from hepatoquant_client.classes import HepatoClass
+from hepatoquant_client.proto import pb
+
+from hepatoquant.model_pack import ModelPack
+from hepatoquant.service.jobs import JobRecord, JobState
+
+__all__ = [
+    "request_to_json",
+    "request_from_json",
+    "job_to_proto",
+    "result_to_proto",
+    "pack_to_proto",
+    "class_to_proto",
+]
+
+_STATES = {
+    JobState.QUEUED: pb.JOB_STATE_QUEUED,
+    JobState.RUNNING: pb.JOB_STATE_RUNNING,
+    JobState.SUCCEEDED: pb.JOB_STATE_SUCCEEDED,
+    JobState.FAILED: pb.JOB_STATE_FAILED,
+    JobState.CANCELLED: pb.JOB_STATE_CANCELLED,
+    JobState.INTERRUPTED: pb.JOB_STATE_INTERRUPTED,
+}
+
+
+def request_to_json(request: pb.AnalysisRequest) -> str:
+    """Canonical JSON (sorted keys, defaults omitted): equal requests give equal text, for reuse keys."""
+    return json.dumps(json_format.MessageToDict(request), sort_keys=True, separators=(",", ":"))
+
+
+def request_from_json(text: str) -> pb.AnalysisRequest:
+    return json_format.ParseDict(json.loads(text), pb.AnalysisRequest())
+
+
+def _timestamp(seconds: float) -> Timestamp:
+    stamp = Timestamp()
+    stamp.FromNanoseconds(int(seconds * 1e9))
+    return stamp
+
+
+def job_to_proto(record: JobRecord) -> pb.Job:
+    eta = (record.total - record.done) / record.items_per_second if record.items_per_second > 0 else 0.0
+    return pb.Job(
+        job_id=record.job_id,
+        state=_STATES[record.state],
+        request=request_from_json(record.request_json),
+        progress=pb.Progress(
+            stage=record.stage, done=record.done, total=record.total,
+            items_per_second=record.items_per_second, eta_seconds=max(0.0, eta),
+        ),
+        created_at=_timestamp(record.created_at),
+        updated_at=_timestamp(record.updated_at),
+        error_code=record.error_code,
+        error_message=record.error_message,
+        reused_result=record.reused_from is not None,
+    )
+
+
+def _region_to_proto(entry: dict) -> pb.RegionComposition:
+    return pb.RegionComposition(
+        name=entry["name"],
+        region_class=entry["region_class"],
+        source=entry["source"],
+        region_area_mm2=entry["region_area_mm2"] or 0.0,
+        tile_count=entry["tile_count"],
+        tile_area_mm2=entry["tile_area_mm2"],
+        classes=[
+            pb.ClassComposition(
+                code=code, tiles=entry["class_tiles"][code], area_mm2=entry["class_area_mm2"][code],
+                percent=entry["class_percent"][code],
+            )
+            for code in entry["class_tiles"]
+        ],
+    )
+
+
+def result_to_proto(job_id: str, result_dir: Path) -> pb.AnalysisResult:
+    """The stored outputs of a job (report, GeoJSON, CSV) as the API's result message."""
+    report_path = next(result_dir.glob("*.report.json"))
+    report = json.loads(report_path.read_text())
+    stem = report_path.name.removesuffix(".report.json")
+    composition = report["composition"]
+    return pb.AnalysisResult(
+        job_id=job_id,
+        model_status=report["model_status"],
+        regions=[_region_to_proto(r) for r in composition["regions"]],
+        region_classes=[_region_to_proto(r) for r in composition["region_classes"]],
+        headline_indicators_percent={
+            f"{region_class}/{code}": value
+            for region_class, values in composition["headline_indicators_percent"].items()
+            for code, value in values.items()
+        },
+        report_json=report_path.read_text(),
+        qupath_geojson=(result_dir / f"{stem}.geojson").read_bytes(),
+        warnings=report["warnings"],
+        cohort_csv=(result_dir / f"{stem}.csv").read_bytes(),
+    )
+
+
+def pack_to_proto(pack: ModelPack) -> pb.ModelPackInfo:
+    return pb.ModelPackInfo(
+        name=pack.path.name, kind=pack.kind, encoder=pack.encoder_name, model_status=pack.model_status,
+        classes=list(pack.classes), spacing_um_px=pack.spacing_um_px, input_size_px=pack.input_size_px,
+        licence_note=pack.manifest["licence_note"],
+    )
+
+
+def class_to_proto(cls: HepatoClass) -> pb.TissueClassInfo:
+    return pb.TissueClassInfo(
+        code=cls.code, qupath_name=cls.qupath_name, display_name=cls.display_name, color_rgb=list(cls.color_rgb)
+    )

@@ -1,0 +1,270 @@
+"""Runs analysis jobs from a bounded queue on a fixed number of worker threads.
+
+The number of workers is how many analyses share the device(s) at once, so that concurrent jobs never
+oversubscribe GPU memory; the queue is bounded so that a flood of requests is answered RESOURCE_EXHAUSTED
+instead of exhausting the server. Every state change goes to the JobStore first, then wakes the threads that
+watch jobs (WatchJob streams), so what a watcher sees is always what a restarted server would see.
+
+Cancelling is cooperative: the progress callback handed to the run function raises JobCancelledError once the
+job is cancelled, which stops an analysis between batches without killing a thread mid-write.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from hepatoquant.errors import HepatoQuantError, InvalidParameterError
+from hepatoquant.service.jobs import INTERRUPTED_CODE, JobRecord, JobState, JobStore
+from hepatoquant.service.status import INTERNAL, status_name_for
+
+__all__ = [
+    "ExecutorStoppedError",
+    "JobCancelledError",
+    "JobExecutor",
+    "ProgressReporter",
+    "QueueFullError",
+    "RunFunction",
+]
+
+log = logging.getLogger(__name__)
+
+# stage name, done, total (as analysis.ProgressCallback); raises JobCancelledError once the job is cancelled.
+ProgressReporter = Callable[[str, int, int], None]
+# Runs one job to the end and returns its result folder; raises our errors for bad input.
+RunFunction = Callable[[JobRecord, ProgressReporter], str]
+
+_BY_REQUEST = "cancel"  # why a running job was told to stop: a client asked ...
+_BY_SHUTDOWN = "shutdown"  # ... or the server is stopping (the job ends INTERRUPTED, to be submitted again)
+CANCELLED_MESSAGE = "the job was cancelled at a client's request"
+SHUTDOWN_MESSAGE = "the server shut down while this job was running; submit the same request again to rerun it"
+
+
+class QueueFullError(HepatoQuantError, RuntimeError):
+    """The job queue is at its limit; the client should try again later."""
+
+
+class JobCancelledError(HepatoQuantError, RuntimeError):
+    """Raised inside a running job (by its progress callback) once the job has been cancelled."""
+
+
+class ExecutorStoppedError(HepatoQuantError, RuntimeError):
+    """A job submitted while the server is shutting down."""
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    """How a run ended, as the store will record it."""
+
+    state: JobState
+    error_code: str = ""
+    error_message: str = ""
+    result_dir: str | None = None
+
+
+class _ProgressMeter:
+    """Items per second within the current stage, timed from the end of the previous one."""
+
+    def __init__(self) -> None:
+        self._stage: str | None = None
+        self._last_report = time.monotonic()
+        self._stage_started = self._last_report
+
+    def rate(self, stage: str, done: int) -> float:
+        now = time.monotonic()
+        if stage != self._stage:
+            self._stage, self._stage_started = stage, self._last_report
+        self._last_report = now
+        elapsed = now - self._stage_started
+        return done / elapsed if done > 0 and elapsed > 0 else 0.0
+
+
+class JobExecutor:
+    """A bounded FIFO of queued jobs and ``workers`` threads that run them with ``run``.
+
+    ``submit`` and ``cancel`` answer at once; ``wait_for_change`` lets a stream block until a job's record
+    changes. ``shutdown`` stops running jobs between batches (they end INTERRUPTED) and leaves waiting jobs
+    QUEUED in the store, where ``JobStore.recover_after_restart`` finds them again.
+    """
+
+    def __init__(self, store: JobStore, run: RunFunction, *, workers: int = 1, max_queued: int = 16) -> None:
+        if workers < 1:
+            raise InvalidParameterError(f"job workers {workers} is below 1; give 1 or more")
+        if max_queued < 1:
+            raise InvalidParameterError(f"job queue size {max_queued} is below 1; give 1 or more")
+        self._store = store
+        self._run = run
+        self._workers = workers
+        self._max_queued = max_queued
+        # One condition guards the queue and the running set, and wakes both idle workers and watchers.
+        self._changed = threading.Condition()
+        self._queue: deque[str] = deque()
+        self._stop_reasons: dict[str, str | None] = {}  # running job id -> None, or why it must stop
+        self._threads: list[threading.Thread] = []
+        self._stopping = False
+
+    def start(self) -> None:
+        """Start the worker threads (once; later calls do nothing)."""
+        with self._changed:
+            if self._stopping:
+                raise ExecutorStoppedError("the job executor was shut down; create a new one to run jobs")
+            if self._threads:
+                return
+            self._threads = [
+                threading.Thread(target=self._work, name=f"hepatoquant-job-worker-{i}", daemon=True)
+                for i in range(self._workers)
+            ]
+        for thread in self._threads:
+            thread.start()
+
+    def submit(self, job: JobRecord) -> None:
+        """Queue a QUEUED job. If ``max_queued`` jobs already wait, the job is recorded FAILED (so it is not
+        re-queued on restart) and QueueFullError is raised for the client."""
+        with self._changed:
+            if self._stopping:
+                raise ExecutorStoppedError(
+                    f"the server is shutting down and did not take job {job.job_id}; submit it again once it is back"
+                )
+            current = self._store.get(job.job_id)
+            if current.state is not JobState.QUEUED:
+                raise ValueError(f"job {job.job_id} is {current.state.value}; only queued jobs can be submitted")
+            if job.job_id in self._queue:
+                return
+            if len(self._queue) >= self._max_queued:
+                raise self._refused(job.job_id)
+            self._queue.append(job.job_id)
+            self._changed.notify_all()
+
+    def cancel(self, job_id: str) -> JobRecord:
+        """Cancel a job: a queued one is CANCELLED at once; a running one is told to stop and becomes
+        CANCELLED when its run does (the record returned still says RUNNING); a finished one is left as is."""
+        with self._changed:
+            record = self._store.get(job_id)
+            if record.state is JobState.QUEUED:
+                if job_id in self._queue:
+                    self._queue.remove(job_id)
+                outcome = self._stopped_outcome(_BY_REQUEST)
+                record = self._store.set_state(
+                    job_id, outcome.state, error_code=outcome.error_code, error_message=outcome.error_message
+                )
+                self._changed.notify_all()
+            elif job_id in self._stop_reasons and self._stop_reasons[job_id] is None:
+                self._stop_reasons[job_id] = _BY_REQUEST
+            return record
+
+    def wait_for_change(self, job_id: str, last_updated_at: float, timeout: float) -> JobRecord:
+        """The job's record once its ``updated_at`` differs from ``last_updated_at``, or after ``timeout``
+        seconds whatever it is; a WatchJob stream calls this in a loop instead of polling the database."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                record = self._store.get(job_id)
+                remaining = deadline - time.monotonic()
+                if record.updated_at != last_updated_at or remaining <= 0:
+                    return record
+                self._changed.wait(remaining)
+
+    def shutdown(self, *, wait: bool = True, timeout: float = 30) -> None:
+        """Take no more jobs; tell running jobs to stop (they end INTERRUPTED, unless a client had already
+        cancelled them); leave waiting jobs QUEUED in the store for the next server. With ``wait``, join the
+        workers for at most ``timeout`` seconds; a run that never reports progress may outlast that, and its
+        job is then settled by ``recover_after_restart``."""
+        with self._changed:
+            self._stopping = True
+            self._queue.clear()
+            for job_id, reason in self._stop_reasons.items():
+                if reason is None:
+                    self._stop_reasons[job_id] = _BY_SHUTDOWN
+            self._changed.notify_all()
+            threads = list(self._threads)
+        if wait:
+            deadline = time.monotonic() + timeout
+            for thread in threads:
+                thread.join(max(0.0, deadline - time.monotonic()))
+
+    def _refused(self, job_id: str) -> QueueFullError:
+        """Record the job FAILED for a full queue; returns the error to raise (called with the lock held)."""
+        error = QueueFullError(
+            f"the queue of {self._max_queued} jobs is full; job {job_id} was not started, try again later"
+        )
+        self._store.set_state(job_id, JobState.FAILED, error_code=status_name_for(error), error_message=str(error))
+        self._changed.notify_all()
+        return error
+
+    def _work(self) -> None:
+        """One worker thread: take the oldest queued job, run it, record how it ended; until shutdown."""
+        while (job := self._next_job()) is not None:
+            outcome = self._outcome_of_run(job)
+            try:
+                self._finish(job.job_id, outcome)
+            except Exception:  # a database failure must not silently stop this worker for good
+                log.exception("could not record the end of job %s", job.job_id)
+
+    def _next_job(self) -> JobRecord | None:
+        """The next job, now RUNNING; None at shutdown. Popping and marking RUNNING happen under one lock, so a
+        cancel sees the job either still queued or already running, never in between."""
+        with self._changed:
+            while True:
+                while not self._queue and not self._stopping:
+                    self._changed.wait()
+                if self._stopping:
+                    return None
+                job_id = self._queue.popleft()
+                if self._store.get(job_id).state is not JobState.QUEUED:
+                    continue  # settled by someone else since it was queued
+                self._stop_reasons[job_id] = None
+                running = self._store.set_state(job_id, JobState.RUNNING)
+                self._changed.notify_all()
+                return running
+
+    def _outcome_of_run(self, job: JobRecord) -> _Outcome:
+        """Run the job and turn its return or exception into a final state; tracebacks go to the log only."""
+        try:
+            result_dir = self._run(job, self._progress_reporter(job.job_id))
+        except JobCancelledError:
+            with self._changed:
+                return self._stopped_outcome(self._stop_reasons.get(job.job_id) or _BY_REQUEST)
+        except HepatoQuantError as error:
+            return _Outcome(JobState.FAILED, status_name_for(error), str(error))
+        except Exception as error:
+            log.exception("job %s failed with an internal error", job.job_id)
+            message = f"an internal error ({type(error).__name__}) stopped the job; the server log has the details"
+            return _Outcome(JobState.FAILED, INTERNAL, message)
+        return _Outcome(JobState.SUCCEEDED, result_dir=str(result_dir))
+
+    def _progress_reporter(self, job_id: str) -> ProgressReporter:
+        """The callback a run gets: stop the job if asked to, else record its progress and wake watchers."""
+        meter = _ProgressMeter()
+
+        def report(stage: str, done: int, total: int) -> None:
+            with self._changed:
+                reason = self._stop_reasons.get(job_id)
+                if reason is not None:
+                    raise JobCancelledError(f"job {job_id} was stopped ({reason})")
+                self._store.set_progress(job_id, stage, done, total, meter.rate(stage, done))
+                self._changed.notify_all()
+
+        return report
+
+    def _finish(self, job_id: str, outcome: _Outcome) -> None:
+        with self._changed:
+            self._stop_reasons.pop(job_id, None)
+            self._store.set_state(
+                job_id,
+                outcome.state,
+                error_code=outcome.error_code,
+                error_message=outcome.error_message,
+                result_dir=outcome.result_dir,
+            )
+            self._changed.notify_all()
+
+    @staticmethod
+    def _stopped_outcome(reason: str) -> _Outcome:
+        """CANCELLED for a client's request; INTERRUPTED (submit again) for a server shutdown."""
+        if reason == _BY_SHUTDOWN:
+            return _Outcome(JobState.INTERRUPTED, INTERRUPTED_CODE, SHUTDOWN_MESSAGE)
+        return _Outcome(JobState.CANCELLED, status_name_for(JobCancelledError(CANCELLED_MESSAGE)), CANCELLED_MESSAGE)
