@@ -9,13 +9,14 @@ VENV := .venv
 install:
 	bash scripts/install.sh
 
-# Analyse a sample slide with the built-in demo model pack: GeoJSON, report, CSV and overlay in $(OUT)/.
+# The main job through the server: start it, submit a sample slide, stream progress, fetch and write the
+# GeoJSON, report, CSV and overlay into $(OUT)/, stop it. Built-in demo models (untrained, made on first use).
 # Without ../shared (the team's test data) a synthetic slide is generated instead.
 demo: install
 	@if [ -f "$(SAMPLE_SLIDE)" ]; then slide="$(SAMPLE_SLIDE)"; else \
 		slide="$(OUT)/synthetic-sample.tiff"; mkdir -p $(OUT); \
 		$(VENV)/bin/python -m hepatoquant.synthetic "$$slide"; fi; \
-	$(VENV)/bin/hepatoquant analyze "$$slide" --seg-model demo-seg --out $(OUT)
+	$(VENV)/bin/hepatoquant demo "$$slide" --out $(OUT)
 
 test: install
 	$(VENV)/bin/python -m pytest tests
@@ -24,3 +25,4 @@ benchmark: install
 	$(VENV)/bin/python benchmarks/pipeline_efficiency.py
 	$(VENV)/bin/python benchmarks/memory_scaling.py
 	$(VENV)/bin/python benchmarks/segmentation.py
+	$(VENV)/bin/python benchmarks/server_overhead.py

@@ -217,3 +217,17 @@ def test_sixteen_concurrent_clients_lose_nothing(server) -> None:
     assert all(state == pb.JOB_STATE_SUCCEEDED for state, _ in outcomes)
     counts = [count for _, count in outcomes]
     assert counts == sorted(counts, reverse=True) and counts[0] > counts[-1]  # stricter threshold, fewer tiles
+
+
+def test_demo_command_runs_the_main_job_through_the_server(synthetic_slide: Path, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    from hepatoquant.cli import main
+
+    out = tmp_path / "demo"
+    assert main(["demo", str(synthetic_slide), "--out", str(out), "--seg-model", "none"]) == 0
+    err = capsys.readouterr().err
+    assert "server started" in err and "server stopped" in err and "UNTRAINED DEMO" in err
+    assert sorted(p.name for p in out.iterdir()) == ["synthetic.csv", "synthetic.geojson", "synthetic.overlay.png",
+                                                     "synthetic.report.json"]
+    report = json.loads((out / "synthetic.report.json").read_text())
+    assert report["model_status"] == "untrained-demo" and report["tiles"]["count"] > 30

@@ -64,6 +64,12 @@ def _build_parser() -> argparse.ArgumentParser:
     add.add_argument("--name", required=True, help="name of the new pack")
     add.add_argument("--head", type=Path, help="linear head weights (weight [7, dim], bias [7]); without it an encoder-only pack")
     add.add_argument("--overwrite", action="store_true", help="replace an existing pack of that name")
+    demo = commands.add_parser("demo", help="the main job through the server: start it, submit, watch, fetch, stop")
+    demo.add_argument("slide", type=Path, help="slide to analyse")
+    demo.add_argument("--out", type=Path, default=Path("demo-output"), help="output folder")
+    demo.add_argument("--model", default="demo", help="classifier pack (default: the untrained demo)")
+    demo.add_argument("--seg-model", default="demo-seg", help="segmenter pack, or none (default: the untrained demo)")
+
     serve = commands.add_parser("serve", help="run the gRPC server and the HTTP/JSON gateway")
     serve.add_argument("--slide-root", type=Path, action="append", default=[], required=True,
                        help="folder slides may be read from (repeatable); nothing outside is served")
@@ -111,6 +117,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _analyze(args)
         if args.command == "serve":
             return _serve(args)
+        if args.command == "demo":
+            return _demo(args)
         if args.command == "seg":
             return _seg_train(args) if args.seg_command == "train" else _seg_eval(args)
         if args.models_command == "list":
@@ -214,6 +222,18 @@ def _models_add(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
     )
     print(f"created {pack.kind} pack {pack.name!r} ({pack.model_status}) in {pack.path}")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from hepatoquant.service.demo import run_demo
+
+    console = Console(stderr=True)
+    out = run_demo(args.slide, args.out, models_dir=args.models_dir, model=args.model, segmenter=args.seg_model,
+                   console=console)
+    console.print(f"Outputs in {out}/. [dim]{RESEARCH_USE_NOTICE}[/]")
     return 0
 
 

@@ -103,6 +103,8 @@ def result_to_proto(job_id: str, result_dir: Path) -> pb.AnalysisResult:
         qupath_geojson=(result_dir / f"{stem}.geojson").read_bytes(),
         warnings=report["warnings"],
         cohort_csv=(result_dir / f"{stem}.csv").read_bytes(),
+        overlay_png=(result_dir / f"{stem}.overlay.png").read_bytes(),
+        slide_stem=stem,
     )
 
 

@@ -211,6 +211,7 @@ class ServerEngine:
             result = analyze_slide(slide, classifier, options, segmenter=segmenter, progress=progress)
             progress("outputs", 0, 1)
             write_outputs(result, work / "out", include_tiles=not request.omit_tiles)
+            progress("outputs", 1, 1)
             final = self.results_dir / record.job_id
             os.replace(work / "out", final)
             return str(final)

@@ -6,7 +6,8 @@ the gRPC server uses, so there is no second API to keep in step:
 - ``POST /v1/<Method>`` with the request message as proto3 canonical JSON; the reply is the response message
   as JSON. ``WatchJob`` answers newline-delimited JSON (one ``JobEvent`` per line) until the job ends.
   ``ClassifyTiles`` takes one ``TileBatch`` and answers one ``TilePredictions``.
-- ``GET /healthz`` answers ``{"status": "SERVING"}`` (no token needed, for container health checks).
+- ``GET /healthz`` answers the gRPC health service's status, ``{"status": "SERVING"}`` (no token needed, for
+  container health checks).
 - Errors: the HTTP status matching the gRPC code, body ``{"code": "NOT_FOUND", "message": "..."}``.
 """
 
@@ -60,8 +61,12 @@ class _Context:
 
 
 def create_gateway(servicer, address: tuple[str, int], *, token: str | None, max_body_bytes: int,
-                   tls: tuple[str, str] | None = None) -> ThreadingHTTPServer:
-    """An HTTP server (not yet serving) bound to ``address``; port 0 picks a free one."""
+                   tls: tuple[str, str] | None = None, health_status=lambda: "SERVING") -> ThreadingHTTPServer:
+    """An HTTP server (not yet serving) bound to ``address``; port 0 picks a free one.
+
+    ``health_status()`` gives the gRPC health service's status name, which ``GET /healthz`` reports (200 when
+    SERVING, 503 otherwise), so container health checks see what gRPC clients see.
+    """
     methods = {m.name: m for m in _SERVICE.methods}
 
     class Handler(BaseHTTPRequestHandler):
@@ -84,7 +89,8 @@ def create_gateway(servicer, address: tuple[str, int], *, token: str | None, max
 
         def do_GET(self) -> None:
             if self.path == "/healthz":
-                self._send_json(200, {"status": "SERVING"})
+                status = health_status()
+                self._send_json(200 if status == "SERVING" else 503, {"status": status})
             else:
                 self._send_error("NOT_FOUND", f"no route GET {self.path}; use GET /healthz or POST /v1/<Method>")
 

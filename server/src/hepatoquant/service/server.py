@@ -111,8 +111,12 @@ def start_server(
     server.start()
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    def overall_health() -> str:
+        reply = health_servicer.Check(health_pb2.HealthCheckRequest(service=""), None)
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+
     gateway = create_gateway(servicer, (http_host, http_port), token=config.token,
-                             max_body_bytes=config.max_message_bytes, tls=tls)
+                             max_body_bytes=config.max_message_bytes, tls=tls, health_status=overall_health)
     serve_in_thread(gateway)
     running = RunningServer(engine, server, port, gateway, gateway.server_address[1], health_servicer)
     log.info("serving gRPC on port %d and HTTP/JSON on port %d; slide roots: %s", port, running.http_port,
