@@ -85,7 +85,10 @@ class ServerEngine:
         self.store = JobStore(config.state_dir)
         self.results_dir = config.state_dir / "results"
         self.results_dir.mkdir(parents=True, exist_ok=True)
-        self.executor = JobExecutor(self.store, self._run_job, workers=config.workers, max_queued=config.max_queued_jobs)
+        self.executor = JobExecutor(
+            self.store, self._run_job, workers=config.workers, max_queued=config.max_queued_jobs,
+            on_success=self._apply_retention,
+        )
         self.device = choose_device(config.device)
         self._classifiers: dict[str, PatchClassifier] = {}
         self._classifier_lock = threading.Lock()
@@ -94,7 +97,10 @@ class ServerEngine:
     # -- lifecycle ---------------------------------------------------------------------------------------
     def start(self) -> list[JobRecord]:
         """Mark jobs interrupted by a previous stop, start the workers, re-queue jobs that never started."""
+        for leftover in self.results_dir.glob(".*"):  # work folders of jobs killed mid-way: never results
+            shutil.rmtree(leftover, ignore_errors=True)
         queued = self.store.recover_after_restart()
+        self._apply_retention()  # a restart with a lower --max-results prunes at once
         self.executor.start()
         requeued = []
         for record in queued:
@@ -107,6 +113,13 @@ class ServerEngine:
 
     def stop(self) -> None:
         self.executor.shutdown(wait=True)
+
+    def _apply_retention(self, succeeded: JobRecord | None = None) -> None:
+        """Keep only the newest ``max_results`` results (all when None); runs after each job that succeeds."""
+        removed = self.store.apply_retention(self.config.max_results)
+        if removed:
+            log.info("result retention (%d kept): removed the results of job(s) %s", self.config.max_results,
+                     ", ".join(removed))
 
     # -- info --------------------------------------------------------------------------------------------
     def info(self) -> pb.ServerInfo:
@@ -239,13 +252,19 @@ class ServerEngine:
 
     def result(self, job_id: str) -> pb.AnalysisResult:
         record = self.store.get(job_id)
-        if record.state != JobState.SUCCEEDED or record.result_dir is None:
+        if record.state != JobState.SUCCEEDED:
             detail = f": {record.error_message}" if record.error_message else ""
             raise JobNotReadyError(f"job {job_id} is {record.state.value}, not succeeded{detail}; watch it and ask again")
+        removed = JobNotReadyError(f"the result of job {job_id} was removed by the retention limit; submit it again")
+        if record.result_dir is None:  # retention clears the folder from the record when it deletes it
+            raise removed
         result_dir = Path(record.result_dir)
         if not result_dir.is_dir():
-            raise JobNotReadyError(f"the result of job {job_id} was removed by the retention limit; submit it again")
-        return result_to_proto(job_id, result_dir)
+            raise removed
+        try:
+            return result_to_proto(job_id, result_dir)
+        except FileNotFoundError:  # retention removed it while it was being read
+            raise removed from None
 
     def job_proto(self, record: JobRecord) -> pb.Job:
         return job_to_proto(record)

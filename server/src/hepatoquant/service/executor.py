@@ -88,10 +88,19 @@ class JobExecutor:
 
     ``submit`` and ``cancel`` answer at once; ``wait_for_change`` lets a stream block until a job's record
     changes. ``shutdown`` stops running jobs between batches (they end INTERRUPTED) and leaves waiting jobs
-    QUEUED in the store, where ``JobStore.recover_after_restart`` finds them again.
+    QUEUED in the store, where ``JobStore.recover_after_restart`` finds them again. ``on_success`` (if given)
+    is called with each job's SUCCEEDED record before watchers are woken, e.g. to apply result retention.
     """
 
-    def __init__(self, store: JobStore, run: RunFunction, *, workers: int = 1, max_queued: int = 16) -> None:
+    def __init__(
+        self,
+        store: JobStore,
+        run: RunFunction,
+        *,
+        workers: int = 1,
+        max_queued: int = 16,
+        on_success: Callable[[JobRecord], None] | None = None,
+    ) -> None:
         if workers < 1:
             raise InvalidParameterError(f"job workers {workers} is below 1; give 1 or more")
         if max_queued < 1:
@@ -100,6 +109,7 @@ class JobExecutor:
         self._run = run
         self._workers = workers
         self._max_queued = max_queued
+        self._on_success = on_success
         # One condition guards the queue and the running set, and wakes both idle workers and watchers.
         self._changed = threading.Condition()
         self._queue: deque[str] = deque()
@@ -253,13 +263,18 @@ class JobExecutor:
     def _finish(self, job_id: str, outcome: _Outcome) -> None:
         with self._changed:
             self._stop_reasons.pop(job_id, None)
-            self._store.set_state(
+            record = self._store.set_state(
                 job_id,
                 outcome.state,
                 error_code=outcome.error_code,
                 error_message=outcome.error_message,
                 result_dir=outcome.result_dir,
             )
+            if record.state is JobState.SUCCEEDED and self._on_success is not None:
+                try:  # before the wake-up: a watcher told "succeeded" sees what retention left
+                    self._on_success(record)
+                except Exception:
+                    log.exception("after job %s succeeded, its follow-up (result retention) failed", job_id)
             self._changed.notify_all()
 
     @staticmethod

@@ -106,6 +106,7 @@ def create_gateway(servicer, address: tuple[str, int], *, token: str | None, max
                 check_bearer_token(self.headers.get("Authorization"), token)
                 length = int(self.headers.get("Content-Length") or 0)
                 if length > max_body_bytes:
+                    self.close_connection = True  # the unread body must not be taken for the next request
                     raise _Abort("RESOURCE_EXHAUSTED", f"request body of {length} bytes exceeds {max_body_bytes}")
                 body = self.rfile.read(length).decode() if length else "{}"
                 request = json_format.Parse(body or "{}", message_factory.GetMessageClass(method.input_type)())
