@@ -200,23 +200,62 @@ def test_http_gateway_mirrors_the_rpcs(server) -> None:
     assert _http(server, "NoSuchMethod", {})[0] == 404
 
 
-def test_sixteen_concurrent_clients_lose_nothing(server) -> None:
-    """16 clients submit (distinct requests: different tile thresholds) and watch; every result comes back."""
-    def client(index: int) -> tuple[int, int]:
+def test_sixteen_concurrent_clients_lose_nothing(server, testdata: Path) -> None:
+    """16 clients submit distinct requests (different tile thresholds) on the generated and the real slide and
+    watch them; every result comes back, and equals what the same request gives when run alone."""
+    slides = ["synthetic.tiff", str(testdata / "slides" / "CMU-1-Small-Region.svs")]
+
+    def client(index: int) -> tuple[int, int, str]:
         channel = grpc.insecure_channel(f"127.0.0.1:{server['running'].grpc_port}")
         stub = pb_grpc.HepatoQuantStub(channel)
-        job = stub.SubmitAnalysis(pb.AnalysisRequest(slide="synthetic.tiff", min_tissue_fraction=0.5 + index / 100,
+        slide = slides[index % 2]
+        job = stub.SubmitAnalysis(pb.AnalysisRequest(slide=slide, min_tissue_fraction=0.5 + index / 100,
                                                      omit_tiles=True), metadata=AUTH)
         final = _wait(stub, job.job_id)
         result = stub.GetResult(pb.GetResultRequest(job_id=job.job_id), metadata=AUTH)
         channel.close()
-        return final.state, result.region_classes[0].tile_count
+        return final.state, result.region_classes[0].tile_count, slide
 
     with ThreadPoolExecutor(16) as pool:
         outcomes = list(pool.map(client, range(16)))
-    assert all(state == pb.JOB_STATE_SUCCEEDED for state, _ in outcomes)
-    counts = [count for _, count in outcomes]
-    assert counts == sorted(counts, reverse=True) and counts[0] > counts[-1]  # stricter threshold, fewer tiles
+    assert all(state == pb.JOB_STATE_SUCCEEDED for state, _, _ in outcomes)
+    for slide in slides:
+        counts = [count for _, count, name in outcomes if name == slide]
+        assert len(counts) == 8 and counts == sorted(counts, reverse=True) and counts[0] > counts[-1]
+
+
+def test_tile_batches_over_the_limit_are_refused(stub, testdata: Path) -> None:
+    png = next((testdata / "patches" / "crc-val-he-7k").rglob("*.png")).read_bytes()
+    with pytest.raises(grpc.RpcError) as info:
+        list(stub.ClassifyTiles(iter([pb.TileBatch(images=[png] * 513)]), metadata=AUTH))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "at most 512" in info.value.details()
+
+
+def test_tls_on_both_ports(tmp_path: Path, synthetic_slide: Path) -> None:
+    import ssl
+    import subprocess
+
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+                   check=True, capture_output=True)
+    ensure_demo_pack(tmp_path / "models", encoder="test_vit_micro")
+    config = ServerConfig(slide_roots=(synthetic_slide.parent,), state_dir=tmp_path / "state", models_dir=tmp_path / "models")
+    running = start_server(config, host="127.0.0.1", grpc_port=0, http_host="127.0.0.1", http_port=0,
+                           tls=(str(cert), str(key)))
+    try:
+        credentials = grpc.ssl_channel_credentials(root_certificates=cert.read_bytes())
+        with grpc.secure_channel(f"localhost:{running.grpc_port}", credentials) as channel:
+            info = pb_grpc.HepatoQuantStub(channel).GetServerInfo(pb.GetServerInfoRequest(), timeout=10)
+            assert info.version
+        with grpc.insecure_channel(f"127.0.0.1:{running.grpc_port}") as plain:
+            with pytest.raises(grpc.RpcError):
+                pb_grpc.HepatoQuantStub(plain).GetServerInfo(pb.GetServerInfoRequest(), timeout=3)
+        context = ssl.create_default_context(cafile=str(cert))
+        with urllib.request.urlopen(f"https://127.0.0.1:{running.http_port}/healthz", context=context, timeout=10) as r:
+            assert r.status == 200
+    finally:
+        running.stop(grace_seconds=1)
 
 
 def test_demo_command_runs_the_main_job_through_the_server(synthetic_slide: Path, tmp_path: Path,
