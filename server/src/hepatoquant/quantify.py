@@ -34,15 +34,20 @@ def assign_tiles(grid: TileGrid, regions: list[Region]) -> np.ndarray:
         return assignment
     geometries = np.array([r.geometry for r in regions], dtype=object)
     shapely.prepare(geometries)
-    tree = shapely.STRtree(geometries)
     boxes = grid.boxes()
-    tile_index, region_index = tree.query(boxes, predicate="intersects")
+    # The tree holds the tiles and the (prepared) regions query it: preparing each tile against a region of
+    # thousands of vertices instead was 100x slower (5.1 s vs 0.05 s for 20,000 tiles and vertices).
+    region_index, tile_index = shapely.STRtree(boxes).query(geometries, predicate="intersects")
     if not len(tile_index):
         return assignment
     cover = np.ones(len(tile_index))  # fraction of the tile inside the region
     edge = ~shapely.contains_properly(geometries[region_index], boxes[tile_index])
-    tile_area = grid.size_level0_px**2
-    cover[edge] = shapely.area(shapely.intersection(boxes[tile_index[edge]], geometries[region_index[edge]])) / tile_area
+    size = grid.size_level0_px
+    # Tiles on an outline: clipping the region to the tile's rectangle is ~6x faster than a general overlay.
+    cover[edge] = [
+        shapely.clip_by_rect(geometries[r], x, y, x + size, y + size).area / size**2
+        for r, x, y in zip(region_index[edge], grid.x_level0_px[tile_index[edge]], grid.y_level0_px[tile_index[edge]])
+    ]
     cover = np.round(cover, 6)  # equal cover compares equal despite floating-point noise
     not_tumour = np.array([r.region_class != "tumour" for r in regions])[region_index]
     region_area = shapely.area(geometries)[region_index]
