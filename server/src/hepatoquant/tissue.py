@@ -8,6 +8,7 @@ polygons are returned; polygons are in level-0 pixel coordinates.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import cv2
@@ -21,7 +22,14 @@ from hepatoquant_client.qupath_geojson import polygonal_part
 from hepatoquant.errors import InvalidParameterError
 from hepatoquant.slide import Slide
 
-__all__ = ["TissueDetectionParams", "TissueMask", "detect_tissue", "tissue_mask_from_rgb"]
+__all__ = [
+    "TissueDetectionParams",
+    "TissueMask",
+    "detect_tissue",
+    "tissue_mask_from_rgb",
+    "mask_to_polygons",
+    "pixel_edge_polygons",
+]
 
 
 @dataclass(frozen=True)
@@ -138,6 +146,51 @@ def mask_to_polygons(mask: np.ndarray, downsample: float, *, centre_offset: floa
     return merged if isinstance(merged, MultiPolygon) else MultiPolygon([merged])
 
 
+def pixel_edge_polygons(region: np.ndarray, downsample: float) -> MultiPolygon:
+    """The union of the pixel squares of boolean ``region``, in level-0 pixels (valid; may be empty).
+
+    ``mask_to_polygons`` traces through pixel centres, so it is given a lattice raster: cell (2i + 1, 2j + 1)
+    is pixel (i, j), and cells in even rows or columns are the pixels' edges and corners, set when a pixel
+    they bound is set. Lattice point (a, b) is level-0 (b * downsample / 2, a * downsample / 2). The tracer
+    follows 8-connected borders, so it cuts each concave corner with a diagonal unit step; the corner is put
+    back on every ring, which also splits two pixels touching at a corner into squares meeting at a point.
+    """
+    height, width = region.shape
+    lattice = np.zeros((2 * height + 1, 2 * width + 1), dtype=np.uint8)
+    lattice[1::2, 1::2] = region
+    lattice = cv2.dilate(lattice, np.ones((3, 3), dtype=np.uint8))
+    traced = mask_to_polygons(lattice, 1.0, centre_offset=0.0)  # in lattice units
+    squared = [
+        Polygon(_restore_corners(polygon.exterior.coords), [_restore_corners(r.coords) for r in polygon.interiors])
+        for polygon in traced.geoms
+    ]
+    merged_part = polygonal_part(shapely.make_valid(MultiPolygon(squared))) if squared else None
+    merged = MultiPolygon() if merged_part is None else (
+        merged_part if isinstance(merged_part, MultiPolygon) else MultiPolygon([merged_part]))
+    scale = downsample / 2
+    return affinity.affine_transform(merged, [scale, 0, 0, scale, 0, 0])
+
+
+def _restore_corners(ring: Sequence[tuple[float, float]]) -> np.ndarray:
+    """A closed lattice ring with the pixel corner put back in each diagonal unit step, and only its turns kept.
+
+    A diagonal step p -> q joins the midpoints of the two pixel edges that meet at a corner; of its two
+    coordinates, the corner takes the even one (pixel edges lie on even lattice lines). The edge midpoints and
+    any other vertex on a straight run are then dropped, the ring's first one included.
+    """
+    points = np.rint(np.asarray(ring, dtype=float)).astype(np.int64)[:-1]  # open ring
+    following = np.roll(points, -1, axis=0)
+    diagonal = np.all(np.abs(following - points) == 1, axis=1)
+    corner = np.where(points % 2 == 0, points, following)
+    keep = np.stack([np.ones_like(diagonal), diagonal], axis=1)
+    points = np.stack([points, corner], axis=1)[keep]
+    incoming = points - np.roll(points, 1, axis=0)
+    outgoing = np.roll(points, -1, axis=0) - points
+    turns = incoming[:, 0] * outgoing[:, 1] - incoming[:, 1] * outgoing[:, 0] != 0
+    points = points[turns]
+    return np.concatenate([points, points[:1]])
+
+
 def detect_tissue(slide: Slide, params: TissueDetectionParams = TissueDetectionParams()) -> TissueMask:
     """Detect tissue on an overview of ``slide`` read at ``params.spacing_um_px`` (never at full size)."""
     spacing = max(params.spacing_um_px, slide.mpp_um_px)
@@ -150,7 +203,7 @@ def detect_tissue(slide: Slide, params: TissueDetectionParams = TissueDetectionP
         mask=mask,
         downsample=downsample,
         spacing_um_px=downsample * slide.mpp_um_px,
-        polygons=mask_to_polygons(mask, downsample),
+        polygons=pixel_edge_polygons(mask, downsample),  # pixel edges: the polygons' area is the mask's
         saturation_threshold=threshold,
         overview_rgb=overview,
     )

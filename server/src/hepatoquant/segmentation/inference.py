@@ -153,7 +153,7 @@ def segment_slide(
             if progress is not None:
                 progress(done, len(grid))
 
-    tissue_here = cv2.resize(tissue.mask.astype(np.uint8), (map_w, map_h), interpolation=cv2.INTER_NEAREST) > 0
+    tissue_here = _on_map(tissue, map_downsample, (map_h, map_w))
     mask = _finalise(logit_sum, weight_sum, tissue_here)
     probabilities = logit_sum  # normalised in place
     return SegmentationMap(
@@ -164,6 +164,18 @@ def segment_slide(
         windows_total=windows_total,
         windows_run=len(grid),
     )
+
+
+def _on_map(tissue: TissueMask, map_downsample: float, shape: tuple[int, int]) -> np.ndarray:
+    """The tissue mask on the map's raster: cropped or padded when both share a pixel size (no shift at the
+    edges from rounding the two widths differently), resampled otherwise."""
+    if abs(tissue.downsample - map_downsample) < 1e-6 * map_downsample:
+        out = np.zeros(shape, dtype=bool)
+        height, width = min(shape[0], tissue.mask.shape[0]), min(shape[1], tissue.mask.shape[1])
+        out[:height, :width] = tissue.mask[:height, :width]
+        return out
+    resized = cv2.resize(tissue.mask.astype(np.uint8), (shape[1], shape[0]), interpolation=cv2.INTER_NEAREST)
+    return resized > 0
 
 
 def _finalise(logit_sum: np.ndarray, weight_sum: np.ndarray, tissue: np.ndarray, rows: int = 256) -> np.ndarray:

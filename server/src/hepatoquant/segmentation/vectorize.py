@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import cv2
@@ -22,13 +21,12 @@ import numpy as np
 import shapely
 from hepatoquant_client.classes import NON_TUMOUR_REGION, TUMOUR_REGION
 from hepatoquant_client.qupath_geojson import polygonal_part
-from shapely import affinity
 from shapely.geometry import MultiPolygon, Polygon
 
 from hepatoquant.errors import InvalidParameterError
 from hepatoquant.regions import Region
 from hepatoquant.segmentation import NON_TUMOUR, TUMOUR
-from hepatoquant.tissue import mask_to_polygons
+from hepatoquant.tissue import pixel_edge_polygons
 
 __all__ = ["VectorizeParams", "mask_to_region_polygons", "regions_from_label_mask"]
 
@@ -78,7 +76,7 @@ def mask_to_region_polygons(
     # Islands first: a dropped island inside a hole then counts towards the hole's area.
     region &= ~_small_components(region, params.min_region_area_um2 / pixel_area_um2)
     region |= _small_components(~region, params.min_hole_area_um2 / pixel_area_um2, holes_only=True)
-    polygons = _pixel_edge_polygons(region, downsample)
+    polygons = pixel_edge_polygons(region, downsample)
     if polygons.is_empty:
         return MultiPolygon()
     # Tolerance 0 still drops the collinear vertices left along straight pixel edges.
@@ -141,49 +139,6 @@ def _small_components(mask: np.ndarray, max_area_px: float, *, holes_only: bool 
     if holes_only:
         small[np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))] = False
     return small[labels]
-
-
-def _pixel_edge_polygons(region: np.ndarray, downsample: float) -> MultiPolygon:
-    """The union of the pixel squares of boolean ``region``, in level-0 pixels (valid; may be empty).
-
-    ``mask_to_polygons`` traces through pixel centres, so it is given a lattice raster: cell (2i + 1, 2j + 1)
-    is pixel (i, j), and cells in even rows or columns are the pixels' edges and corners, set when a pixel
-    they bound is set. Lattice point (a, b) is level-0 (b * downsample / 2, a * downsample / 2). The tracer
-    follows 8-connected borders, so it cuts each concave corner with a diagonal unit step; the corner is put
-    back on every ring, which also splits two pixels touching at a corner into squares meeting at a point.
-    """
-    height, width = region.shape
-    lattice = np.zeros((2 * height + 1, 2 * width + 1), dtype=np.uint8)
-    lattice[1::2, 1::2] = region
-    lattice = cv2.dilate(lattice, np.ones((3, 3), dtype=np.uint8))
-    traced = mask_to_polygons(lattice, 1.0, centre_offset=0.0)  # in lattice units
-    squared = [
-        Polygon(_restore_corners(polygon.exterior.coords), [_restore_corners(r.coords) for r in polygon.interiors])
-        for polygon in traced.geoms
-    ]
-    merged = _as_multipolygon(polygonal_part(shapely.make_valid(MultiPolygon(squared)))) if squared else traced
-    scale = downsample / 2
-    return affinity.affine_transform(merged, [scale, 0, 0, scale, 0, 0])
-
-
-def _restore_corners(ring: Sequence[tuple[float, float]]) -> np.ndarray:
-    """A closed lattice ring with the pixel corner put back in each diagonal unit step, and only its turns kept.
-
-    A diagonal step p -> q joins the midpoints of the two pixel edges that meet at a corner; of its two
-    coordinates, the corner takes the even one (pixel edges lie on even lattice lines). The edge midpoints and
-    any other vertex on a straight run are then dropped, the ring's first one included.
-    """
-    points = np.rint(np.asarray(ring, dtype=float)).astype(np.int64)[:-1]  # open ring
-    following = np.roll(points, -1, axis=0)
-    diagonal = np.all(np.abs(following - points) == 1, axis=1)
-    corner = np.where(points % 2 == 0, points, following)
-    keep = np.stack([np.ones_like(diagonal), diagonal], axis=1)
-    points = np.stack([points, corner], axis=1)[keep]
-    incoming = points - np.roll(points, 1, axis=0)
-    outgoing = np.roll(points, -1, axis=0) - points
-    turns = incoming[:, 0] * outgoing[:, 1] - incoming[:, 1] * outgoing[:, 0] != 0
-    points = points[turns]
-    return np.concatenate([points, points[:1]])
 
 
 def _as_multipolygon(geometry: Polygon | MultiPolygon | None) -> MultiPolygon:
