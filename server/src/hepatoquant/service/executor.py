@@ -208,7 +208,11 @@ class JobExecutor:
     def _work(self) -> None:
         """One worker thread: take the oldest queued job, run it, record how it ended; until shutdown."""
         while (job := self._next_job()) is not None:
+            log.info("job=%s event=started", job.job_id)
+            started = time.monotonic()
             outcome = self._outcome_of_run(job)
+            log.info("job=%s event=finished state=%s code=%s seconds=%.2f", job.job_id, outcome.state.value,
+                     outcome.error_code or "OK", time.monotonic() - started)
             try:
                 self._finish(job.job_id, outcome)
             except Exception:  # a database failure must not silently stop this worker for good
