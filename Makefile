@@ -26,3 +26,4 @@ benchmark: install
 	$(VENV)/bin/python benchmarks/memory_scaling.py
 	$(VENV)/bin/python benchmarks/segmentation.py
 	$(VENV)/bin/python benchmarks/server_overhead.py
+	$(VENV)/bin/python benchmarks/geojson_dialect.py
