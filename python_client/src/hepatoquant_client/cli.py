@@ -3,6 +3,17 @@
     hepatoquant-client info --server HOST:PORT [--token-file F]
     hepatoquant-client analyze SLIDE --server HOST:PORT --out DIR [--regions F] [--mpp X] [--model M]
                                [--seg-model S] [--token-file F]
+    hepatoquant-client project QUPATH_PROJECT --server HOST:PORT --map FROM=TO [--map ...] [--image NAME ...]
+                               [--region-class C ...] [--tumour-class C ...] [--model M] [--seg-model S]
+                               [--cohort FILE.csv] [--token-file F]
+    hepatoquant-client import-geojson QUPATH_PROJECT IMAGE FILE.geojson
+    hepatoquant-client export-annotations QUPATH_PROJECT OUT_DIR [--image NAME ...] [--class C ...]
+
+``project`` analyses every image of a QuPath project (paquo, which needs a QuPath installation named by
+PAQUO_QUPATH_DIR) and replaces HepatoQuant's objects in it, never a pathologist's; ``--map`` turns the images'
+file URIs into paths on the server. An image that fails is left as it was and the others go on; the exit status
+is then 1. ``import-geojson`` puts an ``analyze`` output into one image; ``export-annotations`` writes each
+image's own annotations as QuPath GeoJSON (for ``analyze --regions``). These two need no server.
 
 Progress goes to stderr, the composition table to stdout. A failure prints one line,
 ``hepatoquant-client: error: <message>``, and exits with status 2. ``--help`` works offline (nothing connects
@@ -56,6 +67,35 @@ def _parser() -> argparse.ArgumentParser:
     analyze.add_argument("--model", default="", metavar="M", help="classifier pack (default: the server's)")
     analyze.add_argument("--seg-model", default="", metavar="S",
                          help="segmenter pack (default: the server's; 'none' = whole tissue as one region)")
+
+    project = commands.add_parser("project", help="analyse every image of a QuPath project and write the results into it")
+    project.add_argument("qupath_project", type=Path, metavar="QUPATH_PROJECT", help="QuPath project folder")
+    connection(project)
+    project.add_argument("--map", action="append", default=[], required=True, metavar="FROM=TO",
+                         help="image path prefix as QuPath has it = the same folder on the server (repeatable)")
+    project.add_argument("--image", action="append", metavar="NAME", help="only this image (repeatable)")
+    project.add_argument("--region-class", action="append", metavar="C",
+                         help="send the image's annotations of this class as regions (repeatable)")
+    project.add_argument("--tumour-class", action="append", metavar="C",
+                         help="region classes that are tumour (default: the server's)")
+    project.add_argument("--model", default="", metavar="M", help="classifier pack (default: the server's)")
+    project.add_argument("--seg-model", default="", metavar="S", help="segmenter pack (default: the server's)")
+    project.add_argument("--cohort", type=Path, metavar="FILE.csv",
+                         help="write the cohort table (one row per image) here, and Parquet next to it if possible")
+
+    import_geojson = commands.add_parser("import-geojson",
+                                         help="put HepatoQuant's GeoJSON objects into one image of a QuPath project")
+    import_geojson.add_argument("qupath_project", type=Path, metavar="QUPATH_PROJECT", help="QuPath project folder")
+    import_geojson.add_argument("image", metavar="IMAGE", help="the image's name in the project")
+    import_geojson.add_argument("geojson", type=Path, metavar="FILE.geojson", help="an analyze output (.geojson)")
+
+    export = commands.add_parser("export-annotations",
+                                 help="write each image's own annotations of a QuPath project as GeoJSON files")
+    export.add_argument("qupath_project", type=Path, metavar="QUPATH_PROJECT", help="QuPath project folder")
+    export.add_argument("out", type=Path, metavar="OUT_DIR", help="folder for <image name>.geojson files")
+    export.add_argument("--image", action="append", metavar="NAME", help="only this image (repeatable)")
+    export.add_argument("--class", dest="class_names", action="append", metavar="C",
+                        help="only annotations of this class (repeatable)")
     return parser
 
 
@@ -178,8 +218,58 @@ def _run_analyze(client, args: argparse.Namespace, out: TextIO, err: TextIO) -> 
     return 0
 
 
+def _run_project(client, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    from .cohort import cohort_rows, summary_table, write_cohort
+    from .paquo_project import analyze_project
+    from .project_plan import parse_mappings
+
+    options: dict[str, object] = {}
+    if args.model:
+        options["model"] = args.model
+    if args.seg_model:
+        options["segmenter_model"] = args.seg_model
+    if args.tumour_class:
+        options["tumour_class_names"] = args.tumour_class
+    results = analyze_project(args.qupath_project, client, mappings=parse_mappings(args.map), images=args.image,
+                              region_class=args.region_class, **options)
+    for result in results:
+        if result.status == "written":
+            print(f"image {result.image_name}: wrote {result.added} object(s), replaced {result.removed}", file=err)
+        else:
+            print(f"image {result.image_name}: failed, left as it was: {result.error}", file=err)
+    rows = cohort_rows((r.image_name, r.outcome) for r in results if r.outcome is not None)
+    if args.cohort is not None:
+        files = write_cohort(rows, args.cohort)
+        for path in files.written:
+            print(f"wrote {path}", file=err)
+        for path, reason in files.not_written:
+            print(f"not written: {path}: {reason}", file=err)
+    print(summary_table(rows), file=out, end="")
+    failed = sum(r.status != "written" for r in results)
+    if failed:
+        print(f"{failed} of {len(results)} image(s) failed", file=err)
+    return 1 if failed else 0
+
+
+def _run_offline(args: argparse.Namespace, err: TextIO) -> int:
+    """The project commands that need no server."""
+    from .paquo_project import export_annotations, import_geojson
+
+    if args.command == "import-geojson":
+        result = import_geojson(args.qupath_project, args.image, args.geojson)
+        print(f"image {result.image_name}: wrote {result.added} object(s), replaced {result.removed}", file=err)
+        return 0
+    written = export_annotations(args.qupath_project, args.out, images=args.image, class_names=args.class_names)
+    for path in written:
+        print(f"wrote {path}", file=err)
+    if not written:
+        print("no image has annotations to export", file=err)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the exit status (0 success, 2 error, 130 interrupted)."""
+    """Run the command line; returns the exit status (0 success, 1 some project images failed, 2 error,
+    130 interrupted)."""
     args = _parser().parse_args(argv)
     out, err = sys.stdout, sys.stderr
     # Imported here so that `--help` and argument errors need no grpc.
@@ -187,9 +277,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .errors import HepatoQuantError
 
     try:
+        if args.command in ("import-geojson", "export-annotations"):
+            return _run_offline(args, err)
         with Client(args.server, token=_token(args), tls_root_certificates=_tls(args), timeout_s=args.timeout) as client:
             if args.command == "info":
                 return _run_info(client, out)
+            if args.command == "project":
+                return _run_project(client, args, out, err)
             return _run_analyze(client, args, out, err)
     except (HepatoQuantError, _UsageError, ValueError) as exc:
         message = " ".join(str(exc).split()) or type(exc).__name__

@@ -1,0 +1,233 @@
+"""A cohort table: one row per slide, from the outcomes of the client's analyses (research use only).
+
+``cohort_rows([(slide_id, outcome), ...])`` gives plain dicts with the columns of :func:`cohort_columns`, always
+in that order and always all of them, so that the rows of any cohort concatenate into one table.
+``write_cohort(rows, "cohort.csv")`` writes the CSV atomically, and ``cohort.parquet`` next to it when pyarrow is
+importable; it says which files it wrote and why any was not. ``summary_table(rows)`` is a short plain-text table.
+
+Cells a slide has no value for (a region class it lacks, a segmenter it did not use) are ``None`` (an empty CSV
+cell, a Parquet null). Percentages are of a region class's classified tiles; areas are mm^2.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import tempfile
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .classes import HEADLINE_INDICATORS, TISSUE_CLASS_CODES
+from .errors import HepatoQuantError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .client import AnalysisOutcome
+
+__all__ = [
+    "COHORT_REGION_CLASSES",
+    "CohortFiles",
+    "CohortError",
+    "cohort_columns",
+    "cohort_rows",
+    "summary_table",
+    "write_cohort",
+]
+
+#: Region classes with columns of their own, in column order (``unassigned``: tiles outside every region).
+COHORT_REGION_CLASSES: tuple[str, ...] = ("tumour", "non_tumour", "tissue", "unassigned")
+
+_LEADING_COLUMNS = ("slide", "job_id", "model", "model_status", "segmenter", "segmenter_status", "tile_count")
+
+
+class CohortError(HepatoQuantError, ValueError):
+    """Rows that cannot make a cohort table (a duplicate slide id, an unknown column), or a file not written."""
+
+
+def cohort_columns() -> list[str]:
+    """The column names, the same for every cohort: slide and models, then per region class its area, tile
+    count, tile area and the percent of each tissue class, then the headline indicators."""
+    columns = list(_LEADING_COLUMNS)
+    for region_class in COHORT_REGION_CLASSES:
+        columns += [f"{region_class}_region_area_mm2", f"{region_class}_tiles", f"{region_class}_tile_area_mm2"]
+        columns += [f"{region_class}_{code}_pct" for code in TISSUE_CLASS_CODES]
+    for region_class, codes in HEADLINE_INDICATORS.items():
+        columns += [f"headline_{region_class}_{code}_pct" for code in codes]
+    return columns
+
+
+def _row(slide_id: str, outcome: AnalysisOutcome) -> dict[str, Any]:
+    row: dict[str, Any] = dict.fromkeys(cohort_columns())
+    report = outcome.report or {}
+    model = report.get("model") or {}
+    segmenter = report.get("segmenter") or {}
+    row.update(
+        slide=slide_id,
+        job_id=outcome.job_id,
+        model=model.get("name") or None,
+        model_status=outcome.model_status or report.get("model_status") or None,
+        segmenter=segmenter.get("name") or None,
+        segmenter_status=segmenter.get("model_status") or report.get("segmenter_model_status") or None,
+        tile_count=(report.get("tiles") or {}).get("count"),
+    )
+    for entry in outcome.region_classes:
+        prefix = entry.region_class
+        if prefix not in COHORT_REGION_CLASSES:
+            continue
+        if prefix != "unassigned":  # tiles outside every region have no polygon, so no region area
+            row[f"{prefix}_region_area_mm2"] = float(entry.region_area_mm2)
+        row[f"{prefix}_tiles"] = int(entry.tile_count)
+        row[f"{prefix}_tile_area_mm2"] = float(entry.tile_area_mm2)
+        for share in entry.classes:
+            column = f"{prefix}_{share.code}_pct"
+            if column in row:
+                row[column] = float(share.percent)
+    for key, percent in outcome.headline_indicators.items():
+        region_class, _, code = key.partition("/")
+        column = f"headline_{region_class}_{code}_pct"
+        if column in row:
+            row[column] = float(percent)
+    if row["tile_count"] is None:
+        row["tile_count"] = sum(e.tile_count for e in outcome.region_classes)
+    return row
+
+
+def cohort_rows(outcomes: Iterable[tuple[str, AnalysisOutcome]]) -> list[dict[str, Any]]:
+    """One row per ``(slide_id, outcome)``, keys in :func:`cohort_columns` order; a repeated slide id raises
+    :class:`CohortError` (two rows for one slide would be counted twice in any statistic)."""
+    rows: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    for slide_id, outcome in outcomes:
+        if not isinstance(slide_id, str) or not slide_id:
+            raise CohortError(f"slide id {slide_id!r} must be a non-empty string")
+        if slide_id in seen:
+            raise CohortError(f"slide {slide_id!r} appears twice in the cohort; give each slide one outcome")
+        seen.add(slide_id)
+        rows.append(_row(slide_id, outcome))
+    return rows
+
+
+@dataclass(frozen=True)
+class CohortFiles:
+    """What :func:`write_cohort` did: the files written, and each file not written with the reason."""
+
+    written: tuple[Path, ...]
+    not_written: tuple[tuple[Path, str], ...]
+
+
+def _checked(rows: Sequence[dict[str, Any]]) -> list[str]:
+    columns = cohort_columns()
+    allowed = set(columns)
+    for index, row in enumerate(rows):
+        unknown = sorted(set(row) - allowed)
+        if unknown:
+            raise CohortError(f"row {index} has unknown column(s) {', '.join(unknown)}; build rows with cohort_rows")
+    return columns
+
+
+def _temporary_next_to(target: Path) -> Path:
+    descriptor, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)
+    os.close(descriptor)
+    return Path(name)
+
+
+def _publish(target: Path, write: Any) -> None:
+    """Write through ``write(temporary_path)`` and rename onto ``target``: a reader never sees half a file."""
+    temporary = _temporary_next_to(target)
+    try:
+        write(temporary)
+        os.replace(temporary, target)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+def write_cohort(rows: Sequence[dict[str, Any]], path: str | os.PathLike[str]) -> CohortFiles:
+    """Write ``rows`` as CSV at ``path`` (header = :func:`cohort_columns`) and as Parquet at ``path`` with the
+    suffix ``.parquet`` when pyarrow is importable. Both are written atomically (temporary file, then rename).
+
+    Returns a :class:`CohortFiles`: ``written`` lists the files written; ``not_written`` names the Parquet file
+    with the reason when pyarrow is missing. A file that cannot be written raises :class:`CohortError`."""
+    target = Path(path)
+    columns = _checked(rows)
+    if target.suffix.lower() == ".parquet":
+        raise CohortError(f"{target}: give the CSV path (the Parquet file is written next to it)")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        text = io.StringIO(newline="")
+        writer = csv.DictWriter(text, fieldnames=columns, lineterminator="\n")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({c: row.get(c) for c in columns})
+
+        def write_csv(temporary: Path) -> None:
+            with temporary.open("w", encoding="utf-8", newline="") as handle:
+                handle.write(text.getvalue())
+                handle.flush()
+                os.fsync(handle.fileno())
+
+        _publish(target, write_csv)
+    except OSError as exc:
+        raise CohortError(f"cannot write {target}: {exc.strerror or exc}; check the folder and free space") from None
+    written = [target]
+    not_written: list[tuple[Path, str]] = []
+    parquet = target.with_suffix(".parquet")
+    try:
+        import pyarrow  # noqa: F401  (optional: only for the Parquet copy)
+        import pyarrow.parquet as pq
+    except ImportError as exc:
+        not_written.append((parquet, f"pyarrow is not importable ({exc}); pip install pyarrow to get Parquet"))
+    else:
+        table = pyarrow.Table.from_pylist([{c: row.get(c) for c in columns} for row in rows],
+                                          schema=_arrow_schema(pyarrow, columns))
+        try:
+            _publish(parquet, lambda temporary: pq.write_table(table, str(temporary)))
+        except OSError as exc:
+            raise CohortError(f"cannot write {parquet}: {exc.strerror or exc}; check the folder and free space") from None
+        written.append(parquet)
+    return CohortFiles(written=tuple(written), not_written=tuple(not_written))
+
+
+def _arrow_schema(pyarrow: Any, columns: list[str]) -> Any:
+    """Fixed column types, so that a column that is null in every row still has its type."""
+    text = {"slide", "job_id", "model", "model_status", "segmenter", "segmenter_status"}
+
+    def kind(column: str) -> Any:
+        if column in text:
+            return pyarrow.string()
+        if column == "tile_count" or column.endswith("_tiles"):
+            return pyarrow.int64()
+        return pyarrow.float64()
+
+    return pyarrow.schema([(c, kind(c)) for c in columns])
+
+
+def _summary_columns() -> list[tuple[str, str]]:
+    columns = [("slide", "slide"), ("model_status", "model status"), ("tile_count", "tiles")]
+    for region_class, codes in HEADLINE_INDICATORS.items():
+        columns += [(f"headline_{region_class}_{code}_pct", f"{region_class} {code} %") for code in codes]
+    return columns
+
+
+def summary_table(rows: Sequence[dict[str, Any]]) -> str:
+    """A plain-text table: slide, model status, tile count and the headline indicators, one line per slide
+    (percentages with one decimal, ``-`` where a slide has no value)."""
+    columns = _summary_columns()
+
+    def cell(value: Any) -> str:
+        if value is None or value == "":
+            return "-"
+        if isinstance(value, float):
+            return f"{value:.1f}"
+        return str(value)
+
+    table = [[title for _, title in columns]] + [[cell(row.get(key)) for key, _ in columns] for row in rows]
+    widths = [max(len(line[i]) for line in table) for i in range(len(columns))]
+    lines = []
+    for number, line in enumerate(table):
+        lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))).rstrip())
+        if number == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines) + "\n"
