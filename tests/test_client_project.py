@@ -478,8 +478,8 @@ def _fake_paquo(entries: list[_FakeEntry], classes: list[_FakeClass]) -> types.S
         def __exit__(self, *exc_info) -> None:
             classes[:] = self.path_classes
 
-    return types.SimpleNamespace(QuPathProject=Project, QuPathPathClass=_FakeClass,
-                                 Annotation=types.SimpleNamespace(from_geojson=_FakeObject))
+    return types.SimpleNamespace(QuPathProject=Project, QuPathPathClass=_FakeClass, object_from_geojson=_FakeObject,
+                                 add_objects=lambda hierarchy, objects: hierarchy.addPathObjects(objects))
 
 
 def test_analyze_project_replaces_only_hepatoquant_objects_and_isolates_failures(

@@ -75,9 +75,12 @@ def load_paquo() -> SimpleNamespace:
             "installation (python -m paquo get_qupath --install-path DIR 0.6.0)"
         ) from exc
     try:  # importing these starts the JVM from QuPath's installation
+        from jpype import JClass
         from paquo.classes import QuPathPathClass
-        from paquo.pathobjects import QuPathPathAnnotationObject
+        from paquo.java import GsonTools, String, compatibility
         from paquo.projects import QuPathProject
+
+        java_path_object = JClass("qupath.lib.objects.PathObject")
     except Exception as exc:  # paquo raises several types when QuPath is missing or broken
         where = os.environ.get(QUPATH_DIR_ENV)
         hint = f"{QUPATH_DIR_ENV}={where!r} holds no usable QuPath" if where else f"{QUPATH_DIR_ENV} is not set"
@@ -85,9 +88,17 @@ def load_paquo() -> SimpleNamespace:
             f"paquo cannot start QuPath ({type(exc).__name__}: {exc}); {hint}. Set {QUPATH_DIR_ENV} to a QuPath "
             "installation folder (python -m paquo get_qupath --install-path DIR 0.6.0 downloads one)"
         ) from exc
-    return SimpleNamespace(
-        QuPathProject=QuPathProject, QuPathPathClass=QuPathPathClass, Annotation=QuPathPathAnnotationObject
-    )
+    def object_from_geojson(feature: dict) -> Any:
+        # Read as PathObject so QuPath's type adapter makes the right kind (annotation, detection, tile) from
+        # objectType, with its childObjects; paquo's from_geojson would force an annotation.
+        return GsonTools.getInstance().fromJson(String(json.dumps(feature)), java_path_object)
+
+    def add_objects(java_hierarchy: Any, objects: list[Any]) -> None:
+        # addPathObjects was removed in QuPath 0.6 (addObjects replaces it): paquo's own version switch.
+        (java_hierarchy.addObjects if compatibility.supports_addobjects else java_hierarchy.addPathObjects)(objects)
+
+    return SimpleNamespace(QuPathProject=QuPathProject, QuPathPathClass=QuPathPathClass,
+                           object_from_geojson=object_from_geojson, add_objects=add_objects)
 
 
 class ProjectNotFoundError(HepatoQuantError, FileNotFoundError):
@@ -245,8 +256,8 @@ def _write_objects(entry: Any, pq: SimpleNamespace, handles: list[Any], existing
 
     plan = plan_replacement(existing, new)
     remove_java = [handles[i].java_object for i, o in enumerate(existing) if is_hepatoquant_object(o)]
-    add_java = [pq.Annotation.from_geojson(feature).java_object for feature in nested_features(plan.to_add)]
-    _replace(entry.hierarchy, remove_java, add_java)
+    add_java = [pq.object_from_geojson(feature) for feature in nested_features(plan.to_add)]
+    _replace(entry.hierarchy, remove_java, add_java, pq.add_objects)
     save = getattr(entry, "save", None)
     if callable(save):
         save()
@@ -279,10 +290,10 @@ def _analyze_entry(entry: Any, client: Client, pq: SimpleNamespace, mappings: Se
     return ImageOutcome(name, uri, "written", slide=slide, outcome=outcome, removed=removed, added=added)
 
 
-def _replace(hierarchy: Any, remove_java: list[Any], add_java: list[Any]) -> None:
+def _replace(hierarchy: Any, remove_java: list[Any], add_java: list[Any], add_objects: Any) -> None:
     """Add the new objects, then remove the old ones; on failure, undo what was done."""
     java = hierarchy.java_object
-    java.addPathObjects(add_java)
+    add_objects(java, add_java)
     try:
         if remove_java:
             java.removeObjects(remove_java, True)
