@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 from pathlib import Path
 
 import pytest
@@ -37,6 +39,25 @@ def synthetic_slide(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("slides") / "synthetic.tiff"
     spec = SyntheticSlideSpec(width_px=2048, height_px=2048, tumour=(Ellipse(600, 900, 220, 260),))
     return write_synthetic_slide(path, spec)
+
+
+@pytest.fixture(scope="session")
+def synthetic_regions_geojson() -> str:
+    """QuPath GeoJSON for ``synthetic_slide``: a Tumor polygon over its tumour ellipse, a Non-tumor square
+    over its second tissue piece."""
+    ring = [[600 + 220 * math.cos(2 * math.pi * i / 48), 900 + 260 * math.sin(2 * math.pi * i / 48)] for i in range(48)]
+    ring.append(ring[0])
+    features = [
+        {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring]},
+         "properties": {"objectType": "annotation", "name": "tumour A",
+                        "classification": {"name": "Tumor", "color": [200, 0, 0]}}},
+        {"type": "Feature",
+         "geometry": {"type": "Polygon",
+                      "coordinates": [[[1250, 1050], [1650, 1050], [1650, 1500], [1250, 1500], [1250, 1050]]]},
+         "properties": {"objectType": "annotation", "name": "background liver",
+                        "classification": {"name": "Non-tumor", "color": [0, 160, 0]}}},
+    ]
+    return json.dumps({"type": "FeatureCollection", "features": features})
 
 
 @pytest.fixture(scope="session")

@@ -26,25 +26,6 @@ def tiny_pack(tmp_path_factory: pytest.TempPathFactory) -> ModelPack:
     return ensure_demo_pack(tmp_path_factory.mktemp("tiny-models"), encoder="test_vit_micro")
 
 
-def _regions_file(path: Path) -> Path:
-    """Tumour polygon over the synthetic slide's tumour ellipse, a non-tumour square over the second piece."""
-    angles = np.linspace(0, 2 * np.pi, 48, endpoint=False)
-    ring = [[600 + 220 * np.cos(a), 900 + 260 * np.sin(a)] for a in angles]
-    ring.append(ring[0])
-    features = [
-        {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring]},
-         "properties": {"objectType": "annotation", "name": "tumour A",
-                        "classification": {"name": "Tumor", "color": [200, 0, 0]}}},
-        {"type": "Feature",
-         "geometry": {"type": "Polygon",
-                      "coordinates": [[[1250, 1050], [1650, 1050], [1650, 1500], [1250, 1500], [1250, 1050]]]},
-         "properties": {"objectType": "annotation", "name": "background liver",
-                        "classification": {"name": "Non-tumor", "color": [0, 160, 0]}}},
-    ]
-    path.write_text(json.dumps({"type": "FeatureCollection", "features": features}))
-    return path
-
-
 def test_analysis_of_a_generated_slide_writes_every_output(synthetic_slide: Path, tiny_pack: ModelPack, tmp_path: Path) -> None:
     result = analyze_slide(synthetic_slide, tiny_pack, AnalysisOptions(batch_size=16, keep_embeddings=True))
     n = len(result.grid)
@@ -97,9 +78,10 @@ def test_analysis_of_a_generated_slide_writes_every_output(synthetic_slide: Path
 
 
 def test_regions_split_the_composition_by_tumour_and_non_tumour(
-    synthetic_slide: Path, tiny_pack: ModelPack, tmp_path: Path
+    synthetic_slide: Path, tiny_pack: ModelPack, tmp_path: Path, synthetic_regions_geojson: str
 ) -> None:
-    regions = _regions_file(tmp_path / "regions.geojson")
+    regions = tmp_path / "regions.geojson"
+    regions.write_text(synthetic_regions_geojson)
     result = analyze_slide(synthetic_slide, tiny_pack, AnalysisOptions(regions_path=regions))
     by_class = {c.region_class: c for c in result.composition.region_classes}
     assert set(by_class) == {"tumour", "non_tumour"}  # tiles are restricted to the regions: none unassigned

@@ -67,26 +67,6 @@ def first_analysis(server) -> tuple[AnalysisOutcome, list[JobProgress]]:
         return c.analyze("synthetic.tiff", on_progress=events.append), events
 
 
-def _regions_file(path: Path) -> Path:
-    """A tumour polygon over the synthetic slide's tumour ellipse and a non-tumour square over the other piece."""
-    import math
-
-    ring = [[600 + 220 * math.cos(2 * math.pi * i / 48), 900 + 260 * math.sin(2 * math.pi * i / 48)] for i in range(48)]
-    ring.append(ring[0])
-    features = [
-        {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring]},
-         "properties": {"objectType": "annotation", "name": "tumour A",
-                        "classification": {"name": "Tumor", "color": [200, 0, 0]}}},
-        {"type": "Feature",
-         "geometry": {"type": "Polygon",
-                      "coordinates": [[[1250, 1050], [1650, 1050], [1650, 1500], [1250, 1500], [1250, 1050]]]},
-         "properties": {"objectType": "annotation", "name": "background liver",
-                        "classification": {"name": "Non-tumor", "color": [0, 160, 0]}}},
-    ]
-    path.write_text(json.dumps({"type": "FeatureCollection", "features": features}))
-    return path
-
-
 class _FakeRpcError(grpc.RpcError, grpc.Call):
     """What a broken stream raises: an RpcError that is also a Call with a status code."""
 
@@ -220,8 +200,9 @@ def test_errors_carry_the_status_code_and_the_servers_message(server, client, tm
     assert info.value.code == "UNAVAILABLE"
 
 
-def test_regions_path_is_read_and_sent_as_text(client, tmp_path: Path) -> None:
-    path = _regions_file(tmp_path / "regions.geojson")
+def test_regions_path_is_read_and_sent_as_text(client, tmp_path: Path, synthetic_regions_geojson: str) -> None:
+    path = tmp_path / "regions.geojson"
+    path.write_text(synthetic_regions_geojson)
     request = client.analysis_request("synthetic.tiff", regions_geojson=path, tumour_class_names="Tumor")
     assert request.regions_geojson == path.read_text() and list(request.tumour_class_names) == ["Tumor"]
     assert client.analysis_request("s", regions_geojson=str(path)).regions_geojson == path.read_text()
@@ -342,9 +323,11 @@ def test_cli_info(server, capsys: pytest.CaptureFixture[str], monkeypatch: pytes
     assert err.count("\n") == 1 and err.startswith("hepatoquant-client: error: ")
 
 
-def test_cli_analyze(server, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cli_analyze(server, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+                     synthetic_regions_geojson: str) -> None:
     monkeypatch.delenv("HEPATOQUANT_TOKEN", raising=False)
-    regions = _regions_file(tmp_path / "regions.geojson")
+    regions = tmp_path / "regions.geojson"
+    regions.write_text(synthetic_regions_geojson)
     out = tmp_path / "out"
     common = ["--server", server["target"], "--token-file", str(server["token_file"])]
     assert main(["analyze", "synthetic.tiff", *common, "--out", str(out), "--regions", str(regions)]) == 0

@@ -6,7 +6,6 @@ import csv
 import dataclasses
 import importlib.util
 import json
-import math
 import shutil
 import subprocess
 import sys
@@ -57,28 +56,12 @@ def server(tmp_path_factory: pytest.TempPathFactory, synthetic_slide: Path):
     running.stop(grace_seconds=1)
 
 
-def _regions_geojson() -> str:
-    """A tumour polygon over the synthetic slide's tumour ellipse and a non-tumour square over the other piece."""
-    ring = [[600 + 220 * math.cos(2 * math.pi * i / 48), 900 + 260 * math.sin(2 * math.pi * i / 48)] for i in range(48)]
-    ring.append(ring[0])
-    features = [
-        {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring]},
-         "properties": {"objectType": "annotation", "name": "tumour A",
-                        "classification": {"name": "Tumor", "color": [200, 0, 0]}}},
-        {"type": "Feature",
-         "geometry": {"type": "Polygon",
-                      "coordinates": [[[1250, 1050], [1650, 1050], [1650, 1500], [1250, 1500], [1250, 1050]]]},
-         "properties": {"objectType": "annotation", "name": "background liver",
-                        "classification": {"name": "Non-tumor", "color": [0, 160, 0]}}},
-    ]
-    return json.dumps({"type": "FeatureCollection", "features": features})
-
-
 @pytest.fixture(scope="module")
-def outcomes(server) -> dict[str, AnalysisOutcome]:
+def outcomes(server, synthetic_regions_geojson: str) -> dict[str, AnalysisOutcome]:
     with Client(server["target"], token=TOKEN) as client:
         whole = client.analyze("synthetic.tiff")
-        regions = client.analyze("synthetic.tiff", regions_geojson=_regions_geojson(), tumour_class_names=["Tumor"])
+        regions = client.analyze("synthetic.tiff", regions_geojson=synthetic_regions_geojson,
+                                 tumour_class_names=["Tumor"])
     return {"whole": whole, "regions": regions}
 
 
@@ -529,11 +512,11 @@ def test_analyze_project_replaces_only_hepatoquant_objects_and_isolates_failures
 
 
 def test_analyze_project_sends_the_pathologists_regions(
-    server, testdata: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    server, testdata: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, synthetic_regions_geojson: str
 ) -> None:
     from hepatoquant_client import paquo_project
 
-    tumour = json.loads(_regions_geojson())["features"]
+    tumour = json.loads(synthetic_regions_geojson)["features"]
     entry = _FakeEntry("good", "file:/C:/Slides/synthetic.tiff", tumour)
     plain = _FakeEntry("plain", "file:/C:/Slides/synthetic.tiff", [])
     monkeypatch.setattr(paquo_project, "load_paquo", lambda: _fake_paquo([entry, plain], []))
