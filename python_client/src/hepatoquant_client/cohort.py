@@ -32,6 +32,7 @@ __all__ = [
     "CohortError",
     "cohort_columns",
     "cohort_rows",
+    "composition_columns",
     "summary_table",
     "write_cohort",
 ]
@@ -47,9 +48,14 @@ class CohortError(HepatoQuantError, ValueError):
 
 
 def cohort_columns() -> list[str]:
-    """The column names, the same for every cohort: slide and models, then per region class its area, tile
-    count, tile area and the percent of each tissue class, then the headline indicators."""
-    columns = list(_LEADING_COLUMNS)
+    """The column names, the same for every cohort: slide and models, then :func:`composition_columns`."""
+    return [*_LEADING_COLUMNS, *composition_columns()]
+
+
+def composition_columns() -> list[str]:
+    """Per region class its area, tile count, tile area and the percent of each tissue class, then the headline
+    indicators: the part of a cohort row shared by this table and the server's per-slide ``<slide>.csv``."""
+    columns: list[str] = []
     for region_class in COHORT_REGION_CLASSES:
         columns += [f"{region_class}_region_area_mm2", f"{region_class}_tiles", f"{region_class}_tile_area_mm2"]
         columns += [f"{region_class}_{code}_pct" for code in TISSUE_CLASS_CODES]

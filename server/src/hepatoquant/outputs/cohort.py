@@ -5,23 +5,17 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from hepatoquant_client.classes import HEADLINE_INDICATORS, TISSUE_CLASS_CODES
+from hepatoquant_client.cohort import COHORT_REGION_CLASSES, composition_columns
 
 __all__ = ["COHORT_REGION_CLASSES", "cohort_columns", "cohort_row", "write_cohort_row"]
 
-COHORT_REGION_CLASSES = ("tumour", "non_tumour", "tissue", "unassigned")
-
 
 def cohort_columns() -> list[str]:
-    """Column names, the same for every slide and model of the seven classes."""
-    columns = ["slide", "slide_path", "model", "model_status", "segmenter", "segmenter_status", "mpp_um_px",
+    """Column names, the same for every slide: slide, models, pixel size and tissue, then the composition
+    columns shared with the client's cohort table (:func:`hepatoquant_client.cohort.composition_columns`)."""
+    leading = ["slide", "slide_path", "model", "model_status", "segmenter", "segmenter_status", "mpp_um_px",
                "tissue_area_mm2", "tile_count"]
-    for region_class in COHORT_REGION_CLASSES:
-        columns += [f"{region_class}_region_area_mm2", f"{region_class}_tiles", f"{region_class}_tile_area_mm2"]
-        columns += [f"{region_class}_{code}_pct" for code in TISSUE_CLASS_CODES]
-    for region_class, codes in HEADLINE_INDICATORS.items():
-        columns += [f"headline_{region_class}_{code}_pct" for code in codes]
-    return columns
+    return [*leading, *composition_columns()]
 
 
 def cohort_row(report: dict) -> dict[str, object]:
