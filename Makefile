@@ -18,7 +18,8 @@ demo: install
 		$(VENV)/bin/python -m hepatoquant.synthetic "$$slide"; fi; \
 	$(VENV)/bin/hepatoquant demo "$$slide" --out $(OUT)
 
-test: install
+test:
+	bash scripts/install.sh --test-tools
 	$(VENV)/bin/python -m pytest tests
 
 benchmark: install

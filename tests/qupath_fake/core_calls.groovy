@@ -1,0 +1,56 @@
+/*
+ * Drives HepatoQuantCore (the QuPath scripts' plain logic) outside QuPath, for the tests: the test concatenates this
+ * file with qupath_scripts/core/HepatoQuantCore.groovy, exactly as the scripts embed it, and runs
+ *     groovy -cp gson.jar calls.groovy CALLS.json OUT.json
+ * CALLS.json is a list of calls; OUT.json the same list of {"value": ...} or {"error": {"code", "message"}}:
+ *   {"static": "mapImagePath", "args": [...]}                     any static method of HepatoQuantCore
+ *   {"api": {"url", "token", "timeout"}, "method": "serverInfo", "args": [...]}
+ *   {"api": {...}, "analyse": {request}, "pollMillis": 50}       submit, wait (progress lines), result
+ *   {"api": {...}, "interruptAfterRunning": {request}}           submit, wait in a thread, interrupt it once running
+ */
+
+def calls = new com.google.gson.Gson().fromJson(new File(args[0]).getText('UTF-8'), List)
+def outcomes = calls.collect { Map call ->
+    try {
+        return [value: perform(call)]
+    } catch (HepatoQuantCore.Problem problem) {
+        return [error: [code: problem.code, message: problem.message]]
+    }
+}
+new File(args[1]).setText(HepatoQuantCore.toJson(outcomes), 'UTF-8')
+
+Object perform(Map call) {
+    if (call.static) return HepatoQuantCore."${call.static}"(*(call.args ?: []))
+    def api = new HepatoQuantCore.Api(call.api.url, call.api.token, (call.api.timeout ?: 30) as int)
+    if (call.method) return api."${call.method}"(*(call.args ?: []))
+    if (call.analyse) {
+        def lines = []
+        def job = HepatoQuantCore.waitForJob(api, api.submit(call.analyse), (call.pollMillis ?: 50) as int) { lines << it }
+        def result = api.result(job.jobId)
+        return [progress: lines, job: job, geoJson: HepatoQuantCore.resultGeoJson(result),
+                table: HepatoQuantCore.compositionTable(result), modelStatus: result.modelStatus]
+    }
+    if (call.interruptAfterRunning) {
+        def job = api.submit(call.interruptAfterRunning)
+        def outcome = [:]
+        def waiter = Thread.start {
+            try {
+                HepatoQuantCore.waitForJob(api, job, 50) { }
+            } catch (HepatoQuantCore.Problem problem) {
+                outcome.error = [code: problem.code, message: problem.message]
+            }
+        }
+        while (api.job(job.jobId).state != 'JOB_STATE_RUNNING') Thread.sleep(20)
+        waiter.interrupt()
+        waiter.join(30000)
+        Map last = api.job(job.jobId)
+        for (int i = 0; i < 200 && !(last.state in HepatoQuantCore.FINAL_STATES); i++) {
+            Thread.sleep(50)
+            last = api.job(job.jobId)
+        }
+        return outcome + [finalState: last.state]
+    }
+    throw new IllegalArgumentException("unknown call ${call}")
+}
+
+// The core follows (appended by the test).

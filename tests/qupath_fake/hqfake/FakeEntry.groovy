@@ -1,0 +1,8 @@
+package hqfake
+
+class FakeEntry {
+    String imageName
+    FakeHierarchy hierarchy
+
+    FakeHierarchy readHierarchy() { hierarchy }
+}
