@@ -65,7 +65,7 @@ try {
     def file = HepatoQuantCore.temporaryGeoJson(geoJson, job.jobId)
     def counts
     try {
-        counts = replaceHepatoQuantObjects(file, geoJson)
+        counts = replaceHepatoQuantObjects(file, geoJson, logger)
     } finally {
         file.delete()
     }
@@ -121,10 +121,11 @@ Map describe(pathObject) {
 /**
  * Replaces this image's HepatoQuant objects with those of a result file (geoJson: its text). Reads the new objects
  * first, so a file QuPath cannot read changes nothing; then removes only HepatoQuant's earlier objects (keeping any
- * of yours nested under them), adds the new ones, nests tiles under their regions and sets the class colours.
+ * of yours nested under them), adds the new ones, nests tiles under their regions and sets the class colours
+ * (a failure there is only logged: the objects are in, and QuPath shows them in their GeoJSON colours).
  * Returns [added, removed].
  */
-List<Integer> replaceHepatoQuantObjects(File file, String geoJson) {
+List<Integer> replaceHepatoQuantObjects(File file, String geoJson, logger) {
     def newObjects
     try {
         newObjects = PathIO.readObjects(file)
@@ -137,8 +138,12 @@ List<Integer> replaceHepatoQuantObjects(File file, String geoJson) {
     removeObjects(previous, true)
     addObjects(newObjects)
     resolveHierarchy()
-    HepatoQuantCore.classColours(geoJson, file.name).each { name, rgb ->
-        getPathClass(name).setColor(HepatoQuantCore.packRgb(rgb))
+    try {  // cosmetic: the objects already carry these colours, but QuPath keeps a class's first colour
+        HepatoQuantCore.classColours(geoJson, file.name).each { name, rgb ->
+            getPathClass(name).setColor(HepatoQuantCore.packRgb(rgb))
+        }
+    } catch (Exception e) {
+        logger.warn("HepatoQuant: the objects are imported, but their class colours could not be set (${e})")
     }
     fireHierarchyUpdate()
     return [newObjects.size(), previous.size()]

@@ -175,6 +175,33 @@ def test_path_mapping_agrees_with_the_python_client(groovy: list[str], tmp_path:
     assert outcomes[0] == {"value": "/data/slides/liver 1.svs"}
 
 
+def test_plain_logic_files_and_tables(groovy: list[str], tmp_path: Path) -> None:
+    import gzip
+
+    names = ["a/b/case 7.svs", "C:\\x\\y.ome.tiff", "noext", ".hidden", "S1.mrxs"]
+    (tmp_path / "results").mkdir()
+    with gzip.open(tmp_path / "results" / "S1.geojson.gz", "wt") as f:
+        f.write(json.dumps([OLD_REGION]))
+    calls = [{"static": "fileStem", "args": [n]} for n in names] + [
+        {"static": "findResultFile", "args": [str(tmp_path / "results"), ["S0", "S1"], "S1"], "fileArgs": [0]},
+        {"static": "csvCell", "args": ['say "hi", twice']},
+        {"static": "csvCell", "args": [0.8700000047683716]},
+        {"static": "summaryColumns", "args": [[{"image": "a", "FIB_pct": 1}, {"image": "b", "TUM_pct": 2, "FIB_pct": 3}]]},
+        {"static": "checkAllHepatoQuant", "args": [json.dumps([OLD_REGION, OLD_TILE]), "ok.geojson"]},
+        {"static": "checkAllHepatoQuant", "args": ['{"type": "Topology"}', "odd.geojson"]},
+    ]
+    outcomes = _core_calls(groovy, tmp_path, calls)
+    assert [o["value"] for o in outcomes[:5]] == [Path(n.replace("\\", "/")).stem for n in names]
+    found = outcomes[5]["value"]
+    assert found.endswith("S1.geojson.gz")
+    [text] = [o["value"] for o in _core_calls(groovy, tmp_path, [{"static": "readResultText", "args": [found], "fileArgs": [0]}])]
+    assert json.loads(text) == [OLD_REGION]  # .gz read as QuPath reads it
+    assert outcomes[6]["value"] == '"say ""hi"", twice"' and outcomes[7]["value"] == "0.87"
+    assert outcomes[8]["value"][6:] == ["FIB_pct", "FIB_tiles", "TUM_pct", "TUM_tiles"]
+    assert "error" not in outcomes[9]  # all HepatoQuant objects: accepted
+    assert "is not QuPath GeoJSON" in outcomes[10]["error"]["message"]
+
+
 def test_plain_logic_analyses_a_slide_through_the_gateway(groovy: list[str], tmp_path: Path, server) -> None:
     api = {"url": server["url"] + "/", "token": TOKEN}
     [info, outcome] = _core_calls(groovy, tmp_path, [
@@ -396,10 +423,14 @@ def result_geojson(server) -> bytes:
     return base64.b64decode(call("GetResult", {"jobId": job["jobId"]})["qupathGeojson"])
 
 
-def test_import_results_replaces_only_hepatoquant_objects(groovy, tmp_path: Path, server, result_geojson: bytes) -> None:
+@pytest.mark.parametrize("file_name", ["synthetic.geojson", "synthetic.geojson.gz"])
+def test_import_results_replaces_only_hepatoquant_objects(groovy, tmp_path: Path, server, result_geojson: bytes,
+                                                          file_name: str) -> None:
+    import gzip
+
     results = tmp_path / "results"
     results.mkdir()
-    (results / "synthetic.geojson").write_bytes(result_geojson)
+    (results / file_name).write_bytes(gzip.compress(result_geojson) if file_name.endswith(".gz") else result_geojson)
     out = _run_script(groovy, tmp_path, "HepatoQuant_ImportResults", {"qupath": "0.4", "image": _image(server)},
                       RESULTS_FOLDER=str(results))
     assert not [line for line in out["log"] if line["level"] == "ERROR"], out["log"]

@@ -3,7 +3,9 @@
  * file with qupath_scripts/core/HepatoQuantCore.groovy, exactly as the scripts embed it, and runs
  *     groovy -cp gson.jar calls.groovy CALLS.json OUT.json
  * CALLS.json is a list of calls; OUT.json the same list of {"value": ...} or {"error": {"code", "message"}}:
- *   {"static": "mapImagePath", "args": [...]}                     any static method of HepatoQuantCore
+ *   {"static": "mapImagePath", "args": [...], "fileArgs": [0]}    any static method of HepatoQuantCore
+ *                                                                 (fileArgs: arguments given as java.io.File;
+ *                                                                 a File returned comes back as its path)
  *   {"api": {"url", "token", "timeout"}, "method": "serverInfo", "args": [...]}
  *   {"api": {...}, "analyse": {request}, "pollMillis": 50}       submit, wait (progress lines), result
  *   {"api": {...}, "interruptAfterRunning": {request}}           submit, wait in a thread, interrupt it once running
@@ -20,7 +22,11 @@ def outcomes = calls.collect { Map call ->
 new File(args[1]).setText(HepatoQuantCore.toJson(outcomes), 'UTF-8')
 
 Object perform(Map call) {
-    if (call.static) return HepatoQuantCore."${call.static}"(*(call.args ?: []))
+    if (call.static) {
+        List arguments = (call.args ?: []).withIndex().collect { value, int i -> i in (call.fileArgs ?: []).collect { it as int } ? new File(value as String) : value }
+        def value = HepatoQuantCore."${call.static}"(*arguments)
+        return value instanceof File ? value.path : value
+    }
     def api = new HepatoQuantCore.Api(call.api.url, call.api.token, (call.api.timeout ?: 30) as int)
     if (call.method) return api."${call.method}"(*(call.args ?: []))
     if (call.analyse) {

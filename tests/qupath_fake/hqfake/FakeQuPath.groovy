@@ -39,8 +39,8 @@ class FakeQuPath {
         return (features ?: []).collect { FakePathObject.fromFeature((Map) it, metadata) }
     }
 
-    static List<FakePathObject> readGeoJson(File file) {
-        Object json = new com.google.gson.Gson().fromJson(file.getText('UTF-8'), Object)
+    static List<FakePathObject> readGeoJson(String text) {
+        Object json = new com.google.gson.Gson().fromJson(text, Object)
         List features = json instanceof List ? json : json.type == 'FeatureCollection' ? json.features : [json]
         return objectsOf(features, scenario.qupath != '0.4')
     }
