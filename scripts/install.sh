@@ -3,9 +3,10 @@
 # (editable) and the test tools. Used by `make`, CI (.ci/run) and the Dockerfile, so all three install the
 # same way. Re-running it is cheap: pip skips what is already installed.
 #
-#   --test-tools   also the Debian packages the tests need (groovy 2.4, Gson and a Java runtime, for the QuPath
-#                  scripts' tests), through apt-get as root or with sudo; `make test` and CI pass it, the
-#                  Dockerfile does not (the server image needs no Groovy).
+#   --test-tools   also what the QuPath scripts' tests need: the Debian packages groovy (2.4), Gson and a Java
+#                  runtime (through apt-get as root or with sudo), and Groovy 4.0.26, the Groovy of QuPath 0.5 /
+#                  0.6, as the jar that the npm package npm-groovy-lint 18.0.0 bundles (checked by its sha256;
+#                  in .tools/). `make test` and CI pass it; the Dockerfile does not (the server needs no Groovy).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,18 +18,38 @@ for arg in "$@"; do
   esac
 done
 
-if [ "$TEST_TOOLS" = 1 ] && ! { command -v groovy >/dev/null && [ -f /usr/share/java/gson.jar ] && groovy --version >/dev/null 2>&1; }; then
-  packages="default-jre-headless groovy libgoogle-gson-java"
-  if [ "$(id -u)" = 0 ]; then apt=(apt-get); elif command -v sudo >/dev/null; then apt=(sudo apt-get); else
-    echo "install.sh: the tests need the Debian packages $packages; install them as root (apt-get install $packages)" >&2
-    exit 1
+if [ "$TEST_TOOLS" = 1 ]; then
+  packages=""
+  { command -v groovy >/dev/null && groovy --version >/dev/null 2>&1; } || packages="default-jre-headless groovy"
+  [ -f /usr/share/java/gson.jar ] || packages="$packages libgoogle-gson-java"
+  command -v npm >/dev/null || packages="$packages npm"
+  if [ -n "$packages" ]; then
+    if [ "$(id -u)" = 0 ]; then apt=(apt-get); elif command -v sudo >/dev/null; then apt=(sudo apt-get); else
+      echo "install.sh: the tests need the Debian packages$packages; install them as root (apt-get install$packages)" >&2
+      exit 1
+    fi
+    export DEBIAN_FRONTEND=noninteractive
+    # shellcheck disable=SC2086
+    "${apt[@]}" install -y -q --no-install-recommends $packages >/dev/null \
+      || { "${apt[@]}" update -q >/dev/null && "${apt[@]}" install -y -q --no-install-recommends $packages >/dev/null; }
   fi
-  export DEBIAN_FRONTEND=noninteractive
-  # shellcheck disable=SC2086
-  "${apt[@]}" install -y -q --no-install-recommends $packages >/dev/null \
-    || { "${apt[@]}" update -q >/dev/null && "${apt[@]}" install -y -q --no-install-recommends $packages >/dev/null; }
   groovy --version
+
+  GROOVY4_JAR=.tools/groovy-4.0.26.jar
+  GROOVY4_SHA256=ae3196ed31fa11e8506f9c40a6b34fdaff06a8eeda78a8a6ebaeb1a2a0ad35dc
+  if ! echo "$GROOVY4_SHA256  $GROOVY4_JAR" | sha256sum --check --status 2>/dev/null; then
+    download=$(mktemp -d)
+    (cd "$download" && npm pack --silent npm-groovy-lint@18.0.0 >/dev/null)
+    tar -xzf "$download/npm-groovy-lint-18.0.0.tgz" -C "$download" package/lib/java/groovy/lib/groovy-4.0.26.jar
+    mkdir -p .tools
+    mv "$download/package/lib/java/groovy/lib/groovy-4.0.26.jar" "$GROOVY4_JAR"
+    rm -rf "$download"
+    echo "$GROOVY4_SHA256  $GROOVY4_JAR" | sha256sum --check --status \
+      || { echo "install.sh: $GROOVY4_JAR does not have the expected sha256; deleted" >&2; rm -f "$GROOVY4_JAR"; exit 1; }
+  fi
+  echo "Groovy 4.0.26 for the tests: $GROOVY4_JAR"
 fi
+
 VENV="${HEPATOQUANT_VENV:-.venv}"
 PYTHON="${PYTHON:-python3}"
 
