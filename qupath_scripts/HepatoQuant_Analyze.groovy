@@ -84,7 +84,7 @@ try {
 /** The selected annotations (not HepatoQuant's) as GeoJSON regions, or null for the whole slide. */
 String selectedRegionsGeoJson(logger) {
     def selected = getSelectedObjects().findAll { it.isAnnotation() } as List
-    def regions = HepatoQuantCore.regionAnnotationIndices(selected.collect { describe(it) }).collect { selected[it] }
+    def regions = HepatoQuantCore.regionAnnotationIndices(selected.collect { plainView(it) }).collect { selected[it] }
     if (regions.isEmpty()) {
         logger.info('HepatoQuant: no annotation selected: analysing the whole slide')
         return null
@@ -110,7 +110,7 @@ String currentImageLabel(imageData) {
 }
 
 /** What the plain logic needs to know about a QuPath object (metadata only where this QuPath keeps it). */
-Map describe(pathObject) {
+Map plainView(pathObject) {
     def type = pathObject.isAnnotation() ? 'annotation' : pathObject.isTile() ? 'tile' :
             pathObject.isCell() ? 'cell' : pathObject.isDetection() ? 'detection' : 'other'
     def metadata = pathObject.metaClass.respondsTo(pathObject, 'getMetadata') ? pathObject.getMetadata() : [:]
@@ -133,7 +133,7 @@ List<Integer> replaceHepatoQuantObjects(File file, String geoJson, logger) {
         throw new HepatoQuantCore.Problem("QuPath could not read ${file.name} (${e.message}); nothing was imported")
     }
     def previous = ((getAnnotationObjects() + getDetectionObjects()) as List).findAll {
-        HepatoQuantCore.isHepatoQuantObject(describe(it))
+        HepatoQuantCore.isHepatoQuantObject(plainView(it))
     }
     removeObjects(previous, true)
     addObjects(newObjects)

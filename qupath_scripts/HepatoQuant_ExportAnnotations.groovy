@@ -32,7 +32,7 @@ try {
     }
     def uri = HepatoQuantCore.singleImageUri(getCurrentServer().getURIs(), imageLabel)
     def annotations = getAnnotationObjects() as List
-    def chosen = HepatoQuantCore.exportIndices(annotations.collect { describe(it) }, EXPORT_CLASSES).collect { annotations[it] }
+    def chosen = HepatoQuantCore.exportIndices(annotations.collect { plainView(it) }, EXPORT_CLASSES).collect { annotations[it] }
     if (chosen.isEmpty()) {
         throw new HepatoQuantCore.Problem("no annotation of the classes ${EXPORT_CLASSES ?: 'any'} to export; " +
                 'draw and classify annotations, or change EXPORT_CLASSES')
@@ -67,7 +67,7 @@ String currentImageLabel(imageData) {
 }
 
 /** What the plain logic needs to know about a QuPath object (metadata only where this QuPath keeps it). */
-Map describe(pathObject) {
+Map plainView(pathObject) {
     def type = pathObject.isAnnotation() ? 'annotation' : pathObject.isTile() ? 'tile' :
             pathObject.isCell() ? 'cell' : pathObject.isDetection() ? 'detection' : 'other'
     def metadata = pathObject.metaClass.respondsTo(pathObject, 'getMetadata') ? pathObject.getMetadata() : [:]
@@ -90,7 +90,7 @@ List<Integer> replaceHepatoQuantObjects(File file, String geoJson, logger) {
         throw new HepatoQuantCore.Problem("QuPath could not read ${file.name} (${e.message}); nothing was imported")
     }
     def previous = ((getAnnotationObjects() + getDetectionObjects()) as List).findAll {
-        HepatoQuantCore.isHepatoQuantObject(describe(it))
+        HepatoQuantCore.isHepatoQuantObject(plainView(it))
     }
     removeObjects(previous, true)
     addObjects(newObjects)

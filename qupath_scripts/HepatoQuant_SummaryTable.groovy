@@ -33,7 +33,7 @@ try {
         def hierarchy = entry == getProjectEntry() ? getCurrentHierarchy() : entry.readHierarchy()
         def regions = hierarchy.getAnnotationObjects().collect { annotation ->
             def measurementList = annotation.getMeasurementList()
-            describe(annotation) + [measurements: measurementList.asMap()]
+            plainView(annotation) + [measurements: measurementList.asMap()]
         }
         def imageRows = HepatoQuantCore.summaryRows(entry.getImageName(), regions)
         if (imageRows.isEmpty()) withoutResults << entry.getImageName()
@@ -64,7 +64,7 @@ String currentImageLabel(imageData) {
 }
 
 /** What the plain logic needs to know about a QuPath object (metadata only where this QuPath keeps it). */
-Map describe(pathObject) {
+Map plainView(pathObject) {
     def type = pathObject.isAnnotation() ? 'annotation' : pathObject.isTile() ? 'tile' :
             pathObject.isCell() ? 'cell' : pathObject.isDetection() ? 'detection' : 'other'
     def metadata = pathObject.metaClass.respondsTo(pathObject, 'getMetadata') ? pathObject.getMetadata() : [:]
@@ -87,7 +87,7 @@ List<Integer> replaceHepatoQuantObjects(File file, String geoJson, logger) {
         throw new HepatoQuantCore.Problem("QuPath could not read ${file.name} (${e.message}); nothing was imported")
     }
     def previous = ((getAnnotationObjects() + getDetectionObjects()) as List).findAll {
-        HepatoQuantCore.isHepatoQuantObject(describe(it))
+        HepatoQuantCore.isHepatoQuantObject(plainView(it))
     }
     removeObjects(previous, true)
     addObjects(newObjects)
