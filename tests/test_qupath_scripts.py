@@ -222,7 +222,7 @@ def test_plain_logic_analyses_a_slide_through_the_gateway(groovy: list[str], tmp
     api = {"url": server["url"] + "/", "token": TOKEN}
     [info, outcome] = _core_calls(groovy, tmp_path, [
         {"api": api, "method": "serverInfo", "args": []},
-        {"api": api, "analyse": {"slide": "synthetic.tiff"}, "pollMillis": 20},
+        {"api": api, "analyse": {"slide": "synthetic.tiff", "tile_size_px": 48}, "pollMillis": 20},  # ~20 batches
     ])
     assert [m["name"] for m in info["value"]["models"]] == ["demo"]
     value = outcome["value"]

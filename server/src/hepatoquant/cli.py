@@ -1,4 +1,5 @@
-"""The ``hepatoquant`` command line: ``analyze`` a slide, ``models list`` / ``models add``.
+"""The ``hepatoquant`` command line: ``analyze`` a slide, ``models list`` / ``models add``, ``serve``, ``demo``,
+``seg train`` / ``seg eval`` and the HepatoBench protocol, ``bench curate | split | extract | probe | compare``.
 
 Heavy modules (torch, timm, OpenSlide) are imported inside the commands, so ``--help`` is instant and
 offline. Our errors become one line on stderr and exit code 2; nothing is written when a command fails.
@@ -105,7 +106,51 @@ def _build_parser() -> argparse.ArgumentParser:
                           help="label of detected tissue outside every annotation")
     evaluate.add_argument("--out", type=Path, default=Path("hepatoquant-results"), help="folder for the JSON and Markdown")
     evaluate.add_argument("--device", default="auto")
+    _add_bench_parser(commands)
     return parser
+
+
+def _add_bench_parser(commands) -> None:
+    bench = commands.add_parser("bench", help="HepatoBench: curate, split, extract, probe, compare encoders")
+    steps = bench.add_subparsers(dest="bench_command", required=True)
+
+    def step(name: str, help_text: str) -> argparse.ArgumentParser:
+        sub = steps.add_parser(name, help=help_text)
+        sub.add_argument("dataset", type=Path, help="dataset folder: one subfolder per class, dataset_meta.json")
+        sub.add_argument("--work", type=Path, default=Path("hepatobench-work"),
+                         help="folder for this protocol's outputs (default: hepatobench-work)")
+        return sub
+
+    def encoders(sub: argparse.ArgumentParser, *, many: bool) -> None:
+        sub.add_argument("--model", required=True, action="append" if many else "store",
+                         help="encoder or classifier pack whose encoder is probed" + (" (repeatable)" if many else ""))
+        sub.add_argument("--device", default="auto")
+        sub.add_argument("--batch-size", type=int, default=64)
+        sub.add_argument("--workers", type=int, default=4, help="threads decoding patches")
+
+    def probing(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--method", choices=("adamw", "lbfgs"), default="adamw", help="how the linear layer is fitted")
+        sub.add_argument("--seed", type=int, default=0)
+        sub.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the test CIs")
+
+    curate = step("curate", "find duplicates, near-duplicates, blurred, blank and off-colour patches")
+    curate.add_argument("--config", type=Path, help="JSON of curation thresholds (default: the built-in ones)")
+    curate.add_argument("--workers", type=int, default=4)
+    split = step("split", "the train / val / test partition (official, or new by slide)")
+    split.add_argument("--metadata", type=Path, help="CSV with relpath and slide (or --group-column) per patch")
+    split.add_argument("--group-column", default="slide", help="metadata column to split by (slide or patient)")
+    split.add_argument("--ratios", default="7:2:1", help="train:val:test in folds (default 7:2:1)")
+    split.add_argument("--seed", type=int, default=0)
+    extract = step("extract", "embeddings of every split with a pack's encoder (cached, resumable)")
+    encoders(extract, many=False)
+    probe = step("probe", "train a linear probe, score it on the test split, optionally save a classifier pack")
+    encoders(probe, many=False)
+    probing(probe)
+    probe.add_argument("--save-pack", help="write the probe with its encoder as this classifier pack")
+    probe.add_argument("--overwrite", action="store_true", help="replace an existing --save-pack")
+    compare = step("compare", "extract, probe and score several encoders; write the leaderboard")
+    encoders(compare, many=True)
+    probing(compare)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -119,6 +164,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _serve(args)
         if args.command == "demo":
             return _demo(args)
+        if args.command == "bench":
+            return _bench(args)
         if args.command == "seg":
             return _seg_train(args) if args.seg_command == "train" else _seg_eval(args)
         if args.models_command == "list":
@@ -312,3 +359,36 @@ def _seg_eval(args: argparse.Namespace) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from hepatoquant.bench import protocol
+
+    work: Path = args.work
+    if args.bench_command == "curate":
+        protocol.run_curate(args.dataset, work, config_path=args.config, workers=args.workers)
+        return 0
+    if args.bench_command == "split":
+        from hepatoquant.bench.split import parse_ratios
+
+        protocol.run_split(args.dataset, work, metadata=args.metadata, group_column=args.group_column,
+                           ratios=parse_ratios(args.ratios), seed=args.seed)
+        return 0
+    from hepatoquant.bench.probe import ProbeConfig
+    from hepatoquant.classify import choose_device
+    from hepatoquant.model_pack import resolve_model_pack
+
+    device = choose_device(args.device)
+    common = {"device": device, "batch_size": args.batch_size, "workers": args.workers}
+    if args.bench_command == "extract":
+        protocol.run_extract(args.dataset, work, resolve_model_pack(args.model, args.models_dir), **common)
+        return 0
+    config = ProbeConfig(method=args.method, seed=args.seed)
+    if args.bench_command == "probe":
+        protocol.run_probe(args.dataset, work, resolve_model_pack(args.model, args.models_dir), config=config,
+                           bootstrap=args.bootstrap, save_pack=args.save_pack, models_dir=args.models_dir,
+                           overwrite=args.overwrite, **common)
+        return 0
+    packs = [resolve_model_pack(name, args.models_dir) for name in args.model]
+    protocol.run_compare(args.dataset, work, packs, config=config, bootstrap=args.bootstrap, **common)
+    return 0

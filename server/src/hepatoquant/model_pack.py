@@ -39,6 +39,7 @@ __all__ = [
     "list_model_packs",
     "ensure_demo_pack",
     "add_model_pack",
+    "write_probe_pack",
     "default_models_dir",
 ]
 
@@ -360,6 +361,49 @@ def add_model_pack(
         licence=licence_note or encoder_config(encoder).licence_note,
     )
     return write_pack(dest, manifest, tensors, replace=overwrite)
+
+
+def write_probe_pack(
+    encoder_pack: ModelPack,
+    head_state: dict[str, torch.Tensor],
+    *,
+    name: str,
+    classes: tuple[str, ...],
+    description: str,
+    models_dir: Path | None = None,
+    overwrite: bool = False,
+    extra: dict | None = None,
+) -> ModelPack:
+    """A classifier pack from a trained linear probe: ``encoder_pack``'s encoder weights (copied as they are, so
+    the pack's SHA-256 proves which encoder the head was trained on) and the head. ``extra`` (e.g. the probe's
+    training record and test metrics) is stored in the manifest under ``"training"``."""
+    if not re.fullmatch(_manifest_schema()["properties"]["name"]["pattern"], name):
+        raise InvalidParameterError(
+            f"pack name {name!r} is not allowed; use letters, digits, '.', '_' and '-', starting with a letter or digit"
+        )
+    dest = (models_dir or default_models_dir()) / name
+    if dest.exists() and not overwrite:
+        raise ModelPackError(f"model pack {str(dest)!r} already exists; choose another name or pass overwrite")
+    config = encoder_config(encoder_pack.encoder_name)
+    weight = head_state["weight"]
+    if tuple(weight.shape) != (len(classes), config.embedding_dim):
+        raise WeightsMismatchError(
+            f"probe head {tuple(weight.shape)} does not fit {len(classes)} classes on encoder "
+            f"{encoder_pack.encoder_name!r} ({config.embedding_dim} dimensions)"
+        )
+    manifest = _manifest(name=name, kind="classifier", status="trained", encoder=encoder_pack.encoder_name,
+                         classes=classes, description=description, licence=encoder_pack.manifest["licence_note"])
+    manifest["encoder"]["sha256"] = ""  # filled in by write_pack from the copied file
+    manifest["input_size_px"] = encoder_pack.input_size_px
+    manifest["normalization"] = {"mean": list(encoder_pack.mean), "std": list(encoder_pack.std)}
+    if extra:
+        manifest["training"] = extra
+
+    def copy_encoder(folder: Path) -> None:
+        shutil.copyfile(encoder_pack.encoder_weights, folder / _ENCODER_FILE)
+
+    return write_pack(dest, manifest, {_HEAD_FILE: {k: v.float() for k, v in head_state.items()}},
+                      replace=overwrite, write_extra=copy_encoder)
 
 
 def _load_head(path: Path, embedding_dim: int, num_classes: int) -> dict[str, torch.Tensor]:
