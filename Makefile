@@ -28,3 +28,4 @@ benchmark: install
 	$(VENV)/bin/python benchmarks/segmentation.py
 	$(VENV)/bin/python benchmarks/server_overhead.py
 	$(VENV)/bin/python benchmarks/geojson_dialect.py
+	$(VENV)/bin/python benchmarks/hepatobench.py

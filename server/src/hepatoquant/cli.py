@@ -378,17 +378,30 @@ def _bench(args: argparse.Namespace) -> int:
     from hepatoquant.classify import choose_device
     from hepatoquant.model_pack import resolve_model_pack
 
+    from rich.progress import Progress
+
     device = choose_device(args.device)
-    common = {"device": device, "batch_size": args.batch_size, "workers": args.workers}
-    if args.bench_command == "extract":
-        protocol.run_extract(args.dataset, work, resolve_model_pack(args.model, args.models_dir), **common)
-        return 0
-    config = ProbeConfig(method=args.method, seed=args.seed)
-    if args.bench_command == "probe":
-        protocol.run_probe(args.dataset, work, resolve_model_pack(args.model, args.models_dir), config=config,
-                           bootstrap=args.bootstrap, save_pack=args.save_pack, models_dir=args.models_dir,
-                           overwrite=args.overwrite, **common)
-        return 0
-    packs = [resolve_model_pack(name, args.models_dir) for name in args.model]
-    protocol.run_compare(args.dataset, work, packs, config=config, bootstrap=args.bootstrap, **common)
+    with Progress(transient=True) as bar:
+        tasks: dict[str, int] = {}
+
+        def progress_for(label: str):
+            def update(done: int, total: int) -> None:
+                if label not in tasks:
+                    tasks[label] = bar.add_task(f"embedding {label}", total=total)
+                bar.update(tasks[label], completed=done)
+            return update
+
+        common = {"device": device, "batch_size": args.batch_size, "workers": args.workers,
+                  "progress_for": progress_for, "log": bar.console.print}
+        if args.bench_command == "extract":
+            protocol.run_extract(args.dataset, work, resolve_model_pack(args.model, args.models_dir), **common)
+            return 0
+        config = ProbeConfig(method=args.method, seed=args.seed)
+        if args.bench_command == "probe":
+            protocol.run_probe(args.dataset, work, resolve_model_pack(args.model, args.models_dir), config=config,
+                               bootstrap=args.bootstrap, save_pack=args.save_pack, models_dir=args.models_dir,
+                               overwrite=args.overwrite, **common)
+            return 0
+        packs = [resolve_model_pack(name, args.models_dir) for name in args.model]
+        protocol.run_compare(args.dataset, work, packs, config=config, bootstrap=args.bootstrap, **common)
     return 0

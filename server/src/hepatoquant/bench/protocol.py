@@ -38,6 +38,7 @@ __all__ = ["ProbeOutcome", "curated_dataset", "run_compare", "run_curate", "run_
            "work_partition"]
 
 Log = Callable[[str], object]
+ProgressFor = Callable[[str], Callable[[int, int], object]]  # a label -> a (done, total) callback
 
 
 def _write_json(path: Path, value: dict) -> None:
@@ -107,8 +108,7 @@ def work_partition(dataset_root: Path, work: Path, log: Log = print) -> Partitio
 
 def run_extract(dataset_root: Path, work: Path, pack: ModelPack, *, device: torch.device | None = None,
                 batch_size: int = 64, workers: int = 4, splits: Sequence[str] = SPLITS,
-                log: Log = print, progress_for: Callable[[str], Callable[[int, int], object]] | None = None,
-                ) -> dict[str, Embeddings]:
+                log: Log = print, progress_for: ProgressFor | None = None) -> dict[str, Embeddings]:
     """Embeddings of every split with ``pack``'s encoder, cached in WORK/embeddings."""
     partition = work_partition(dataset_root, work, log)
     embeddings = {}
@@ -116,7 +116,7 @@ def run_extract(dataset_root: Path, work: Path, pack: ModelPack, *, device: torc
         patches = partition.patches(split)
         embeddings[split] = extract_embeddings(
             partition.dataset, patches, pack, work / "embeddings", split, device=device, batch_size=batch_size,
-            workers=workers, progress=progress_for(split) if progress_for else None,
+            workers=workers, progress=progress_for(f"{pack.name} {split}") if progress_for else None,
         )
         e = embeddings[split]
         rate = f", {e.computed / e.seconds:.1f} patches/s" if e.seconds > 0 else ""
@@ -137,11 +137,12 @@ class ProbeOutcome:
 def run_probe(dataset_root: Path, work: Path, pack: ModelPack, *, config: ProbeConfig = ProbeConfig(),
               bootstrap: int = 1000, save_pack: str | None = None, models_dir: Path | None = None,
               overwrite: bool = False, device: torch.device | None = None, batch_size: int = 64, workers: int = 4,
-              log: Log = print) -> ProbeOutcome:
+              log: Log = print, progress_for: ProgressFor | None = None) -> ProbeOutcome:
     """Trains the probe on train, chooses its settings on val, scores it on test; optionally saves a pack."""
     from hepatoquant.bench.metrics import classification_metrics, confusion_matrix_table, plot_confusion_matrix
 
-    embeddings = run_extract(dataset_root, work, pack, device=device, batch_size=batch_size, workers=workers, log=log)
+    embeddings = run_extract(dataset_root, work, pack, device=device, batch_size=batch_size, workers=workers, log=log,
+                             progress_for=progress_for)
     classes = work_partition(dataset_root, work, log=lambda _: None).dataset.classes
     train, val, test = (embeddings[s] for s in SPLITS)
     probe = train_probe(train.vectors, train.labels, val.vectors, val.labels, len(classes), config)
@@ -179,7 +180,7 @@ def run_probe(dataset_root: Path, work: Path, pack: ModelPack, *, config: ProbeC
 
 def run_compare(dataset_root: Path, work: Path, packs: Sequence[ModelPack], *, config: ProbeConfig = ProbeConfig(),
                 bootstrap: int = 1000, device: torch.device | None = None, batch_size: int = 64, workers: int = 4,
-                log: Log = print) -> dict[str, Path]:
+                log: Log = print, progress_for: ProgressFor | None = None) -> dict[str, Path]:
     """Extract, probe and score each encoder; writes the leaderboard (Markdown, JSON, one plot per metric)."""
     from hepatoquant.bench.leaderboard import Entry, write_leaderboard
 
@@ -188,7 +189,8 @@ def run_compare(dataset_root: Path, work: Path, packs: Sequence[ModelPack], *, c
     entries = []
     for pack in packs:
         outcome = run_probe(dataset_root, work, pack, config=config, bootstrap=bootstrap, device=device,
-                            batch_size=batch_size, workers=workers, log=log)
+                            batch_size=batch_size, workers=workers, log=log,
+                            progress_for=progress_for)
         record = json.loads((outcome.folder / "probe.json").read_text())
         entries.append(Entry(encoder=pack.encoder_name, pack=pack.name, embedding_dim=record["embedding_dim"],
                              metrics=outcome.metrics, extra={"probe": record["probe"]["chosen"],
@@ -196,5 +198,5 @@ def run_compare(dataset_root: Path, work: Path, packs: Sequence[ModelPack], *, c
     dataset = work_partition(dataset_root, work, log=lambda _: None).dataset
     name = dataset.meta.get("name") or Path(dataset_root).name
     written = write_leaderboard(entries, work, title=f"Linear probes on {name}", dataset_name=name)
-    log(f"leaderboard: {written['markdown'] if 'markdown' in written else work / 'leaderboard.md'}")
+    log(f"leaderboard: {written['markdown']}")
     return written
