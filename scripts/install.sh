@@ -59,5 +59,5 @@ fi
 "$VENV/bin/python" -m pip install --quiet --upgrade "pip>=24"
 # torch first, pinned, so no other requirement can pull a different multi-GB build.
 "$VENV/bin/python" -m pip install --quiet "torch==2.14.1" "torchvision==0.29.1"
-"$VENV/bin/python" -m pip install --quiet -e "./python_client[qupath]" -e "./server[test]"
+"$VENV/bin/python" -m pip install --quiet -e "./python_client[qupath]" -e "./server[test,ray]"
 "$VENV/bin/hepatoquant" --version

@@ -7,12 +7,14 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 import shapely
 
 from hepatoquant.classify import choose_device, load_classifier, predict_batches
@@ -26,7 +28,7 @@ from hepatoquant.tile_reader import iter_tile_batches
 from hepatoquant.tiling import TileGrid, TileSpec, build_tile_grid
 from hepatoquant.tissue import TissueDetectionParams, TissueMask, detect_tissue
 
-__all__ = ["AnalysisOptions", "AnalysisResult", "ProgressCallback", "analyze_slide", "demo_model_warning"]
+__all__ = ["AnalysisOptions", "AnalysisResult", "ModelCache", "ProgressCallback", "analyze_slide", "demo_model_warning"]
 
 # stage name, done, total: called after tissue detection, tiling, and every classified batch.
 ProgressCallback = Callable[[str, int, int], None]
@@ -100,6 +102,30 @@ def demo_model_warning(pack: ModelPack) -> str:
     )
 
 
+class ModelCache:
+    """Loaded models kept for the next slide: a cohort worker analyses many slides with one copy of each model.
+
+    Keyed by the pack's folder and the device; a pack replaced on disk (another manifest) is loaded again.
+    """
+
+    def __init__(self) -> None:
+        self._models: dict[tuple, object] = {}
+
+    def _get(self, kind: str, pack: ModelPack, device: torch.device, load: Callable[[ModelPack, torch.device], object]):
+        key = (kind, str(pack.path.resolve()), json.dumps(pack.manifest, sort_keys=True), str(device))
+        if key not in self._models:
+            self._models[key] = load(pack, device)
+        return self._models[key]
+
+    def classifier(self, pack: ModelPack, device: torch.device):
+        return self._get("classifier", pack, device, load_classifier)
+
+    def segmenter(self, pack: ModelPack, device: torch.device):
+        from hepatoquant.segmentation.pack import load_segmenter
+
+        return self._get("segmenter", pack, device, load_segmenter)
+
+
 def _segment(
     slide_path: str | Path,
     slide_info: SlideInfo,
@@ -107,16 +133,16 @@ def _segment(
     segmenter: ModelPack,
     options: AnalysisOptions,
     report_progress: ProgressCallback,
+    models: ModelCache,
 ) -> tuple[SegmentationMap, list[Region], list[str]]:
     """Tumour / non-tumour regions from the segmenter pack (sliding windows, then polygons)."""
-    from hepatoquant.segmentation.pack import load_segmenter
     from hepatoquant.segmentation.vectorize import regions_from_label_mask
 
     warnings = []
     if segmenter.is_untrained_demo:
         warnings.append(demo_model_warning(segmenter))
     device = choose_device(options.device)
-    model = load_segmenter(segmenter, device)
+    model = models.segmenter(segmenter, device)
     segmentation = segment_slide(
         slide_path,
         (slide_info.width_px, slide_info.height_px),
@@ -148,10 +174,13 @@ def analyze_slide(
     *,
     segmenter: ModelPack | None = None,
     progress: ProgressCallback | None = None,
+    models: ModelCache | None = None,
 ) -> AnalysisResult:
     """Analyse one slide with a classifier pack; regions from ``options.regions_path``, else the ``segmenter``
-    pack, else the whole tissue. Raises our errors (bad slide, no tissue, bad regions)."""
+    pack, else the whole tissue. Raises our errors (bad slide, no tissue, bad regions). ``models`` keeps the
+    loaded models for the next call (cohorts); without it they are loaded for this slide only."""
     report_progress = progress or (lambda stage, done, total: None)
+    models = models or ModelCache()
     timings: dict[str, float] = {}
     warnings: list[str] = []
     if pack.is_untrained_demo:
@@ -177,7 +206,7 @@ def analyze_slide(
             segmenter = None
     elif segmenter is not None:
         started = time.perf_counter()
-        segmentation, regions, segmentation_warnings = _segment(slide_path, slide_info, tissue, segmenter, options, report_progress)
+        segmentation, regions, segmentation_warnings = _segment(slide_path, slide_info, tissue, segmenter, options, report_progress, models)
         warnings += segmentation_warnings
         timings["segmentation"] = time.perf_counter() - started
     else:
@@ -203,7 +232,7 @@ def analyze_slide(
 
     started = time.perf_counter()
     device = choose_device(options.device)
-    model = load_classifier(pack, device)
+    model = models.classifier(pack, device)
     timings["model_loading"] = time.perf_counter() - started
 
     started = time.perf_counter()

@@ -107,7 +107,26 @@ def _build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", type=Path, default=Path("hepatoquant-results"), help="folder for the JSON and Markdown")
     evaluate.add_argument("--device", default="auto")
     _add_bench_parser(commands)
+    _add_cohort_parser(commands)
     return parser
+
+
+def _add_cohort_parser(commands) -> None:
+    cohort = commands.add_parser("cohort", help="analyse many slides: on this machine or a Ray cluster")
+    steps = cohort.add_subparsers(dest="cohort_command", required=True)
+    run = steps.add_parser("run", help="every slide of a cohort CSV or folder, with resume and a failures table")
+    run.add_argument("cohort", type=Path, help="CSV (slide[, slide_id, mpp, regions]) or a folder of slides")
+    run.add_argument("--out", type=Path, required=True, help="output folder: slides/<id>/, cohort.csv, failures.csv")
+    run.add_argument("--engine", choices=("local", "ray"), default="local")
+    run.add_argument("--address", help="Ray cluster address (auto, ray://host:10001); default: Ray on this machine")
+    run.add_argument("--workers", type=int, default=1, help="slides analysed at once (one model copy each)")
+    run.add_argument("--model", default="demo", help="classifier pack (default: the untrained demo)")
+    run.add_argument("--seg-model", default="none", help="segmenter pack, or none (whole tissue as one region)")
+    run.add_argument("--device", default="cpu", help="cpu, cuda, or auto")
+    run.add_argument("--batch-size", type=int, default=32)
+    run.add_argument("--reader-workers", type=int, default=2, help="tile-reading threads per slide")
+    run.add_argument("--tile-size", type=int, default=None)
+    run.add_argument("--tumour-classes", default=None, help="comma-separated region classes that are tumour")
 
 
 def _add_bench_parser(commands) -> None:
@@ -166,6 +185,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _demo(args)
         if args.command == "bench":
             return _bench(args)
+        if args.command == "cohort":
+            return _cohort_run(args)
         if args.command == "seg":
             return _seg_train(args) if args.seg_command == "train" else _seg_eval(args)
         if args.models_command == "list":
@@ -405,3 +426,59 @@ def _bench(args: argparse.Namespace) -> int:
         packs = [resolve_model_pack(name, args.models_dir) for name in args.model]
         protocol.run_compare(args.dataset, work, packs, config=config, bootstrap=args.bootstrap, **common)
     return 0
+
+
+EXIT_SOME_SLIDES_FAILED = 3
+
+
+def _cohort_run(args: argparse.Namespace) -> int:
+    """Exit 0 when every slide has complete outputs, 3 when some failed (see failures.csv), 2 on bad input."""
+    import time
+
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from hepatoquant.cohort.engines import run_cohort
+    from hepatoquant.cohort.inputs import read_cohort
+    from hepatoquant.cohort.runner import AnalysisSettings, write_tables
+    from hepatoquant.model_pack import ensure_demo_pack, resolve_model_pack
+
+    items = read_cohort(args.cohort)
+    if args.model == "demo":
+        ensure_demo_pack(args.models_dir)  # made once here, not by every worker at the same time
+    resolve_model_pack(args.model, args.models_dir)  # a wrong pack name fails before anything runs
+    if args.seg_model != "none":
+        resolve_model_pack(args.seg_model, args.models_dir)
+    settings = AnalysisSettings(
+        model=args.model, segmenter=None if args.seg_model == "none" else args.seg_model,
+        models_dir=str(args.models_dir) if args.models_dir else None, device=args.device, batch_size=args.batch_size,
+        reader_workers=args.reader_workers, tile_size_px=args.tile_size,
+        tumour_class_names=tuple(n.strip() for n in args.tumour_classes.split(",") if n.strip())
+        if args.tumour_classes else (),
+    )
+    console = Console(stderr=True)
+    counts = {"done": 0, "failed": 0, "skipped": 0, "tiles": 0}
+    started = time.perf_counter()
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), console=console) as bar:
+        task = bar.add_task("slides", total=len(items))
+
+        def on_outcome(outcome) -> None:
+            key = "skipped" if outcome.skipped else "done" if outcome.ok else "failed"
+            counts[key] += 1
+            counts["tiles"] += outcome.tiles
+            if not outcome.ok:
+                bar.console.print(f"[red]failed[/] {outcome.slide_id}: {outcome.error}")
+            rate = counts["tiles"] / max(time.perf_counter() - started, 1e-9)
+            remaining = len(items) - counts["done"] - counts["failed"] - counts["skipped"]
+            bar.update(task, advance=1, description=f"done {counts['done']}, failed {counts['failed']}, skipped "
+                                                    f"{counts['skipped']}, remaining {remaining}, {rate:.1f} tiles/s")
+
+        outcomes = run_cohort(items, settings, args.out, engine=args.engine, workers=args.workers,
+                              address=args.address, on_outcome=on_outcome)
+    tables = write_tables(items, outcomes, args.out)
+    elapsed = time.perf_counter() - started
+    console.print(f"{len(items)} slides: {counts['done']} analysed, {counts['skipped']} already complete, "
+                  f"{counts['failed']} failed, in {elapsed:.1f} s ({args.engine} engine, {args.workers} worker(s)); "
+                  f"cohort table {tables.get('cohort', 'not written (no slide completed)')}, failures {tables['failures']}")
+    return EXIT_SOME_SLIDES_FAILED if counts["failed"] else 0
