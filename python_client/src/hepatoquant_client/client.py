@@ -16,6 +16,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import socket
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -468,14 +469,40 @@ class ServerInfo:
 # --- the client -------------------------------------------------------------------------------------------
 
 
+def replica_addresses(target: str) -> list[tuple[str, str]]:
+    """The servers a target names, as (channel target, host name): one for ``host:port``; each of a comma list
+    (``h1:50051,h2:50051``, also after ``ipv4:`` / ``ipv6:``); each address ``dns:///name:port`` resolves to."""
+    text = target.strip()
+    if "," in text:
+        for scheme in ("ipv4:", "ipv6:"):
+            text = text.removeprefix(scheme)
+        parts = [p.strip() for p in text.split(",") if p.strip()]
+        return [(p, p.rsplit(":", 1)[0].strip("[]")) for p in parts]
+    if text.startswith("dns:///"):
+        host, _, port = text.removeprefix("dns:///").rpartition(":")
+        try:
+            infos = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+        except (OSError, ValueError):
+            return [(target, host)]  # let gRPC report the unresolvable name on the first call
+        addresses = sorted({info[4][0] for info in infos})
+        if len(addresses) > 1:
+            return [(f"[{a}]:{port}" if ":" in a else f"{a}:{port}", host) for a in addresses]
+    return [(target, text.rsplit(":", 1)[0].removeprefix("dns:///"))]
+
+
 class Client:
-    """A connection to a HepatoQuant server (``target`` is ``host:port``).
+    """A connection to a HepatoQuant server (``target`` is ``host:port``), or to several replicas of one.
 
     ``token`` is sent as ``authorization: Bearer <token>`` on every call; ``tls_root_certificates`` (PEM bytes)
     switches to TLS and trusts those roots. ``timeout_s`` bounds each unary call; streams (watching a job,
     classifying tiles) run as long as the work does. Use it as a context manager, or call :meth:`close`.
     ``watch_reconnects`` is how many times :meth:`watch` reconnects after the stream breaks (UNAVAILABLE),
     waiting ``reconnect_backoff_s`` (doubling) before each attempt.
+
+    Replicas: ``"host1:50051,host2:50051"`` (or ``ipv4:``/``ipv6:`` lists, or ``dns:///name:50051``, whose
+    addresses are resolved once here) spreads submissions round-robin over the replicas, one channel each. A job
+    lives on the replica that accepted it, so every later call about it (watch, result, cancel) goes there: to the
+    replica this client submitted it to, or, for a job id from elsewhere, the replica that knows it.
     """
 
     def __init__(
@@ -499,18 +526,25 @@ class Client:
         # The server enforces its own message limit (ServerInfo.max_message_bytes); results with overlays can
         # exceed grpc's 4 MiB default, so the client does not add a lower one.
         options = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)]
-        if tls_root_certificates is not None:
-            credentials = grpc.ssl_channel_credentials(root_certificates=tls_root_certificates)
-            self._channel = grpc.secure_channel(target, credentials, options=options)
-        else:
-            self._channel = grpc.insecure_channel(target, options=options)
-        self._stub = pb_grpc.HepatoQuantStub(self._channel)
+        self._channels = []
+        for address, host in replica_addresses(target):
+            if tls_root_certificates is not None:
+                credentials = grpc.ssl_channel_credentials(root_certificates=tls_root_certificates)
+                name = [("grpc.ssl_target_name_override", host)] if host and address != target else []
+                self._channels.append(grpc.secure_channel(address, credentials, options=options + name))
+            else:
+                self._channels.append(grpc.insecure_channel(address, options=options))
+        self._stubs = [pb_grpc.HepatoQuantStub(channel) for channel in self._channels]
+        self._stub = self._stubs[0]
+        self._next = itertools.count()
+        self._replica_of_job: dict[str, int] = {}
         self._metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {token}"),) if token else ()
 
     # -- lifecycle ---------------------------------------------------------------------------------------
     def close(self) -> None:
-        """Close the channel (calls in flight are cancelled)."""
-        self._channel.close()
+        """Close the channels (calls in flight are cancelled)."""
+        for channel in self._channels:
+            channel.close()
 
     def __enter__(self) -> Client:
         return self
@@ -522,11 +556,27 @@ class Client:
         return f"Client({self.target!r})"
 
     # -- plumbing ----------------------------------------------------------------------------------------
-    def _unary(self, method: str, request: Any) -> Any:
+    def _unary(self, method: str, request: Any, replica: int = 0) -> Any:
         try:
-            return getattr(self._stub, method)(request, metadata=self._metadata, timeout=self.timeout_s)
+            return getattr(self._stubs[replica], method)(request, metadata=self._metadata, timeout=self.timeout_s)
         except grpc.RpcError as exc:
             raise HepatoQuantClientError.from_rpc_error(exc) from None
+
+    def _replica_for(self, job_id: str) -> int:
+        """The replica holding ``job_id``: the one it was submitted to, else the first that knows it."""
+        if job_id in self._replica_of_job or len(self._stubs) == 1:
+            return self._replica_of_job.get(job_id, 0)
+        not_found = None
+        for replica in range(len(self._stubs)):
+            try:
+                self._unary("GetJob", pb.GetJobRequest(job_id=job_id), replica)
+            except NotFoundError as exc:
+                not_found = exc
+                continue
+            self._replica_of_job[job_id] = replica
+            return replica
+        raise NotFoundError("NOT_FOUND", f"none of the {len(self._stubs)} replicas of {self.target!r} knows job "
+                                         f"{job_id!r} ({not_found.message if not_found else 'no answer'})")
 
     # -- RPCs --------------------------------------------------------------------------------------------
     def info(self) -> ServerInfo:
@@ -559,11 +609,14 @@ class Client:
         return self._submit(slide, **options).job_id
 
     def _submit(self, slide: str | os.PathLike[str], **options: Any) -> pb.Job:
-        return self._unary("SubmitAnalysis", self.analysis_request(slide, **options))
+        replica = next(self._next) % len(self._stubs)
+        job = self._unary("SubmitAnalysis", self.analysis_request(slide, **options), replica)
+        self._replica_of_job[job.job_id] = replica
+        return job
 
     def job(self, job_id: str) -> JobProgress:
         """The job as it is now."""
-        return JobProgress.from_proto(self._unary("GetJob", pb.GetJobRequest(job_id=job_id)))
+        return JobProgress.from_proto(self._unary("GetJob", pb.GetJobRequest(job_id=job_id), self._replica_for(job_id)))
 
     def watch(self, job_id: str, on_progress: Callable[[JobProgress], object] | None = None) -> JobProgress:
         """Follow a job until it ends and return its final state (which may be failed or cancelled: see
@@ -575,7 +628,8 @@ class Client:
         attempt = 0
         while True:
             try:
-                stream = self._stub.WatchJob(pb.WatchJobRequest(job_id=job_id), metadata=self._metadata)
+                stream = self._stubs[self._replica_for(job_id)].WatchJob(pb.WatchJobRequest(job_id=job_id),
+                                                                         metadata=self._metadata)
                 try:
                     for event in stream:
                         last = JobProgress.from_proto(event.job)
@@ -605,7 +659,8 @@ class Client:
 
     def result(self, job_id: str) -> AnalysisOutcome:
         """The outcome of a succeeded job (FAILED_PRECONDITION while it is not done)."""
-        return AnalysisOutcome.from_proto(self._unary("GetResult", pb.GetResultRequest(job_id=job_id)))
+        return AnalysisOutcome.from_proto(
+            self._unary("GetResult", pb.GetResultRequest(job_id=job_id), self._replica_for(job_id)))
 
     def analyze(
         self,
@@ -624,12 +679,16 @@ class Client:
     def cancel(self, job_id: str) -> JobProgress:
         """Cancel a queued or running job (a running one stops between batches; the state returned may still
         say running). A finished job is left as is."""
-        return JobProgress.from_proto(self._unary("CancelJob", pb.CancelJobRequest(job_id=job_id)))
+        return JobProgress.from_proto(
+            self._unary("CancelJob", pb.CancelJobRequest(job_id=job_id), self._replica_for(job_id)))
 
     def jobs(self, limit: int = 100) -> list[JobProgress]:
-        """The server's jobs, newest first."""
-        reply = self._unary("ListJobs", pb.ListJobsRequest(limit=limit))
-        return [JobProgress.from_proto(j) for j in reply.jobs]
+        """The server's jobs (every replica's, when given several), newest first."""
+        jobs = []
+        for replica in range(len(self._stubs)):
+            jobs += self._unary("ListJobs", pb.ListJobsRequest(limit=limit), replica).jobs
+        jobs.sort(key=lambda j: (j.created_at.seconds, j.created_at.nanos), reverse=True)
+        return [JobProgress.from_proto(j) for j in jobs[:limit]]
 
     def classify_tiles(
         self,

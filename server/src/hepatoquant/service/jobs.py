@@ -334,7 +334,11 @@ def _record(row: sqlite3.Row) -> JobRecord:
 
 
 def _not_found(job_id: str) -> JobNotFoundError:
-    return JobNotFoundError(f"no job with id {job_id!r} on this server; list jobs to see the ids it knows")
+    return JobNotFoundError(
+        f"no job with id {job_id!r} on this server; list jobs to see the ids it knows. Behind a load balancer, "
+        "each job lives on the replica that accepted it: send its calls there (the Python client does this "
+        "itself when given all replicas as 'host1:port,host2:port')"
+    )
 
 
 def _remove_result_dir(path: Path) -> bool:
