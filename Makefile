@@ -29,3 +29,5 @@ benchmark: install
 	$(VENV)/bin/python benchmarks/server_overhead.py
 	$(VENV)/bin/python benchmarks/geojson_dialect.py
 	$(VENV)/bin/python benchmarks/hepatobench.py
+	$(VENV)/bin/python benchmarks/cohort_throughput.py
+	$(VENV)/bin/python benchmarks/capacity_model.py

@@ -14,6 +14,7 @@ Both skip slides whose complete outputs exist, and report each outcome as it arr
 from __future__ import annotations
 
 import multiprocessing
+import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
@@ -58,10 +59,14 @@ def run_cohort(items: Sequence[CohortItem], settings: AnalysisSettings, out_dir:
     return outcomes
 
 
-def _init_local_worker() -> None:
+def _init_local_worker(threads: int) -> None:
+    """One model cache per process, and a share of the cores (workers x threads = cores, as Ray's actors get)."""
     global _worker_models
+    import torch
+
     from hepatoquant.analysis import ModelCache
 
+    torch.set_num_threads(threads)
     _worker_models = ModelCache()
 
 
@@ -73,8 +78,10 @@ def _run_local(items, settings, out_dir, workers, address, record) -> None:
     if address:
         raise InvalidParameterError("--address is for --engine ray")
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=min(workers, len(items)), mp_context=context,
-                             initializer=_init_local_worker) as pool:
+    count = min(workers, len(items))
+    threads = max(1, (os.cpu_count() or 1) // count)
+    with ProcessPoolExecutor(max_workers=count, mp_context=context, initializer=_init_local_worker,
+                             initargs=(threads,)) as pool:
         futures = {pool.submit(_local_task, item, settings, out_dir): item for item in items}
         for future in as_completed(futures):
             item = futures[future]
