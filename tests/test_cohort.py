@@ -105,3 +105,25 @@ def test_bad_cohort_tables_are_refused_before_anything_runs(tmp_path: Path, mode
         assert not (tmp_path / "out").exists()
     errors = capsys.readouterr().err
     assert "no 'slide' column" in errors and "appears twice" in errors and "'fast' is not a positive number" in errors
+
+
+def test_outputs_at_an_fsspec_url_count_only_once_complete(cohort: Path, models: Path, tmp_path: Path,
+                                                          local_run: Path) -> None:
+    """file:// stands in for s3:// and the like: uploaded files, then the marker; no marker, not complete."""
+    items = [i for i in read_cohort(cohort) if i.slide_id in ("gen-a", "broken")]
+    url = (tmp_path / "bucket").as_uri()
+    settings = AnalysisSettings(model="demo", segmenter=None, models_dir=str(models), tile_size_px=300)
+    outcomes = run_cohort(items, settings, url, engine="local", workers=1)
+    assert outcomes["gen-a"].ok and not outcomes["broken"].ok
+    from hepatoquant.cohort.runner import write_tables
+
+    written = write_tables(items, outcomes, url)
+    assert written["cohort"] == f"{url}/cohort.csv"
+    uploaded = tmp_path / "bucket" / "slides" / "gen-a"
+    assert (uploaded / ".complete").is_file()
+    [geojson] = uploaded.glob("*.geojson")
+    assert _features_without_ids(geojson) == _features_without_ids(slide_folder(local_run, "gen-a") / geojson.name)
+    assert (tmp_path / "bucket" / "cohort.csv").read_text().splitlines()[1] == \
+        (local_run / "cohort.csv").read_text().splitlines()[1]  # gen-a's row, as the folder run wrote it
+    (uploaded / ".complete").unlink()  # as if the upload had stopped before the marker
+    assert not is_complete(url, "gen-a")

@@ -116,7 +116,9 @@ def _add_cohort_parser(commands) -> None:
     steps = cohort.add_subparsers(dest="cohort_command", required=True)
     run = steps.add_parser("run", help="every slide of a cohort CSV or folder, with resume and a failures table")
     run.add_argument("cohort", type=Path, help="CSV (slide[, slide_id, mpp, regions]) or a folder of slides")
-    run.add_argument("--out", type=Path, required=True, help="output folder: slides/<id>/, cohort.csv, failures.csv")
+    run.add_argument("--out", required=True,
+                     help="output folder or fsspec URL (s3://..., with its driver installed): slides/<id>/, cohort.csv, "
+                          "failures.csv")
     run.add_argument("--engine", choices=("local", "ray"), default="local")
     run.add_argument("--address", help="Ray cluster address (auto, ray://host:10001); default: Ray on this machine")
     run.add_argument("--workers", type=int, default=1, help="slides analysed at once (one model copy each)")

@@ -2,8 +2,9 @@
 
 - ``local``: a process pool on this machine (spawned processes: PyTorch and fork do not mix), one worker per
   device by default, each keeping one copy of the models for all its slides.
-- ``ray``: a pool of Ray actors (``ray.util.ActorPool``), one per GPU when the cluster has GPUs, each loading the
-  model packs once; slides are scheduled across the cluster as actors free up. ``address`` is a running
+- ``ray``: a pool of Ray actors, one per GPU when the cluster has GPUs, each loading the model packs once; Ray
+  places them across the cluster and each free actor takes the next slide. An actor that dies (out of memory, a
+  crash) fails only the slide it held and is replaced. ``address`` is a running
   cluster's (``auto`` or ``ray://host:10001``); without one, Ray starts on this machine with ``workers`` CPUs.
   Every node must see the slides, the models folder and the output folder at the same paths (a shared file
   system), and have hepatoquant installed.
@@ -31,7 +32,7 @@ OnOutcome = Callable[[SlideOutcome], object]
 _worker_models = None  # the ModelCache of a local worker process
 
 
-def run_cohort(items: Sequence[CohortItem], settings: AnalysisSettings, out_dir: Path, *, engine: str = "local",
+def run_cohort(items: Sequence[CohortItem], settings: AnalysisSettings, out: str | Path, *, engine: str = "local",
                workers: int = 1, address: str | None = None, on_outcome: OnOutcome | None = None,
                ) -> dict[str, SlideOutcome]:
     """Every slide's outcome by slide id; slides already complete come back as ``skipped``."""
@@ -39,7 +40,7 @@ def run_cohort(items: Sequence[CohortItem], settings: AnalysisSettings, out_dir:
         raise InvalidParameterError(f"engine {engine!r} is not known; use {' or '.join(ENGINES)}")
     if workers < 1:
         raise InvalidParameterError("--workers must be at least 1")
-    out_dir = Path(out_dir)
+    out = str(out)  # a folder or an fsspec URL (see hepatoquant.cohort.storage)
     outcomes: dict[str, SlideOutcome] = {}
 
     def record(outcome: SlideOutcome) -> None:
@@ -49,13 +50,13 @@ def run_cohort(items: Sequence[CohortItem], settings: AnalysisSettings, out_dir:
 
     pending = []
     for item in items:
-        if is_complete(out_dir, item.slide_id):
+        if is_complete(out, item.slide_id):
             record(SlideOutcome(item.slide_id, str(item.slide), ok=True, skipped=True))
         else:
             pending.append(item)
     if pending:
         run = _run_local if engine == "local" else _run_ray
-        run(pending, settings, out_dir, workers, address, record)
+        run(pending, settings, out, workers, address, record)
     return outcomes
 
 
@@ -70,11 +71,11 @@ def _init_local_worker(threads: int) -> None:
     _worker_models = ModelCache()
 
 
-def _local_task(item: CohortItem, settings: AnalysisSettings, out_dir: Path) -> SlideOutcome:
-    return analyze_item(item, settings, out_dir, _worker_models)
+def _local_task(item: CohortItem, settings: AnalysisSettings, out: str) -> SlideOutcome:
+    return analyze_item(item, settings, out, _worker_models)
 
 
-def _run_local(items, settings, out_dir, workers, address, record) -> None:
+def _run_local(items, settings, out, workers, address, record) -> None:
     if address:
         raise InvalidParameterError("--address is for --engine ray")
     context = multiprocessing.get_context("spawn")
@@ -82,7 +83,7 @@ def _run_local(items, settings, out_dir, workers, address, record) -> None:
     threads = max(1, (os.cpu_count() or 1) // count)
     with ProcessPoolExecutor(max_workers=count, mp_context=context, initializer=_init_local_worker,
                              initargs=(threads,)) as pool:
-        futures = {pool.submit(_local_task, item, settings, out_dir): item for item in items}
+        futures = {pool.submit(_local_task, item, settings, out): item for item in items}
         for future in as_completed(futures):
             item = futures[future]
             try:
@@ -92,10 +93,9 @@ def _run_local(items, settings, out_dir, workers, address, record) -> None:
                                     error=f"the worker process analysing this slide failed: {exc}"))
 
 
-def _run_ray(items, settings, out_dir, workers, address, record) -> None:
+def _run_ray(items, settings, out, workers, address, record) -> None:
     try:
         import ray
-        from ray.util import ActorPool
     except ImportError as exc:
         raise InvalidParameterError(
             "--engine ray needs Ray: pip install 'hepatoquant-server[ray]' (ray==2.60.0)"
@@ -111,10 +111,23 @@ def _run_ray(items, settings, out_dir, workers, address, record) -> None:
     try:
         gpus = int(ray.cluster_resources().get("GPU", 0)) if settings.device != "cpu" else 0
         count = min(len(items), gpus if gpus else workers)
-        actor = ray.remote(num_gpus=1 if gpus else 0, num_cpus=1)(_RayWorker)
-        pool = ActorPool([actor.remote(settings, str(out_dir)) for _ in range(count)])
-        for outcome in pool.map_unordered(lambda worker, item: worker.run.remote(item), list(items)):
-            record(outcome)
+        actor_class = ray.remote(num_gpus=1 if gpus else 0, num_cpus=1)(_RayWorker)
+        idle = [actor_class.remote(settings, out) for _ in range(count)]
+        queue, running = list(items), {}
+        while queue or running:  # Ray places the actors and runs the calls; this only tracks which slide is where
+            while queue and idle:
+                actor, item = idle.pop(), queue.pop(0)
+                running[actor.run.remote(item)] = (actor, item)
+            [finished], _ = ray.wait(list(running), num_returns=1)
+            actor, item = running.pop(finished)
+            try:
+                record(ray.get(finished))
+                idle.append(actor)
+            except ray.exceptions.RayError as exc:  # the actor died (out of memory, a crash): a new one goes on
+                record(SlideOutcome(item.slide_id, str(item.slide), ok=False, error_type=type(exc).__name__,
+                                    error=f"the Ray worker analysing this slide died: {str(exc).splitlines()[0]}"))
+                ray.kill(actor)
+                idle.append(actor_class.remote(settings, out))
     finally:
         if started_here:
             ray.shutdown()
@@ -123,10 +136,10 @@ def _run_ray(items, settings, out_dir, workers, address, record) -> None:
 class _RayWorker:
     """One model copy per actor, kept for all the slides the actor is given."""
 
-    def __init__(self, settings: AnalysisSettings, out_dir: str) -> None:
+    def __init__(self, settings: AnalysisSettings, out: str) -> None:
         from hepatoquant.analysis import ModelCache
 
-        self.settings, self.out_dir, self.models = settings, Path(out_dir), ModelCache()
+        self.settings, self.out, self.models = settings, out, ModelCache()
 
     def run(self, item: CohortItem) -> SlideOutcome:
-        return analyze_item(item, self.settings, self.out_dir, self.models)
+        return analyze_item(item, self.settings, self.out, self.models)

@@ -1,9 +1,8 @@
 """One cohort slide, the same analysis as ``hepatoquant analyze``, and the cohort's tables.
 
-Each slide's outputs go to ``OUT/slides/<slide_id>/``: written into a temporary sibling folder and renamed into
-place when complete, so an existing folder means complete outputs and a run that stops half-way leaves only a
-temporary folder, which the next run ignores and replaces. Whatever engine runs :func:`analyze_item` (a local
-process or a Ray actor), the slide's files are the same.
+Each slide's outputs go to ``OUT/slides/<slide_id>/`` (OUT a folder or an fsspec URL: :mod:`.storage`), and only
+complete outputs count: a run that stops half-way leaves nothing the next run mistakes for a result. Whatever
+engine runs :func:`analyze_item` (a local process or a Ray actor), the slide's files are the same.
 
 After the run, ``OUT/cohort.csv`` (and ``cohort.parquet`` with pyarrow) is the client's cohort table
 (:mod:`hepatoquant_client.cohort`, one row per completed slide, in cohort order) and ``OUT/failures.csv`` lists each
@@ -13,7 +12,6 @@ failed slide with its error.
 from __future__ import annotations
 
 import csv
-import os
 import shutil
 import tempfile
 import time
@@ -22,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hepatoquant.cohort.inputs import CohortItem
+from hepatoquant.cohort.storage import OutputStore
 
 __all__ = ["AnalysisSettings", "SlideOutcome", "analyze_item", "is_complete", "slide_folder", "write_tables"]
 
@@ -56,16 +55,15 @@ class SlideOutcome:
 
 
 def slide_folder(out_dir: Path, slide_id: str) -> Path:
+    """A slide's output folder in a folder store."""
     return Path(out_dir) / "slides" / slide_id
 
 
-def is_complete(out_dir: Path, slide_id: str) -> bool:
-    """A slide's folder exists only once all its outputs are in it (it is renamed into place)."""
-    folder = slide_folder(out_dir, slide_id)
-    return folder.is_dir() and any(folder.glob("*.report.json"))
+def is_complete(out: str | Path, slide_id: str) -> bool:
+    return OutputStore(out).is_complete(slide_id)
 
 
-def analyze_item(item: CohortItem, settings: AnalysisSettings, out_dir: Path, models=None) -> SlideOutcome:
+def analyze_item(item: CohortItem, settings: AnalysisSettings, out: str | Path, models=None) -> SlideOutcome:
     """Analyses one slide into its output folder; our errors and any other exception become a failed outcome
     (one slide never stops the cohort). ``models`` (an :class:`hepatoquant.analysis.ModelCache`) keeps the
     models loaded between slides."""
@@ -75,7 +73,8 @@ def analyze_item(item: CohortItem, settings: AnalysisSettings, out_dir: Path, mo
     from hepatoquant.regions import DEFAULT_TUMOUR_CLASS_NAMES
     from hepatoquant.tiling import TileSpec
 
-    if is_complete(out_dir, item.slide_id):
+    store = OutputStore(out)
+    if store.is_complete(item.slide_id):
         return SlideOutcome(item.slide_id, str(item.slide), ok=True, skipped=True)
     started = time.perf_counter()
     staging = None
@@ -95,12 +94,9 @@ def analyze_item(item: CohortItem, settings: AnalysisSettings, out_dir: Path, mo
             device=settings.device,
         )
         result = analyze_slide(item.slide, pack, options, segmenter=segmenter, models=models or ModelCache())
-        target = slide_folder(out_dir, item.slide_id)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{item.slide_id}.", dir=target.parent))
+        staging = store.staging_folder(item.slide_id)
         write_outputs(result, staging)
-        shutil.rmtree(target, ignore_errors=True)  # only an incomplete earlier folder can be here
-        os.replace(staging, target)
+        store.publish(staging, item.slide_id)  # replaces only an incomplete earlier attempt
         staging = None
         return SlideOutcome(item.slide_id, str(item.slide), ok=True, tiles=len(result.grid),
                             seconds=time.perf_counter() - started)
@@ -121,30 +117,32 @@ def analyze_item(item: CohortItem, settings: AnalysisSettings, out_dir: Path, mo
 FAILURE_COLUMNS = ["slide_id", "slide", "error_type", "error"]
 
 
-def write_tables(items: list[CohortItem], outcomes: dict[str, SlideOutcome], out_dir: Path) -> dict[str, Path]:
+def write_tables(items: list[CohortItem], outcomes: dict[str, SlideOutcome], out: str | Path) -> dict[str, str]:
     """``cohort.csv`` (the client's cohort table, completed slides in cohort order) and ``failures.csv``."""
     from hepatoquant_client import AnalysisOutcome
     from hepatoquant_client.cohort import cohort_rows, write_cohort
 
     from hepatoquant.service.convert import result_to_proto
 
-    out_dir = Path(out_dir)
-    completed = [(item.slide_id, AnalysisOutcome.from_proto(result_to_proto("", slide_folder(out_dir, item.slide_id))))
-                 for item in items if is_complete(out_dir, item.slide_id)]
-    written = {}
-    if completed:
-        files = write_cohort(cohort_rows(completed), out_dir / "cohort.csv")
-        written["cohort"] = files.written[0]
-    failures = out_dir / "failures.csv"
-    temporary = failures.with_name(".failures.csv.partial")
-    with temporary.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=FAILURE_COLUMNS)
-        writer.writeheader()
-        for item in items:
-            outcome = outcomes.get(item.slide_id)
-            if outcome is not None and not outcome.ok:
-                writer.writerow({"slide_id": outcome.slide_id, "slide": outcome.slide, "error_type": outcome.error_type,
-                                 "error": outcome.error})
-    temporary.replace(failures)
-    written["failures"] = failures
+    store = OutputStore(out)
+    completed = []
+    for item in items:
+        if store.is_complete(item.slide_id):
+            with store.local_copy(item.slide_id) as folder:
+                completed.append((item.slide_id, AnalysisOutcome.from_proto(result_to_proto("", folder))))
+    written: dict[str, str] = {}
+    with tempfile.TemporaryDirectory(prefix="hepatoquant-tables-") as temporary:
+        local = Path(temporary)
+        if completed:
+            for file in write_cohort(cohort_rows(completed), local / "cohort.csv").written:
+                written.setdefault("cohort", store.put(file, file.name))
+        with (local / "failures.csv").open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=FAILURE_COLUMNS)
+            writer.writeheader()
+            for item in items:
+                outcome = outcomes.get(item.slide_id)
+                if outcome is not None and not outcome.ok:
+                    writer.writerow({"slide_id": outcome.slide_id, "slide": outcome.slide,
+                                     "error_type": outcome.error_type, "error": outcome.error})
+        written["failures"] = store.put(local / "failures.csv", "failures.csv")
     return written

@@ -1,0 +1,94 @@
+"""Where a cohort's outputs go: a folder, or any fsspec URL (``s3://bucket/run``, ``gs://...``, ``file:///...``)
+whose driver the user installed (s3fs, gcsfs, ...), so that workers on many machines write to one place.
+
+A slide's outputs are complete when they are all there: in a folder they are written into a temporary sibling
+and renamed into place (atomic); at a URL, where object stores cannot rename a folder, they are uploaded first
+and a ``.complete`` marker last, and only the marker makes them count.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+__all__ = ["OutputStore"]
+
+COMPLETE_MARKER = ".complete"
+
+
+class OutputStore:
+    def __init__(self, location: str | Path) -> None:
+        self.location = str(location)
+        self.is_url = "://" in self.location
+        if self.is_url:
+            import fsspec
+
+            self.fs, self.root = fsspec.core.url_to_fs(self.location)
+            self.root = self.root.rstrip("/")
+        else:
+            self.path = Path(self.location)
+
+    def __repr__(self) -> str:
+        return f"OutputStore({self.location!r})"
+
+    def slide_location(self, slide_id: str) -> str:
+        return f"{self.location.rstrip('/')}/slides/{slide_id}"
+
+    def is_complete(self, slide_id: str) -> bool:
+        if self.is_url:
+            return self.fs.exists(f"{self.root}/slides/{slide_id}/{COMPLETE_MARKER}")
+        folder = self.path / "slides" / slide_id
+        return folder.is_dir() and any(folder.glob("*.report.json"))
+
+    def staging_folder(self, slide_id: str) -> Path:
+        """A new local folder to write a slide's outputs into (next to its final place for a folder store)."""
+        if self.is_url:
+            return Path(tempfile.mkdtemp(prefix=f"hepatoquant-{slide_id}-"))
+        parent = self.path / "slides"
+        parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{slide_id}.", dir=parent))
+
+    def publish(self, staging: Path, slide_id: str) -> None:
+        """Moves a complete staging folder into place; an incomplete earlier attempt is replaced."""
+        if self.is_url:
+            target = f"{self.root}/slides/{slide_id}"
+            if self.fs.exists(target):
+                self.fs.rm(target, recursive=True)
+            self.fs.makedirs(target, exist_ok=True)  # a folder on file systems; nothing on object stores
+            for file in sorted(staging.iterdir()):
+                self.fs.put_file(str(file), f"{target}/{file.name}")
+            self.fs.pipe_file(f"{target}/{COMPLETE_MARKER}", b"complete\n")
+            shutil.rmtree(staging, ignore_errors=True)
+            return
+        target = self.path / "slides" / slide_id
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(staging, target)
+
+    @contextlib.contextmanager
+    def local_copy(self, slide_id: str) -> Iterator[Path]:
+        """The slide's outputs as a local folder (downloaded from a URL; the folder itself otherwise)."""
+        if not self.is_url:
+            yield self.path / "slides" / slide_id
+            return
+        with tempfile.TemporaryDirectory(prefix="hepatoquant-") as temporary:
+            local = Path(temporary) / slide_id
+            local.mkdir()
+            for remote in self.fs.ls(f"{self.root}/slides/{slide_id}", detail=False):
+                name = remote.rstrip("/").rsplit("/", 1)[-1]
+                if name != COMPLETE_MARKER:
+                    self.fs.get_file(remote, str(local / name))
+            yield local
+
+    def put(self, local_file: Path, name: str) -> str:
+        """Stores a finished top-level file (cohort.csv, failures.csv) and returns where it went."""
+        if self.is_url:
+            self.fs.makedirs(self.root, exist_ok=True)
+            self.fs.put_file(str(local_file), f"{self.root}/{name}")
+            return f"{self.location.rstrip('/')}/{name}"
+        self.path.mkdir(parents=True, exist_ok=True)
+        os.replace(local_file, self.path / name)
+        return str(self.path / name)
