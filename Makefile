@@ -31,3 +31,4 @@ benchmark: install
 	$(VENV)/bin/python benchmarks/hepatobench.py
 	$(VENV)/bin/python benchmarks/cohort_throughput.py
 	$(VENV)/bin/python benchmarks/capacity_model.py
+	$(VENV)/bin/python benchmarks/precision.py

@@ -19,7 +19,9 @@ import shapely
 
 from hepatoquant.classify import choose_device, load_classifier, predict_batches
 from hepatoquant.errors import InvalidParameterError, NoTissueError
+from hepatoquant.encoders import encoder_config
 from hepatoquant.model_pack import ModelPack
+from hepatoquant.precision import resolve_precision
 from hepatoquant.quantify import Composition, assign_tiles, quantify
 from hepatoquant.regions import DEFAULT_TUMOUR_CLASS_NAMES, Region, regions_from_geojson, whole_tissue_region
 from hepatoquant.segmentation.inference import SegmentationMap, SlidingWindowParams, segment_slide
@@ -49,6 +51,7 @@ class AnalysisOptions:
     keep_embeddings: bool = False
     tile_object_type: str = "detection"
     windows: SlidingWindowParams = field(default_factory=SlidingWindowParams)
+    precision: str = "auto"  # see hepatoquant.precision
 
     def __post_init__(self) -> None:
         if not 1 <= self.batch_size <= 4096:
@@ -81,6 +84,7 @@ class AnalysisResult:
     warnings: list[str]
     segmenter: dict | None = None  # the segmenter pack's summary when it made the regions
     segmentation: SegmentationMap | None = None
+    precision: str = "fp32"  # the classifier's resolved precision (fp32, bf16, fp16)
 
     @property
     def predicted_class(self) -> np.ndarray:
@@ -232,6 +236,7 @@ def analyze_slide(
 
     started = time.perf_counter()
     device = choose_device(options.device)
+    precision = resolve_precision(options.precision, device, encoder_config(pack.encoder_name).recommended_dtype)
     model = models.classifier(pack, device)
     timings["model_loading"] = time.perf_counter() - started
 
@@ -246,7 +251,8 @@ def analyze_slide(
     )
     done = 0
     with contextlib.closing(batches):  # reader threads and slide handles end even when a batch fails
-        for prediction in predict_batches(model, batches, device, keep_embeddings=options.keep_embeddings):
+        for prediction in predict_batches(model, batches, device, keep_embeddings=options.keep_embeddings,
+                                          precision=precision):
             stop = prediction.start + len(prediction.probabilities)
             probabilities[prediction.start : stop] = prediction.probabilities
             if embeddings is not None and prediction.embeddings is not None:
@@ -266,6 +272,7 @@ def analyze_slide(
         options=options,
         model=pack.summary(),
         device=str(device),
+        precision=precision,
         classes=pack.classes,
         tissue=tissue,
         grid=grid,

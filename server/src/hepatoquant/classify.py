@@ -134,9 +134,13 @@ def predict_batches(
     device: torch.device,
     *,
     keep_embeddings: bool = False,
+    precision: str = "fp32",
 ) -> Iterator[BatchPrediction]:
-    """Run the classifier over batches of tiles, yielding results in the same order."""
-    with torch.inference_mode(), autocast(device):
+    """Run the classifier over batches of tiles, yielding results in the same order, at ``precision`` (a resolved
+    one: :func:`hepatoquant.precision.resolve_precision`)."""
+    from hepatoquant.precision import autocast_for
+
+    with torch.inference_mode(), autocast_for(device, precision):
         for batch in batches:
             tiles = torch.from_numpy(batch.pixels).to(device, non_blocking=True)
             logits, embeddings = model(tiles)

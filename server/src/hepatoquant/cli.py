@@ -47,6 +47,8 @@ def _build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--tile-size", type=int, default=None, help="tile size in px at --tile-spacing (default: the pack's, 150)")
     analyze.add_argument("--tile-spacing", type=float, default=None, help="tile resolution in um/px (default: the pack's, 0.5 = 20x)")
     analyze.add_argument("--min-tissue-fraction", type=float, default=0.5, help="keep tiles with at least this tissue fraction")
+    analyze.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+                         help="encoder precision (auto: bf16 on CPUs with AVX512-BF16/AMX and on GPUs, else fp32)")
     analyze.add_argument("--tissue-threshold", type=int, default=None, help="fixed saturation threshold 0-255 (default: Otsu)")
     analyze.add_argument("--tumour-classes", default=None, help="comma-separated QuPath class names that mark tumour regions")
     analyze.add_argument("--tile-object", choices=("detection", "tile"), default="detection", help="QuPath object type of tiles")
@@ -83,6 +85,8 @@ def _build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--model", default="demo", help="default classifier pack")
     serve.add_argument("--seg-model", default=os.environ.get("HEPATOQUANT_SEG_MODEL", "none"), help="default segmenter pack")
     serve.add_argument("--device", default="auto")
+    serve.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+                       help="encoder precision (auto: bf16 on CPUs with AVX512-BF16/AMX and on GPUs, else fp32)")
     serve.add_argument("--workers", type=int, default=1, help="jobs run at once (one per device is safest)")
     serve.add_argument("--max-queued", type=int, default=16, help="queued jobs beyond which submissions are refused")
     serve.add_argument("--max-results", type=int, default=None, help="keep only this many newest results")
@@ -129,6 +133,7 @@ def _add_cohort_parser(commands) -> None:
     run.add_argument("--reader-workers", type=int, default=2, help="tile-reading threads per slide")
     run.add_argument("--tile-size", type=int, default=None)
     run.add_argument("--tumour-classes", default=None, help="comma-separated region classes that are tumour")
+    run.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto")
 
 
 def _add_bench_parser(commands) -> None:
@@ -238,6 +243,7 @@ def _analyze(args: argparse.Namespace) -> int:
         keep_embeddings=args.save_embeddings,
         tile_object_type=args.tile_object,
         windows=SlidingWindowParams(overlap=args.window_overlap, num_workers=args.workers),
+        precision=args.precision,
     )
     with progress_bar(console, disabled=args.no_progress) as on_progress:
         result = analyze_slide(args.slide, pack, options, segmenter=segmenter, progress=on_progress)
@@ -328,6 +334,7 @@ def _serve(args: argparse.Namespace) -> int:
         default_model=args.model,
         default_segmenter=args.seg_model,
         device=args.device,
+        precision=args.precision,
         workers=args.workers,
         max_queued_jobs=args.max_queued,
         max_results=args.max_results,
@@ -454,7 +461,7 @@ def _cohort_run(args: argparse.Namespace) -> int:
     settings = AnalysisSettings(
         model=args.model, segmenter=None if args.seg_model == "none" else args.seg_model,
         models_dir=str(args.models_dir) if args.models_dir else None, device=args.device, batch_size=args.batch_size,
-        reader_workers=args.reader_workers, tile_size_px=args.tile_size,
+        reader_workers=args.reader_workers, tile_size_px=args.tile_size, precision=args.precision,
         tumour_class_names=tuple(n.strip() for n in args.tumour_classes.split(",") if n.strip())
         if args.tumour_classes else (),
     )

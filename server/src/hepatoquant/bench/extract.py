@@ -4,7 +4,7 @@ The encoder comes from a model pack (``hepatoquant models add WEIGHTS --encoder 
 a local checkpoint), with its own preprocessing: each patch is resized to the encoder's input size (bicubic, as
 timm's pathology encoders are configured), scaled and normalised with the pack's mean and std. Patches are decoded
 and resized by a thread pool while the model runs (OpenCV and PIL release the GIL), batched, under
-``torch.inference_mode`` and, on CUDA, autocast.
+``torch.inference_mode`` and autocast at the precision policy's choice (:mod:`hepatoquant.precision`).
 
 The cache, ``CACHE/<pack>/<split>/``, holds ``cache.json`` (the encoder, its weights' SHA-256, the preprocessing
 and the exact patch list) and shards of 1024 embeddings. A run with a complete cache loads it without building
@@ -28,9 +28,10 @@ import torch
 
 from hepatoquant import __version__
 from hepatoquant.bench.dataset import DatasetError, Patch, PatchDataset, read_rgb
-from hepatoquant.classify import autocast, normalisation_buffers, normalise_uint8_nhwc
+from hepatoquant.classify import normalisation_buffers, normalise_uint8_nhwc
 from hepatoquant.encoders import Encoder, create_encoder, encoder_config
 from hepatoquant.model_pack import ModelPack, file_sha256
+from hepatoquant.precision import autocast_for, resolve_precision
 
 __all__ = ["SHARD_SIZE", "Embeddings", "CacheMismatchError", "extract_embeddings", "preprocessing_record"]
 
@@ -111,12 +112,15 @@ def extract_embeddings(
     workers: int = 4,
     progress: ProgressCallback | None = None,
     encoder: Encoder | None = None,
+    precision: str = "auto",
 ) -> Embeddings:
-    """The embeddings of ``patches`` (one split), from the cache where present, computing the missing shards."""
+    """The embeddings of ``patches`` (one split), from the cache where present, computing the missing shards.
+    ``precision`` follows :mod:`hepatoquant.precision` and is part of the cache's record."""
     if not patches:
         raise DatasetError(f"split {split!r} has no patches; check the partition")
     device = device or torch.device("cpu")
-    record = preprocessing_record(pack)
+    precision = resolve_precision(precision, device, encoder_config(pack.encoder_name).recommended_dtype)
+    record = {**preprocessing_record(pack), "precision": precision}
     folder = Path(cache_dir) / pack.name / split
     meta = {"format_version": CACHE_FORMAT, **record, "dataset": str(dataset.root.resolve()), "split": split,
             "patches": len(patches), "patch_list_sha256": _patch_list_sha256(patches), "shard_size": SHARD_SIZE,
@@ -131,7 +135,7 @@ def extract_embeddings(
         done = len(patches) - sum(e - s for s, e in missing)
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="patch-decode") as pool:
             for start, end in missing:
-                vectors = _embed(model, dataset, patches[start:end], pack, device, batch_size, pool)
+                vectors = _embed(model, dataset, patches[start:end], pack, device, batch_size, pool, precision)
                 _save_shard(folder / _shard_name(start, end), vectors)
                 done += end - start
                 if progress is not None:
@@ -177,10 +181,10 @@ def decoded_batches(dataset: PatchDataset, patches: Sequence[Patch], size_px: in
 
 
 def _embed(model: Encoder, dataset: PatchDataset, patches: Sequence[Patch], pack: ModelPack, device: torch.device,
-           batch_size: int, pool: ThreadPoolExecutor) -> np.ndarray:
+           batch_size: int, pool: ThreadPoolExecutor, precision: str) -> np.ndarray:
     mean_255, std_255 = (t.to(device) for t in normalisation_buffers(pack.mean, pack.std))
     outputs = []
-    with torch.inference_mode(), autocast(device):
+    with torch.inference_mode(), autocast_for(device, precision):
         for batch in decoded_batches(dataset, patches, pack.input_size_px, batch_size, pool):
             tiles = torch.from_numpy(batch).to(device, non_blocking=True)
             outputs.append(model(normalise_uint8_nhwc(tiles, mean_255, std_255)).float().cpu().numpy())

@@ -39,6 +39,7 @@ class AnalysisSettings:
     tile_spacing_um_px: float | None = None
     min_tissue_fraction: float = 0.5
     tumour_class_names: tuple[str, ...] = ()
+    precision: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,7 @@ def analyze_item(item: CohortItem, settings: AnalysisSettings, out: str | Path, 
             batch_size=settings.batch_size,
             num_workers=settings.reader_workers,
             device=settings.device,
+            precision=settings.precision,
         )
         result = analyze_slide(item.slide, pack, options, segmenter=segmenter, models=models or ModelCache())
         staging = store.staging_folder(item.slide_id)

@@ -51,6 +51,7 @@ def build_report(result: AnalysisResult, *, outputs: dict[str, str]) -> dict:
             "batch_size": options.batch_size,
             "num_workers": options.num_workers,
             "device": result.device,
+            "precision": result.precision,
             "tile_object_type": options.tile_object_type,
         },
         "model": result.model,

@@ -29,7 +29,9 @@ from hepatoquant_client.qupath_geojson import parse_qupath_geojson
 from hepatoquant import RESEARCH_USE_NOTICE, __version__
 from hepatoquant.analysis import AnalysisOptions, analyze_slide
 from hepatoquant.classify import PatchClassifier, choose_device, load_classifier, predict_batches
+from hepatoquant.encoders import encoder_config
 from hepatoquant.errors import HepatoQuantError, InvalidParameterError, ModelPackError
+from hepatoquant.precision import resolve_precision
 from hepatoquant.model_pack import MANIFEST_NAME, ModelPack, default_models_dir, list_model_packs, resolve_model_pack
 from hepatoquant.outputs import write_outputs
 from hepatoquant.regions import DEFAULT_TUMOUR_CLASS_NAMES
@@ -68,6 +70,7 @@ class ServerConfig:
     default_model: str = "demo"
     default_segmenter: str = "none"
     device: str = "auto"
+    precision: str = "auto"  # see hepatoquant.precision
     workers: int = 1
     max_queued_jobs: int = 16
     max_message_bytes: int = 64 * 2**20
@@ -220,6 +223,7 @@ class ServerEngine:
                 device=str(self.device),
                 keep_embeddings=request.include_embeddings,
                 tile_object_type=request.tile_object_type or "detection",
+                precision=self.config.precision,
             )
             result = analyze_slide(slide, classifier, options, segmenter=segmenter, progress=progress)
             progress("outputs", 0, 1)
@@ -304,7 +308,10 @@ class ServerEngine:
                         "send tiles of that physical size"
                     )
             pixels[index] = cv2.resize(tile, (size, size), interpolation=cv2.INTER_AREA if tile.shape[0] > size else cv2.INTER_LINEAR)
-        [prediction] = predict_batches(model, [ReaderBatch(0, pixels)], self.device, keep_embeddings=batch.include_embeddings)
+        precision = resolve_precision(self.config.precision, self.device,
+                                      encoder_config(pack.encoder_name).recommended_dtype)
+        [prediction] = predict_batches(model, [ReaderBatch(0, pixels)], self.device,
+                                       keep_embeddings=batch.include_embeddings, precision=precision)
         classes = list(pack.classes)
         return pb.TilePredictions(
             classes=classes,
