@@ -32,3 +32,4 @@ benchmark: install
 	$(VENV)/bin/python benchmarks/cohort_throughput.py
 	$(VENV)/bin/python benchmarks/capacity_model.py
 	$(VENV)/bin/python benchmarks/precision.py
+	$(VENV)/bin/python benchmarks/peer_wsinfer.py
