@@ -108,9 +108,11 @@ def work_partition(dataset_root: Path, work: Path, log: Log = print) -> Partitio
 
 def run_extract(dataset_root: Path, work: Path, pack: ModelPack, *, device: torch.device | None = None,
                 batch_size: int = 64, workers: int = 4, splits: Sequence[str] = SPLITS,
-                log: Log = print, progress_for: ProgressFor | None = None) -> dict[str, Embeddings]:
-    """Embeddings of every split with ``pack``'s encoder, cached in WORK/embeddings."""
-    partition = work_partition(dataset_root, work, log)
+                log: Log = print, progress_for: ProgressFor | None = None,
+                partition: Partition | None = None) -> dict[str, Embeddings]:
+    """Embeddings of every split with ``pack``'s encoder, cached in WORK/embeddings (``partition``: the one
+    :func:`work_partition` gives, when the caller has it already)."""
+    partition = partition or work_partition(dataset_root, work, log)
     embeddings = {}
     for split in splits:
         patches = partition.patches(split)
@@ -130,6 +132,7 @@ class ProbeOutcome:
     pack: ModelPack
     probe: ProbeResult
     metrics: dict
+    record: dict  # what probe.json holds
     folder: Path
     classifier: ModelPack | None
 
@@ -137,13 +140,15 @@ class ProbeOutcome:
 def run_probe(dataset_root: Path, work: Path, pack: ModelPack, *, config: ProbeConfig = ProbeConfig(),
               bootstrap: int = 1000, save_pack: str | None = None, models_dir: Path | None = None,
               overwrite: bool = False, device: torch.device | None = None, batch_size: int = 64, workers: int = 4,
-              log: Log = print, progress_for: ProgressFor | None = None) -> ProbeOutcome:
+              log: Log = print, progress_for: ProgressFor | None = None,
+              partition: Partition | None = None) -> ProbeOutcome:
     """Trains the probe on train, chooses its settings on val, scores it on test; optionally saves a pack."""
     from hepatoquant.bench.metrics import classification_metrics, confusion_matrix_table, plot_confusion_matrix
 
+    partition = partition or work_partition(dataset_root, work, log)
     embeddings = run_extract(dataset_root, work, pack, device=device, batch_size=batch_size, workers=workers, log=log,
-                             progress_for=progress_for)
-    classes = work_partition(dataset_root, work, log=lambda _: None).dataset.classes
+                             progress_for=progress_for, partition=partition)
+    classes = partition.dataset.classes
     train, val, test = (embeddings[s] for s in SPLITS)
     probe = train_probe(train.vectors, train.labels, val.vectors, val.labels, len(classes), config)
     metrics = classification_metrics(test.labels, probe.predict(test.vectors), classes, bootstrap=bootstrap,
@@ -164,8 +169,7 @@ def run_probe(dataset_root: Path, work: Path, pack: ModelPack, *, config: ProbeC
         f"macro F1 {metrics['f1_macro']:.3f} ({folder})")
     classifier = None
     if save_pack:
-        dataset_name = (work_partition(dataset_root, work, log=lambda _: None).dataset.meta.get("name")
-                        or Path(dataset_root).name)
+        dataset_name = partition.dataset.meta.get("name") or Path(dataset_root).name
         classifier = write_probe_pack(
             pack, probe.head_state(), name=save_pack, classes=classes, models_dir=models_dir, overwrite=overwrite,
             description=f"linear probe on {pack.name} ({pack.encoder_name}) trained on {dataset_name}; test macro F1 "
@@ -175,7 +179,7 @@ def run_probe(dataset_root: Path, work: Path, pack: ModelPack, *, config: ProbeC
         )
         log(f"classifier pack {classifier.name!r} written to {classifier.path}; use it with "
             f"`hepatoquant analyze SLIDE --model {classifier.name}`")
-    return ProbeOutcome(pack, probe, metrics, folder, classifier)
+    return ProbeOutcome(pack, probe, metrics, record, folder, classifier)
 
 
 def run_compare(dataset_root: Path, work: Path, packs: Sequence[ModelPack], *, config: ProbeConfig = ProbeConfig(),
@@ -186,17 +190,17 @@ def run_compare(dataset_root: Path, work: Path, packs: Sequence[ModelPack], *, c
 
     if len({p.name for p in packs}) != len(packs):
         raise DatasetError("each --model may be given once")
+    partition = work_partition(dataset_root, work, log)  # read once for every encoder
     entries = []
     for pack in packs:
         outcome = run_probe(dataset_root, work, pack, config=config, bootstrap=bootstrap, device=device,
-                            batch_size=batch_size, workers=workers, log=log,
-                            progress_for=progress_for)
-        record = json.loads((outcome.folder / "probe.json").read_text())
+                            batch_size=batch_size, workers=workers, log=log, progress_for=progress_for,
+                            partition=partition)
+        record = outcome.record
         entries.append(Entry(encoder=pack.encoder_name, pack=pack.name, embedding_dim=record["embedding_dim"],
                              metrics=outcome.metrics, extra={"probe": record["probe"]["chosen"],
                                                              "extraction": record["extraction"]}))
-    dataset = work_partition(dataset_root, work, log=lambda _: None).dataset
-    name = dataset.meta.get("name") or Path(dataset_root).name
+    name = partition.dataset.meta.get("name") or Path(dataset_root).name
     written = write_leaderboard(entries, work, title=f"Linear probes on {name}", dataset_name=name)
     log(f"leaderboard: {written['markdown']}")
     return written

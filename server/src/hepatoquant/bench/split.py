@@ -83,8 +83,10 @@ def make_partition(dataset: PatchDataset, groups: dict[str, str], *, ratios: tup
             f"{len(group_names)} slides cannot be split {':'.join(map(str, ratios))} by slide (that needs at least "
             f"{folds}); use coarser ratios or a dataset with more slides"
         )
-    labels = np.array([dataset.classes.index(p.label) for p in dataset.patches])
-    group_ids = np.array([group_names.index(groups[p.relpath]) for p in dataset.patches])
+    class_index = {c: i for i, c in enumerate(dataset.classes)}
+    group_index = {g: i for i, g in enumerate(group_names)}
+    labels = np.array([class_index[p.label] for p in dataset.patches])
+    group_ids = np.array([group_index[groups[p.relpath]] for p in dataset.patches])
     splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
     fold_of = np.empty(len(labels), dtype=int)
     try:

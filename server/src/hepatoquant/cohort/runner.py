@@ -127,16 +127,18 @@ def write_tables(items: list[CohortItem], outcomes: dict[str, SlideOutcome], out
     from hepatoquant.service.convert import result_to_proto
 
     store = OutputStore(out)
-    completed = []
-    for item in items:
-        if store.is_complete(item.slide_id):
-            with store.local_copy(item.slide_id) as folder:
-                completed.append((item.slide_id, AnalysisOutcome.from_proto(result_to_proto("", folder))))
+    complete = [item.slide_id for item in items if store.is_complete(item.slide_id)]
+
+    def outcomes_one_at_a_time():  # a slide's GeoJSON and overlay can be large: never all of them in memory
+        for slide_id in complete:
+            with store.local_copy(slide_id) as folder:
+                yield slide_id, AnalysisOutcome.from_proto(result_to_proto("", folder))
+
     written: dict[str, str] = {}
     with tempfile.TemporaryDirectory(prefix="hepatoquant-tables-") as temporary:
         local = Path(temporary)
-        if completed:
-            for file in write_cohort(cohort_rows(completed), local / "cohort.csv").written:
+        if complete:
+            for file in write_cohort(cohort_rows(outcomes_one_at_a_time()), local / "cohort.csv").written:
                 written.setdefault("cohort", store.put(file, file.name))
         with (local / "failures.csv").open("w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=FAILURE_COLUMNS)
