@@ -167,6 +167,24 @@ def test_analyze_with_the_trained_segmenter_reports_tumour_and_non_tumour_region
     assert "HepatoQuant: Tumour region 1" in names and "HepatoQuant: Non-tumour region 1" in names
 
 
+def test_the_segmenter_runs_under_the_precision_policy_and_bf16_agrees_with_fp32(training_run: dict,
+                                                                                 tmp_path: Path) -> None:
+    from hepatoquant.analysis import AnalysisOptions, analyze_slide
+    from hepatoquant.model_pack import ensure_demo_pack
+
+    slide, _ = training_run["val"]
+    classifier = ensure_demo_pack(tmp_path / "models", encoder="test_vit_micro")
+    masks = {}
+    for precision in ("fp32", "bf16"):
+        result = analyze_slide(slide, classifier, AnalysisOptions(device="cpu", precision=precision),
+                               segmenter=training_run["result"].pack)
+        assert result.segmentation.precision == precision
+        masks[precision] = result.segmentation.mask
+    tissue = masks["fp32"] != 0
+    assert tissue.sum() > 1000
+    assert (masks["fp32"][tissue] == masks["bf16"][tissue]).mean() >= 0.99
+
+
 def test_training_and_evaluation_on_image_mask_pairs(training_run: dict, tmp_path: Path,
                                                      capsys: pytest.CaptureFixture[str]) -> None:
     """The PFM_Segmentation list format: windows cut from the held-out slide with their labels."""

@@ -147,6 +147,7 @@ def _segment(
         warnings.append(demo_model_warning(segmenter))
     device = choose_device(options.device)
     model = models.segmenter(segmenter, device)
+    precision = resolve_precision(options.precision, device, encoder_config(segmenter.encoder_name).recommended_dtype)
     segmentation = segment_slide(
         slide_path,
         (slide_info.width_px, slide_info.height_px),
@@ -159,6 +160,7 @@ def _segment(
         params=options.windows,
         device=device,
         progress=lambda done, total: report_progress("windows", done, total),
+        precision=precision,
     )
     regions = regions_from_label_mask(
         segmentation.mask, downsample=segmentation.downsample, mpp_um_px=slide_info.mpp_um_px

@@ -1,13 +1,12 @@
 """Patch classification: a frozen encoder and one linear layer give seven class probabilities per tile.
 
 The classifier takes uint8 RGB batches straight from the tile reader and does the model's own normalisation
-on the device, so the reader never builds float copies. Inference runs under ``torch.inference_mode`` with
-autocast (bf16 where supported, else fp16) on CUDA.
+on the device, so the reader never builds float copies. Inference runs under ``torch.inference_mode`` at the
+precision policy's choice (:mod:`hepatoquant.precision`).
 """
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -23,7 +22,6 @@ __all__ = [
     "PatchClassifier",
     "load_classifier",
     "choose_device",
-    "autocast",
     "predict_batches",
     "BatchPrediction",
     "normalisation_buffers",
@@ -110,13 +108,6 @@ def load_classifier(pack: ModelPack, device: torch.device) -> PatchClassifier:
     model = PatchClassifier(encoder, head, pack.classes, pack.mean, pack.std).to(device).eval()
     model.requires_grad_(False)
     return model
-
-
-def autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    if device.type != "cuda":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.autocast(device_type="cuda", dtype=dtype)
 
 
 @dataclass(frozen=True)

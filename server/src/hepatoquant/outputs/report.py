@@ -62,6 +62,7 @@ def build_report(result: AnalysisResult, *, outputs: dict[str, str]) -> dict:
             "map_spacing_um_px": result.segmentation.spacing_um_px,
             "windows_run": result.segmentation.windows_run,
             "windows_total": result.segmentation.windows_total,
+            "precision": result.segmentation.precision,
             "window_overlap": options.windows.overlap,
         },
         "tissue": {

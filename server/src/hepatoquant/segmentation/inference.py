@@ -19,8 +19,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from hepatoquant.classify import autocast, normalisation_buffers, normalise_uint8_nhwc
+from hepatoquant.classify import normalisation_buffers, normalise_uint8_nhwc
 from hepatoquant.errors import InvalidParameterError
+from hepatoquant.precision import autocast_for
 from hepatoquant.segmentation import BACKGROUND
 from hepatoquant.segmentation.model import SegmentationModel
 from hepatoquant.tile_reader import iter_tile_batches
@@ -62,6 +63,7 @@ class SegmentationMap:
     spacing_um_px: float
     windows_total: int
     windows_run: int
+    precision: str = "fp32"  # the resolved precision the windows ran at (hepatoquant.precision)
 
 
 def window_grid(
@@ -107,8 +109,10 @@ def segment_slide(
     params: SlidingWindowParams = SlidingWindowParams(),
     device: torch.device = torch.device("cpu"),
     progress: Callable[[int, int], None] | None = None,
+    precision: str = "fp32",
 ) -> SegmentationMap:
-    """Segment a slide into background / non-tumour / tumour at ``params.map_spacing_um_px``."""
+    """Segment a slide into background / non-tumour / tumour at ``params.map_spacing_um_px``, the model under
+    autocast at the resolved ``precision`` (:func:`hepatoquant.precision.resolve_precision`)."""
     window_px = model.encoder.config.input_size_px
     if window_px % model.patch_size_px:
         raise InvalidParameterError(
@@ -136,7 +140,7 @@ def segment_slide(
     batches = iter_tile_batches(
         slide_path, grid, out_size_px=window_px, batch_size=params.batch_size, num_workers=params.num_workers
     )
-    with contextlib.closing(batches), torch.inference_mode(), autocast(device):
+    with contextlib.closing(batches), torch.inference_mode(), autocast_for(device, precision):
         for batch in batches:
             pixels = normalise_uint8_nhwc(torch.from_numpy(batch.pixels).to(device), mean_255, std_255)
             logits = model(pixels).float()
@@ -163,6 +167,7 @@ def segment_slide(
         spacing_um_px=map_spacing,
         windows_total=windows_total,
         windows_run=len(grid),
+        precision=precision,
     )
 
 
