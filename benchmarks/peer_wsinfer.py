@@ -1,8 +1,8 @@
 """Side by side with WSInfer 0.6.1: the same encoder + head on the same slides, end-to-end tiles per second.
 
 WSInfer is installed in its own virtual environment (``--wsinfer-venv``, created on first use with the same
-pinned torch / torchvision, then ``pip install wsinfer==0.6.1``). The demo classifier (ViT-Ti/16 + 7-class head)
-is exported as TorchScript (uint8-free: it takes the normalised float tensor WSInfer gives it) with a WSInfer model
+pinned torch / torchvision, then ``pip install wsinfer==0.6.1``). The classifier (``--encoder``: the demo's
+ViT-Ti/16, or ViT-S/16 as in the issue's WSInfer measurement, random weights, + 7-class head) is exported as TorchScript (uint8-free: it takes the normalised float tensor WSInfer gives it) with a WSInfer model
 config: 150 px at 0.5 um/px, resize to 224, ImageNet normalisation. WSInfer downloads its model registry when
 imported; here it is pointed at a local empty registry instead, so nothing is downloaded.
 
@@ -13,6 +13,7 @@ seconds. Each tool's efficiency = its tiles/s against its own model alone on the
 (WSInfer's: the TorchScript model in fp32, as WSInfer runs it; HepatoQuant's: the classifier at its precision).
 
 Usage: python benchmarks/peer_wsinfer.py [--slides CMU TCGA generated] [--repeats 2] [--wsinfer-venv PATH]
+       [--generated-size 8192] [--encoder demo_vit_tiny|bench_vit_small]
 """
 
 from __future__ import annotations
@@ -123,6 +124,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--wsinfer-venv", type=Path, default=REPO / ".tools" / "wsinfer-venv")
     parser.add_argument("--generated-size", type=int, default=8192)
+    parser.add_argument("--encoder", default="demo_vit_tiny", choices=("demo_vit_tiny", "bench_vit_small"),
+                        help="the encoder both tools run (random weights): ViT-Ti/16 or ViT-S/16")
     args = parser.parse_args()
     from hepatoquant.classify import load_classifier
     from hepatoquant.model_pack import ensure_demo_pack
@@ -132,7 +135,7 @@ def main() -> None:
     python = ensure_wsinfer(args.wsinfer_venv)
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp)
-        pack = ensure_demo_pack(base / "models")
+        pack = ensure_demo_pack(base / "models", encoder=args.encoder)
         model_path, config_path = export_for_wsinfer(pack, base)
         (base / "registry.json").write_text('{"models": {}}')
         (base / "launch.py").write_text(_LAUNCHER)

@@ -180,6 +180,22 @@ def demo_vit_tiny() -> nn.Module:
 
 @_register(
     EncoderConfig(
+        name="bench_vit_small",
+        description="ViT-S/16 (22M parameters), random weights: a small pathology encoder's size, for speed benchmarks",
+        input_size_px=224,
+        embedding_dim=384,
+        patch_size_px=16,
+        pooling="cls",
+        recommended_dtype="float32",
+        licence_note="random weights: for measuring speed only",
+    )
+)
+def bench_vit_small() -> nn.Module:
+    return timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=0)
+
+
+@_register(
+    EncoderConfig(
         name="test_vit_micro",
         description="2-block ViT, 32-d, 32 px input: for tests",
         input_size_px=32,

@@ -60,4 +60,3 @@ def autocast_for(device: torch.device, precision: str) -> contextlib.AbstractCon
     if precision == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=_DTYPES[precision])
-
