@@ -16,9 +16,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import shapely
+from hepatoquant_client.classes import TISSUE_CLASS_CODES
 
 from hepatoquant.classify import choose_device, load_classifier, predict_batches
-from hepatoquant.errors import InvalidParameterError, NoTissueError
+from hepatoquant.errors import InvalidParameterError, ModelPackError, NoTissueError
 from hepatoquant.encoders import encoder_config
 from hepatoquant.model_pack import ModelPack
 from hepatoquant.precision import resolve_precision
@@ -187,6 +188,14 @@ def analyze_slide(
     loaded models for the next call (cohorts); without it they are loaded for this slide only."""
     report_progress = progress or (lambda stage, done, total: None)
     models = models or ModelCache()
+    foreign = [name for name in pack.classes if name not in TISSUE_CLASS_CODES]
+    if foreign:
+        raise ModelPackError(
+            f"classifier pack {pack.name!r} predicts {', '.join(foreign)}, which are not HepatoQuant tissue classes "
+            f"({', '.join(TISSUE_CLASS_CODES)}); `analyze` reports composition in those. Use a pack whose head "
+            "outputs are named with them (`hepatoquant models import-head --classes ...`); packs for other class "
+            "sets are for `hepatoquant bench`"
+        )
     timings: dict[str, float] = {}
     warnings: list[str] = []
     if pack.is_untrained_demo:

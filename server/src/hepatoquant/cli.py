@@ -67,6 +67,31 @@ def _build_parser() -> argparse.ArgumentParser:
     add.add_argument("--name", required=True, help="name of the new pack")
     add.add_argument("--head", type=Path, help="linear head weights (weight [7, dim], bias [7]); without it an encoder-only pack")
     add.add_argument("--overwrite", action="store_true", help="replace an existing pack of that name")
+    head = model_commands.add_parser("import-head", help="a trained linear classifier (state dict) as a classifier pack")
+    head.add_argument("head", type=Path, help="weight [classes, dim] and bias [classes], bare or under head./fc./"
+                      "classifier./linear. (.pth, .bin or .safetensors)")
+    head.add_argument("--encoder", required=True, help="registered encoder the head was trained on (uni, virchow2, ...)")
+    head.add_argument("--encoder-weights", type=Path, required=True, help="that encoder's own checkpoint")
+    head.add_argument("--classes", nargs="+", required=True, help="the head's class names in output order")
+    head.add_argument("--name", required=True, help="name of the new pack")
+    head.add_argument("--tile-size-px", type=int, default=150,
+                      help="tile side in px at the encoder's spacing (0.5 um/px) the head was trained on (default 150)")
+    head.add_argument("--overwrite", action="store_true", help="replace an existing pack of that name")
+    pfm = model_commands.add_parser("import-pfmseg", help="a PFM_Segmentation checkpoint as a segmenter pack")
+    pfm.add_argument("--checkpoint", type=Path, required=True,
+                     help="best_lora_and_decoder_head.pth (lora) or best_decoder_head.pth (frozen)")
+    pfm.add_argument("--backbone", required=True, help="registered encoder it was trained on (uni, virchow2, gigapath)")
+    pfm.add_argument("--backbone-weights", type=Path, required=True, help="that foundation model's own checkpoint")
+    pfm.add_argument("--classes", nargs="+", required=True,
+                     help="the checkpoint's output channels in order, each background, non_tumour or tumour")
+    pfm.add_argument("--name", required=True, help="name of the new pack")
+    pfm.add_argument("--spacing-um-px", type=float, required=True, help="um/px of the images it was trained on")
+    pfm.add_argument("--input-size", type=int, help="window side in px (default: the encoder's, 224); a multiple "
+                     "of the patch size")
+    pfm.add_argument("--lora-scaling", choices=("alpha", "alpha/r"),
+                     help="their models/lora.py: self.scale = lora_alpha (first version) or lora_alpha / r (later)")
+    pfm.add_argument("--lora-alpha", type=float, help="LoRA alpha (default: the checkpoint's config)")
+    pfm.add_argument("--overwrite", action="store_true", help="replace an existing pack of that name")
     demo = commands.add_parser("demo", help="the main job through the server: start it, submit, watch, fetch, stop")
     demo.add_argument("slide", type=Path, help="slide to analyse")
     demo.add_argument("--out", type=Path, default=Path("demo-output"), help="output folder")
@@ -198,6 +223,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _seg_train(args) if args.seg_command == "train" else _seg_eval(args)
         if args.models_command == "list":
             return _models_list(args)
+        if args.models_command == "import-head":
+            return _models_import_head(args)
+        if args.models_command == "import-pfmseg":
+            return _models_import_pfmseg(args)
         return _models_add(args)
     except HepatoQuantError as exc:
         print(f"hepatoquant: error: {exc}", file=sys.stderr)
@@ -298,6 +327,38 @@ def _models_add(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
     )
     print(f"created {pack.kind} pack {pack.name!r} ({pack.model_status}) in {pack.path}")
+    return 0
+
+
+def _class_names(given: list[str]) -> tuple[str, ...]:
+    """``--classes A B C`` or ``--classes A,B,C``."""
+    return tuple(name for item in given for name in item.split(",") if name)
+
+
+def _models_import_head(args: argparse.Namespace) -> int:
+    from hepatoquant.model_pack import add_model_pack
+
+    pack = add_model_pack(
+        args.encoder_weights, encoder=args.encoder, name=args.name, models_dir=args.models_dir, head=args.head,
+        classes=_class_names(args.classes), tile_size_px=args.tile_size_px, overwrite=args.overwrite,
+    )
+    print(f"created classifier pack {pack.name!r} ({len(pack.classes)} classes: {', '.join(pack.classes)}) in {pack.path}")
+    return 0
+
+
+def _models_import_pfmseg(args: argparse.Namespace) -> int:
+    from hepatoquant.segmentation.pfmseg_import import import_pfmseg
+
+    pack = import_pfmseg(
+        args.checkpoint, backbone=args.backbone, backbone_weights=args.backbone_weights,
+        classes=_class_names(args.classes), name=args.name, spacing_um_px=args.spacing_um_px,
+        input_size_px=args.input_size, lora_scaling=args.lora_scaling, lora_alpha=args.lora_alpha,
+        models_dir=args.models_dir, overwrite=args.overwrite,
+    )
+    source = pack.manifest["training"]["imported_from"]
+    scale = f", LoRA rank {pack.manifest['lora']['rank']} scale {source['lora_scale']:g}" if pack.manifest.get("lora") else ""
+    print(f"created segmenter pack {pack.name!r} ({source['finetune_mode']}{scale}; windows of "
+          f"{pack.input_size_px} px at {pack.spacing_um_px:g} um/px) in {pack.path}")
     return 0
 
 

@@ -152,10 +152,11 @@ def virchow2() -> nn.Module:
     )
 )
 def gigapath() -> nn.Module:
-    # timm arguments from the Prov-GigaPath config.json (architecture vit_giant_patch14_dinov2).
+    # timm arguments from the Prov-GigaPath config.json (architecture vit_giant_patch14_dinov2); dynamic_img_size
+    # as PFM_Segmentation builds it, so its segmenters can use larger windows (224 px inputs are unchanged).
     return timm.create_model(
         "vit_giant_patch14_dinov2", pretrained=False, img_size=224, in_chans=3, patch_size=16, embed_dim=1536,
-        depth=40, num_heads=24, init_values=1e-5, mlp_ratio=5.33334, num_classes=0,
+        depth=40, num_heads=24, init_values=1e-5, mlp_ratio=5.33334, num_classes=0, dynamic_img_size=True,
     )
 
 

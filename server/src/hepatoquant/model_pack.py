@@ -23,7 +23,7 @@ from pathlib import Path
 
 import jsonschema
 import torch
-from hepatoquant_client.classes import TISSUE_CLASS_CODES
+from hepatoquant_client.classes import TISSUE_CLASS_CODES, TISSUE_CLASSES
 from safetensors.torch import load_file, save_file
 
 from hepatoquant import __version__
@@ -273,7 +273,8 @@ def file_sha256(path: Path) -> str:
 
 
 def _manifest(
-    *, name: str, kind: str, status: str, encoder: str, classes: tuple[str, ...], description: str, licence: str
+    *, name: str, kind: str, status: str, encoder: str, classes: tuple[str, ...], description: str, licence: str,
+    tile_size_px: int = 150,
 ) -> dict:
     config = encoder_config(encoder)
     manifest = {
@@ -287,7 +288,7 @@ def _manifest(
         "classes": list(classes),
         "input_size_px": config.input_size_px,
         "spacing_um_px": config.spacing_um_px,
-        "tile_size_px": 150,
+        "tile_size_px": tile_size_px,
         "normalization": {"mean": list(config.mean), "std": list(config.std)},
         "licence_note": licence,
         "created_by": f"hepatoquant {__version__}",
@@ -332,12 +333,18 @@ def add_model_pack(
     classes: tuple[str, ...] = TISSUE_CLASS_CODES,
     licence_note: str | None = None,
     overwrite: bool = False,
+    tile_size_px: int = 150,
 ) -> ModelPack:
     """Turn a local encoder checkpoint (e.g. UNI's ``pytorch_model.bin``) and optionally a linear head into a pack.
 
     The checkpoint is loaded strictly into the registered architecture first, so a pack never holds weights
     that do not fit. Without ``head`` the pack is an encoder pack (embeddings, benchmarks), not a classifier.
+    ``classes`` name the head's outputs in order; tiles are ``tile_size_px`` at the encoder's spacing.
     """
+    if not 16 <= tile_size_px <= 4096:
+        raise InvalidParameterError(f"tile size {tile_size_px} px is outside 16..4096 px")
+    if head is not None:
+        classes = tissue_class_codes(classes)
     # Checked before ``name`` touches the file system: "", "." or ".." with overwrite would delete a parent folder.
     if not re.fullmatch(_manifest_schema()["properties"]["name"]["pattern"], name):
         raise InvalidParameterError(
@@ -357,8 +364,10 @@ def add_model_pack(
         status="trained" if head is not None else "pretrained-encoder",
         encoder=encoder,
         classes=classes,
-        description=f"{encoder_config(encoder).description}; from {Path(checkpoint).name}",
+        description=f"{encoder_config(encoder).description}; from {Path(checkpoint).name}"
+        + (f", head from {Path(head).name}" if head is not None else ""),
         licence=licence_note or encoder_config(encoder).licence_note,
+        tile_size_px=tile_size_px,
     )
     return write_pack(dest, manifest, tensors, replace=overwrite)
 
@@ -406,24 +415,53 @@ def write_probe_pack(
                       replace=overwrite, write_extra=copy_encoder)
 
 
+def tissue_class_codes(names: tuple[str, ...]) -> tuple[str, ...]:
+    """A head's output names as HepatoQuant's tissue class codes (TUM, FIB, ...): codes or display names
+    (Tumour, Fibrosis, ...), any case, each at most once. Reports, QuPath classes and overlays are in these classes."""
+    known = {c.code.lower(): c.code for c in TISSUE_CLASSES} | {c.display_name.lower(): c.code for c in TISSUE_CLASSES}
+    codes = tuple(known.get(name.strip().lower(), "") for name in names)
+    unknown = [name for name, code in zip(names, codes, strict=True) if not code]
+    if unknown or len(set(codes)) != len(codes) or not codes:
+        listing = ", ".join(f"{c.code} ({c.display_name})" for c in TISSUE_CLASSES)
+        raise InvalidParameterError(
+            f"head classes {list(names)}: name each output, in order, with the HepatoQuant tissue class it stands for "
+            f"(each at most once): {listing}" + (f"; not one of them: {', '.join(unknown)}" if unknown else "")
+        )
+    return codes
+
+
+# Where training code usually keeps its linear classifier; "" is a bare {weight, bias} file.
+HEAD_PREFIXES = ("", "head.", "fc.", "classifier.", "linear.")
+
+
 def _load_head(path: Path, embedding_dim: int, num_classes: int) -> dict[str, torch.Tensor]:
-    """A linear head's ``weight`` [classes, dim] and ``bias`` [classes], checked against the encoder."""
+    """A linear head's ``weight`` [classes, dim] and ``bias`` [classes], checked against the encoder.
+
+    The file may hold them bare or under one of :data:`HEAD_PREFIXES` (after an optional ``module.`` or
+    ``model.`` from a training wrapper), and nothing else: a file with more tensors is not one linear layer.
+    """
     from hepatoquant.encoders import load_state_dict_file
 
     state = load_state_dict_file(path)
-    state = {k.removeprefix("head.").removeprefix("fc."): v for k, v in state.items()}
-    weight, bias = state.get("weight"), state.get("bias")
-    if weight is None or bias is None or set(state) != {"weight", "bias"}:
+    for wrapper in ("module.", "model."):
+        if state and all(k.startswith(wrapper) for k in state):
+            state = {k.removeprefix(wrapper): v for k, v in state.items()}
+    found = [p for p in HEAD_PREFIXES if set(state) == {f"{p}weight", f"{p}bias"}]
+    if not found:
         raise WeightsMismatchError(
-            f"head file {str(path)!r} must hold exactly 'weight' and 'bias' of one linear layer; it has "
-            f"{', '.join(sorted(state)) or 'nothing'}"
+            f"head file {str(path)!r} must hold exactly the 'weight' and 'bias' of one linear layer, bare or under "
+            f"{', '.join(repr(p) for p in HEAD_PREFIXES[1:])}; it has "
+            f"{', '.join(sorted(state)[:6]) or 'nothing'}{' ...' if len(state) > 6 else ''}"
         )
+    weight, bias = state[f"{found[0]}weight"], state[f"{found[0]}bias"]
     if tuple(weight.shape) != (num_classes, embedding_dim) or tuple(bias.shape) != (num_classes,):
         raise WeightsMismatchError(
             f"head file {str(path)!r} has weight {tuple(weight.shape)} and bias {tuple(bias.shape)}; this encoder "
             f"needs weight ({num_classes}, {embedding_dim}) and bias ({num_classes},) for {num_classes} classes"
+            + (f" (the head has {weight.shape[0]} outputs: give that many class names)"
+               if weight.ndim == 2 and weight.shape[0] != num_classes else "")
         )
-    return {"weight": weight, "bias": bias}
+    return {"weight": weight.float().contiguous(), "bias": bias.float().contiguous()}
 
 
 def load_head_weights(pack: ModelPack) -> dict[str, torch.Tensor]:

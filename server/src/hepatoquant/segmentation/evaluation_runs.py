@@ -31,7 +31,7 @@ __all__ = ["evaluate_on_pairs", "evaluate_on_slides", "slide_truth_and_predictio
 def evaluate_on_pairs(model: SegmentationModel, pairs_json: Path, split: str, device: torch.device) -> dict:
     splits = load_pair_list(pairs_json)
     config = model.encoder.config
-    dataset = PairDataset(splits[split], eval_transforms(config.input_size_px, config.mean, config.std))
+    dataset = PairDataset(splits[split], eval_transforms(model.input_size_px, config.mean, config.std))
 
     def pairs() -> Iterator[tuple[np.ndarray, np.ndarray]]:
         with torch.inference_mode():

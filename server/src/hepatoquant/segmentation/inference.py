@@ -113,7 +113,7 @@ def segment_slide(
 ) -> SegmentationMap:
     """Segment a slide into background / non-tumour / tumour at ``params.map_spacing_um_px``, the model under
     autocast at the resolved ``precision`` (:func:`hepatoquant.precision.resolve_precision`)."""
-    window_px = model.encoder.config.input_size_px
+    window_px = model.input_size_px
     if window_px % model.patch_size_px:
         raise InvalidParameterError(
             f"window size {window_px} px is not a multiple of the patch size {model.patch_size_px} px"

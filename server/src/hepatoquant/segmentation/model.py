@@ -3,6 +3,9 @@
 Patch tokens of the ViT are laid back on their grid and upsampled by 2x convolution stages to the input
 resolution (UNETR / PFM_Segmentation style, without skip connections: the tokens already carry the context).
 Only the LoRA matrices (attention ``qkv`` and ``proj``) and the decoder train; the backbone stays frozen.
+Two decoders share that interface: HepatoQuant's own :class:`TokenDecoder`, and PFM_Segmentation's
+(:class:`hepatoquant.segmentation.pfmseg.PFMSegDecoder`) for the segmenters trained with that code; a segmenter
+may also have no LoRA at all (their frozen-backbone mode).
 """
 
 from __future__ import annotations
@@ -78,12 +81,13 @@ class SegmentationModel(nn.Module):
     """Encoder (LoRA-wrapped backbone) + decoder; takes normalised pixels, returns per-pixel logits."""
 
     def __init__(
-        self, encoder: Encoder, decoder: TokenDecoder, peft_model, base_state_dict: dict[str, torch.Tensor]
+        self, encoder: Encoder, decoder: nn.Module, peft_model, base_state_dict: dict[str, torch.Tensor]
     ) -> None:
         super().__init__()
         self.encoder = encoder
-        self.decoder = decoder
+        self.decoder = decoder  # (grid (B, D, h, w), out_size) -> logits (B, len(SEG_CLASS_NAMES), *out_size)
         self.classes = SEG_CLASS_NAMES
+        self.input_size_px = encoder.config.input_size_px  # the window side; a pack may set another one
         # Kept outside the module tree (plain attributes): the peft wrapper shares the backbone's parameters
         # and only serves to save the adapter in peft's own format; the base tensors are the frozen backbone
         # weights under their original names, for the pack's encoder file.
@@ -92,6 +96,8 @@ class SegmentationModel(nn.Module):
 
     def save_adapter(self, directory: Path) -> None:
         """peft's own adapter format: adapter_config.json + adapter_model.safetensors."""
+        if self.peft_model is None:
+            raise ValueError("this segmenter has no LoRA adapter (frozen backbone)")
         self.peft_model.save_pretrained(str(directory))
 
     @property
@@ -115,25 +121,34 @@ def build_segmentation_model(
     encoder_name: str,
     *,
     encoder_weights: str | Path | None = None,
-    lora: LoRASettings = LoRASettings(),
+    lora: LoRASettings | None = LoRASettings(),
     adapter_dir: str | Path | None = None,
     decoder_width: int = 64,
+    pfmseg_classes: tuple[str, ...] | None = None,
 ) -> SegmentationModel:
-    """Registry encoder (frozen) + fresh LoRA (or the peft adapter saved in ``adapter_dir``) + decoder.
+    """Registry encoder (frozen) + fresh LoRA (or the peft adapter saved in ``adapter_dir``; none when ``lora`` is
+    None) + decoder: :class:`TokenDecoder`, or PFM_Segmentation's when ``pfmseg_classes`` names its channels.
 
     The decoder's weights are loaded separately by the model pack; here it is freshly initialised.
     """
-    from peft import PeftModel, get_peft_model
-
     encoder = create_encoder(encoder_name, weights=encoder_weights)
     encoder.backbone.requires_grad_(False)
     base_state_dict = dict(encoder.backbone.state_dict())  # same tensors; LoRA wraps, never replaces, them
-    if adapter_dir is None:
-        peft_model = get_peft_model(encoder.backbone, lora.peft_config())  # injects LoRA layers in place
-    else:
-        peft_model = PeftModel.from_pretrained(encoder.backbone, str(adapter_dir), is_trainable=True)
+    peft_model = None
+    if lora is not None:
+        from peft import PeftModel, get_peft_model
+
+        if adapter_dir is None:
+            peft_model = get_peft_model(encoder.backbone, lora.peft_config())  # injects LoRA layers in place
+        else:
+            peft_model = PeftModel.from_pretrained(encoder.backbone, str(adapter_dir), is_trainable=True)
     config = encoder.config
-    decoder = TokenDecoder(encoder.backbone.embed_dim, config.patch_size_px, len(SEG_CLASS_NAMES), decoder_width)
+    if pfmseg_classes is not None:
+        from hepatoquant.segmentation.pfmseg import PFMSegDecoder
+
+        decoder: nn.Module = PFMSegDecoder(encoder.backbone.embed_dim, config.patch_size_px, pfmseg_classes)
+    else:
+        decoder = TokenDecoder(encoder.backbone.embed_dim, config.patch_size_px, len(SEG_CLASS_NAMES), decoder_width)
     return SegmentationModel(encoder, decoder, peft_model, base_state_dict)
 
 

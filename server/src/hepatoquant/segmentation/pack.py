@@ -46,8 +46,8 @@ def write_segmentation_pack(
     dest: Path,
     model: SegmentationModel,
     *,
-    lora: LoRASettings,
-    decoder_width: int,
+    lora: LoRASettings | None,
+    decoder_width: int = 64,
     spacing_um_px: float = DEFAULT_WINDOW_SPACING_UM_PX,
     model_status: str = "trained",
     description: str = "",
@@ -55,8 +55,15 @@ def write_segmentation_pack(
     training: dict | None = None,
     replace: bool = False,
 ) -> ModelPack:
-    """Write ``model`` as a pack at ``dest`` (atomically; ``replace`` swaps an existing pack)."""
+    """Write ``model`` as a pack at ``dest`` (atomically; ``replace`` swaps an existing pack). ``lora`` None: a
+    frozen backbone without adapter; ``decoder_width`` is the :class:`TokenDecoder`'s."""
+    from hepatoquant.segmentation.pfmseg import PFMSegDecoder
+
     config = model.encoder.config
+    if isinstance(model.decoder, PFMSegDecoder):
+        decoder = {"kind": "pfmseg", "weights": _DECODER_FILE, "source_classes": list(model.decoder.source_classes)}
+    else:
+        decoder = {"kind": "token", "weights": _DECODER_FILE, "width": decoder_width}
     manifest = {
         "format_version": 1,
         "name": dest.name,
@@ -65,16 +72,17 @@ def write_segmentation_pack(
         "model_status": model_status,
         "description": description,
         "encoder": {"name": config.name, "weights": _ENCODER_FILE, "sha256": ""},  # filled in when written
-        "adapter": {"path": _ADAPTER_DIR},
-        "lora": asdict(lora),
-        "decoder": {"weights": _DECODER_FILE, "width": decoder_width},
+        "decoder": decoder,
         "classes": list(SEG_CLASS_NAMES),
-        "input_size_px": config.input_size_px,
+        "input_size_px": model.input_size_px,
         "spacing_um_px": spacing_um_px,
         "normalization": {"mean": list(config.mean), "std": list(config.std)},
         "licence_note": licence_note or config.licence_note,
         "created_by": f"hepatoquant {__version__}",
     }
+    if lora is not None:
+        manifest["adapter"] = {"path": _ADAPTER_DIR}
+        manifest["lora"] = asdict(lora)
     if training is not None:
         manifest["training"] = training
     return write_pack(
@@ -82,7 +90,7 @@ def write_segmentation_pack(
         manifest,
         {_ENCODER_FILE: model.base_state_dict, _DECODER_FILE: model.decoder.state_dict()},
         replace=replace,
-        write_extra=lambda folder: model.save_adapter(folder / _ADAPTER_DIR),
+        write_extra=(lambda folder: model.save_adapter(folder / _ADAPTER_DIR)) if lora is not None else None,
     )
 
 
@@ -120,14 +128,16 @@ def load_segmenter(pack: ModelPack, device: torch.device) -> SegmentationModel:
             "the backbone it was trained with: restore that file or retrain the segmenter on this backbone"
         )
     encoder_config(pack.encoder_name)  # a clear error for an unknown encoder name
-    settings = pack.manifest["lora"]
+    settings, decoder = pack.manifest.get("lora"), pack.manifest["decoder"]
     model = build_segmentation_model(
         pack.encoder_name,
         encoder_weights=pack.encoder_weights,
-        lora=LoRASettings(rank=settings["rank"], alpha=settings["alpha"], dropout=settings["dropout"]),
-        adapter_dir=pack.path / pack.manifest["adapter"]["path"],
-        decoder_width=pack.manifest["decoder"]["width"],
+        lora=LoRASettings(rank=settings["rank"], alpha=settings["alpha"], dropout=settings["dropout"]) if settings else None,
+        adapter_dir=pack.path / pack.manifest["adapter"]["path"] if settings else None,
+        decoder_width=decoder.get("width", 64),
+        pfmseg_classes=tuple(decoder["source_classes"]) if decoder.get("kind") == "pfmseg" else None,
     )
+    model.input_size_px = pack.input_size_px
     try:
         model.decoder.load_state_dict(load_file(str(pack.path / pack.manifest["decoder"]["weights"])), strict=True)
     except (RuntimeError, OSError) as exc:

@@ -1,0 +1,323 @@
+"""Import a PFM_Segmentation checkpoint as a HepatoQuant segmentation pack (``hepatoquant models import-pfmseg``).
+
+Their trainer (github.com/lingxitong/PFM_Segmentation, ``utils/trainer.py``) saves a ``torch.save`` dict whose
+``model_state_dict`` holds, by fine-tuning mode:
+
+- ``lora``: the LoRA tensors of every attention block, ``pfm.blocks.{i}.attn.{qkv,proj}.lora_{a,b}``, plus the
+  ``decoder.*`` and ``segmentation_head.*`` state (BatchNorm buffers included); the frozen backbone is the
+  foundation model's own checkpoint. Their first trainer saved the whole model instead (backbone tensors too):
+  those backbone tensors must equal the given backbone weights, and are checked against them.
+- ``frozen``: ``decoder.*`` and ``segmentation_head.*`` only (no adapter).
+- ``full``: every backbone tensor fine-tuned: refused (HepatoQuant packs keep the foundation model frozen). A
+  whole-model file of their first trainer in frozen mode is told apart by its recorded ``finetune_mode``.
+
+Their LoRA layer computes ``linear(x) + ((x @ lora_a) @ lora_b) * scale`` with ``lora_a`` [in, r] and ``lora_b``
+[r, out]; ``scale`` is ``lora_alpha`` in their first ``models/lora.py`` and ``lora_alpha / r`` in later ones, which a
+checkpoint does not record, so the caller says which. peft computes ``base(x) + lora_B(lora_A(x)) * lora_alpha / r``
+with ``lora_A.weight`` [r, in] and ``lora_B.weight`` [out, r]: the tensors are transposed and peft's alpha is
+``scale * r``. Every tensor of the checkpoint is used exactly once; anything missing, unexpected or of the wrong
+shape is an error naming the key.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from hepatoquant.encoders import encoder_config
+from hepatoquant.errors import InvalidParameterError, ModelPackError, WeightsMismatchError, WeightsNotFoundError
+from hepatoquant.model_pack import ModelPack, default_models_dir, file_sha256
+from hepatoquant.segmentation.model import LoRASettings, SegmentationModel, build_segmentation_model
+
+__all__ = ["LORA_SCALINGS", "PFM_NAMES", "import_pfmseg"]
+
+# Their ``model.pfm_name`` for the registry's encoders (a checkpoint's config naming another one is refused).
+PFM_NAMES = {"uni": "uni_v1", "virchow2": "virchow_v2", "gigapath": "gigapath"}
+LORA_SCALINGS = ("alpha", "alpha/r")
+_LORA_KEY = re.compile(r"^pfm\.(?P<module>.+)\.(?P<which>lora_a|lora_b)$")
+
+
+@dataclass(frozen=True)
+class _Checkpoint:
+    tensors: dict[str, torch.Tensor]
+    finetune_mode: str | None  # as the file says, if it says
+    config_model: dict  # their config's "model" section, if stored
+
+
+def import_pfmseg(
+    checkpoint: str | Path,
+    *,
+    backbone: str,
+    backbone_weights: str | Path,
+    classes: tuple[str, ...],
+    name: str,
+    spacing_um_px: float,
+    input_size_px: int | None = None,
+    lora_scaling: str | None = None,
+    lora_alpha: float | None = None,
+    models_dir: Path | None = None,
+    overwrite: bool = False,
+) -> ModelPack:
+    """Convert ``checkpoint`` (trained on ``backbone`` with ``backbone_weights``) into the segmenter pack ``name``.
+
+    ``classes`` names the checkpoint's output channels in order (background, non_tumour, tumour); windows are
+    read at ``spacing_um_px`` and ``input_size_px`` (default: the encoder's), which must be a multiple of the
+    patch size. ``lora_scaling`` and ``lora_alpha`` (default: the checkpoint's config) give the LoRA scale.
+    """
+    from hepatoquant.segmentation.pack import write_segmentation_pack
+
+    config = encoder_config(backbone)
+    if input_size_px is None:
+        input_size_px = config.input_size_px
+    if input_size_px < config.patch_size_px or input_size_px % config.patch_size_px:
+        raise InvalidParameterError(
+            f"input size {input_size_px} px is not a multiple of {backbone}'s patch size {config.patch_size_px} px; "
+            f"PFM_Segmentation's decoder needs whole patches: use e.g. {config.input_size_px}"
+        )
+    if not 0.1 <= spacing_um_px <= 32:
+        raise InvalidParameterError(f"window spacing {spacing_um_px} um/px is outside 0.1..32 um/px")
+    source = _read_checkpoint(Path(checkpoint))
+    _check_backbone_name(source, backbone, Path(checkpoint))
+    lora_tensors = {k: v for k, v in source.tensors.items() if _LORA_KEY.match(k)}
+    backbone_tensors = {k: v for k, v in source.tensors.items() if k.startswith("pfm.") and k not in lora_tensors}
+    mode = _finetune_mode(source, lora_tensors, backbone_tensors, Path(checkpoint))
+
+    settings = None
+    if mode == "lora":
+        rank = _lora_rank(lora_tensors, Path(checkpoint))
+        scale = _lora_scale(source, rank, lora_scaling, lora_alpha, Path(checkpoint))
+        settings = LoRASettings(rank=rank, alpha=scale * rank, dropout=0.0)
+    model = build_segmentation_model(backbone, encoder_weights=backbone_weights, lora=settings, pfmseg_classes=classes)
+    model.input_size_px = input_size_px
+    if not getattr(model.encoder.backbone, "dynamic_img_size", False) and input_size_px != config.input_size_px:
+        raise InvalidParameterError(
+            f"encoder {backbone!r} takes {config.input_size_px} px inputs only; use --input-size {config.input_size_px}"
+        )
+    used: set[str] = set()
+    if mode == "lora":
+        used |= _load_lora(model, lora_tensors, Path(checkpoint))
+    used |= _check_backbone_copy(model, backbone_tensors, Path(checkpoint), Path(backbone_weights))
+    used |= _load_decoder(model, source.tensors, len(classes), Path(checkpoint))
+    unused = sorted(set(source.tensors) - used)
+    if unused:
+        raise WeightsMismatchError(
+            f"checkpoint {str(checkpoint)!r} holds {len(unused)} tensor(s) that a PFM_Segmentation {mode} model with a "
+            f"DecoderCup does not have (e.g. {', '.join(unused[:3])}); it may come from another fine-tuning mode "
+            "(dora, cnn_adapter, transformer_adapter are not supported) or another model"
+        )
+    dest = (models_dir or default_models_dir()) / name
+    if dest.exists() and not overwrite:
+        raise ModelPackError(f"model pack {str(dest)!r} already exists; choose another --name or remove it first")
+    record = {
+        "imported_from": {
+            "format": "PFM_Segmentation", "checkpoint": Path(checkpoint).name,
+            "checkpoint_sha256": file_sha256(Path(checkpoint)), "finetune_mode": mode,
+            "lora_scale": None if settings is None else settings.alpha / settings.rank,
+            "source_classes": list(classes), "pfm_name": source.config_model.get("pfm_name"),
+        }
+    }
+    return write_segmentation_pack(
+        dest, model, lora=settings, spacing_um_px=spacing_um_px, model_status="trained",
+        description=f"PFM_Segmentation {mode} segmenter on {config.description}; from {Path(checkpoint).name}",
+        training=record, replace=overwrite,
+    )
+
+
+def _read_checkpoint(path: Path) -> _Checkpoint:
+    """The state dict and what the file says about itself; only tensors and plain data are unpickled."""
+    if not path.is_file():
+        raise WeightsNotFoundError(f"checkpoint {str(path)!r} does not exist; give the .pth file PFM_Segmentation saved")
+    if path.suffix == ".safetensors":
+        from hepatoquant.encoders import load_state_dict_file
+
+        return _Checkpoint(_strip_module_prefix(load_state_dict_file(path)), None, {})
+    try:
+        raw = _torch_load_plain(path)
+    except Exception as exc:  # torch raises many types for a non-checkpoint file
+        raise WeightsMismatchError(
+            f"checkpoint {str(path)!r} is not a readable PyTorch checkpoint ({exc}); give the .pth file that "
+            "PFM_Segmentation's trainer saved (best_lora_and_decoder_head.pth or best_decoder_head.pth)"
+        ) from exc
+    if not isinstance(raw, dict):
+        raise WeightsMismatchError(f"checkpoint {str(path)!r} does not hold a dictionary of tensors")
+    if "lora_dora_state_dict" in raw:
+        raise WeightsMismatchError(
+            f"checkpoint {str(path)!r} is the LoRA half of an older PFM_Segmentation checkpoint pair (its decoder is "
+            "in best_decoder_head.pth, without BatchNorm statistics); that pair cannot be imported: retrain with the "
+            "current PFM_Segmentation code, which saves best_lora_and_decoder_head.pth"
+        )
+    state = raw
+    for key in ("model_state_dict", "state_dict", "model"):
+        if isinstance(raw.get(key), dict):
+            state = raw[key]
+            break
+    if not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise WeightsMismatchError(
+            f"checkpoint {str(path)!r} has no state dict of tensors (keys: {', '.join(map(str, list(raw)[:6]))})"
+        )
+    config = raw.get("config")
+    model_config = config.get("model", {}) if isinstance(config, dict) else {}
+    mode = raw.get("finetune_mode")
+    if mode is None and isinstance(model_config.get("finetune_mode"), dict):
+        mode = model_config["finetune_mode"].get("type")
+    return _Checkpoint(_strip_module_prefix(state), mode if isinstance(mode, str) else None, model_config)
+
+
+def _torch_load_plain(path: Path):
+    """``torch.load(weights_only=True)``, also allowing the NumPy scalars their trainer's metrics may hold."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as first:  # noqa: BLE001 - retried once with NumPy scalars allowed, then reported
+        import numpy as np
+
+        try:
+            scalar = np._core.multiarray.scalar  # NumPy 2
+        except AttributeError:  # pragma: no cover - NumPy 1
+            scalar = np.core.multiarray.scalar
+        allowed = [scalar, np.dtype, *(type(np.dtype(t)) for t in (np.float64, np.float32, np.int64, np.int32))]
+        try:
+            with torch.serialization.safe_globals(allowed):
+                return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:  # noqa: BLE001
+            raise first from None
+
+
+def _strip_module_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Checkpoints saved from DistributedDataParallel carry ``module.`` on every key."""
+    if state and all(k.startswith("module.") for k in state):
+        return {k.removeprefix("module."): v for k, v in state.items()}
+    return dict(state)
+
+
+def _check_backbone_name(source: _Checkpoint, backbone: str, path: Path) -> None:
+    from hepatoquant.encoders import list_encoders
+
+    recorded = source.config_model.get("pfm_name")
+    expected = PFM_NAMES.get(backbone, backbone)  # the small registry encoders go by their own names
+    if recorded and recorded != expected:
+        ours = {v: k for k, v in PFM_NAMES.items()}.get(recorded) or (recorded if recorded in list_encoders() else None)
+        hint = f"use --backbone {ours} with its weights" if ours else "HepatoQuant has no registry encoder for it"
+        raise WeightsMismatchError(
+            f"checkpoint {str(path)!r} was trained on {recorded!r} (its config's model.pfm_name), not on {backbone!r} "
+            f"({expected!r}): {hint}"
+        )
+
+
+def _finetune_mode(source: _Checkpoint, lora: dict, backbone: dict, path: Path) -> str:
+    if source.finetune_mode in ("dora", "cnn_adapter", "transformer_adapter"):
+        raise WeightsMismatchError(
+            f"checkpoint {str(path)!r} was trained in PFM_Segmentation's {source.finetune_mode!r} mode; only lora and "
+            "frozen checkpoints can be imported"
+        )
+    if backbone and not lora and source.finetune_mode != "frozen":
+        raise WeightsMismatchError(
+            f"checkpoint {str(path)!r} is a full fine-tune (it holds {len(backbone)} backbone tensors such as "
+            f"{sorted(backbone)[0]} and no LoRA tensors): HepatoQuant segmenters keep the foundation model's own "
+            "weights frozen. Retrain with finetune_mode type lora (or frozen) to import it"
+        )
+    mode = "lora" if lora else "frozen"
+    if source.finetune_mode in ("lora", "frozen", "full") and source.finetune_mode != mode:
+        raise WeightsMismatchError(
+            f"checkpoint {str(path)!r} says finetune_mode {source.finetune_mode!r} but its tensors are those of a "
+            f"{mode} model; the file is damaged or was edited"
+        )
+    return mode
+
+
+def _lora_rank(lora: dict[str, torch.Tensor], path: Path) -> int:
+    ranks = {tuple(v.shape)[1] if k.endswith("lora_a") else tuple(v.shape)[0] for k, v in lora.items() if v.ndim == 2}
+    if len(ranks) != 1 or any(v.ndim != 2 for v in lora.values()):
+        raise WeightsMismatchError(
+            f"checkpoint {str(path)!r}: LoRA tensors of different ranks ({sorted(ranks)}); every lora_a must be "
+            "[in, r] and every lora_b [r, out] with one r"
+        )
+    return ranks.pop()
+
+
+def _lora_scale(source: _Checkpoint, rank: int, scaling: str | None, alpha: float | None, path: Path) -> float:
+    configured = source.config_model.get("finetune_mode")
+    if alpha is None and isinstance(configured, dict) and isinstance(configured.get("alpha"), (int, float)):
+        alpha = float(configured["alpha"])
+    if alpha is None or alpha <= 0:
+        raise InvalidParameterError(
+            f"checkpoint {str(path)!r} does not record its LoRA alpha; pass --lora-alpha (model.finetune_mode.alpha "
+            "of the config it was trained with)"
+        )
+    if scaling not in LORA_SCALINGS:
+        raise InvalidParameterError(
+            f"say how the LoRA of {str(path)!r} was scaled: --lora-scaling alpha (PFM_Segmentation's first "
+            "models/lora.py: self.scale = lora_alpha) or --lora-scaling alpha/r (later versions: self.scale = "
+            f"lora_alpha / r); the checkpoint does not record it (alpha {alpha:g}, rank {rank})"
+        )
+    return alpha if scaling == "alpha" else alpha / rank
+
+
+def _load_lora(model: SegmentationModel, lora: dict[str, torch.Tensor], path: Path) -> set[str]:
+    """Their lora_a / lora_b, transposed, into peft's lora_A / lora_B of the same attention layers."""
+    from peft.tuners.lora import LoraLayer
+
+    layers = {name: module for name, module in model.encoder.backbone.named_modules() if isinstance(module, LoraLayer)}
+    expected = {f"pfm.{name}.{which}" for name in layers for which in ("lora_a", "lora_b")}
+    missing, unexpected = sorted(expected - set(lora)), sorted(set(lora) - expected)
+    if missing or unexpected:
+        blocks = len({m.group("module").split(".attn")[0] for m in map(_LORA_KEY.match, lora)})
+        raise WeightsMismatchError(
+            f"checkpoint {str(path)!r} has LoRA on {blocks} attention block(s); the backbone has {len(layers) // 2}: "
+            + (f"missing {', '.join(missing[:3])}; " if missing else "")
+            + (f"unexpected {', '.join(unexpected[:3])}; " if unexpected else "")
+            + "it was trained on another backbone"
+        )
+    for name, layer in layers.items():
+        a, b = lora[f"pfm.{name}.lora_a"], lora[f"pfm.{name}.lora_b"]
+        peft_a, peft_b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+        for key, theirs, ours in ((f"pfm.{name}.lora_a", a, peft_a), (f"pfm.{name}.lora_b", b, peft_b)):
+            if tuple(theirs.shape[::-1]) != tuple(ours.shape):
+                raise WeightsMismatchError(
+                    f"checkpoint {str(path)!r}: {key} is {tuple(theirs.shape)}, the backbone's layer needs "
+                    f"{tuple(ours.shape[::-1])}; it was trained on another backbone"
+                )
+        with torch.no_grad():
+            peft_a.copy_(a.t())
+            peft_b.copy_(b.t())
+    return set(expected)
+
+
+def _check_backbone_copy(model: SegmentationModel, tensors: dict[str, torch.Tensor], path: Path,
+                         weights: Path) -> set[str]:
+    """Whole-model checkpoints (their first trainer) repeat the frozen backbone: it must be exactly ours."""
+    for key, tensor in tensors.items():
+        ours = model.base_state_dict.get(key.removeprefix("pfm."))
+        if ours is None:
+            raise WeightsMismatchError(f"checkpoint {str(path)!r}: {key} is not a tensor of the backbone")
+        if tuple(ours.shape) != tuple(tensor.shape) or not torch.equal(ours.to(tensor.dtype), tensor):
+            raise WeightsMismatchError(
+                f"checkpoint {str(path)!r}: its backbone tensor {key} differs from {str(weights)!r}; give the backbone "
+                "weights this segmenter was trained on"
+            )
+    return set(tensors)
+
+
+def _load_decoder(model: SegmentationModel, tensors: dict[str, torch.Tensor], num_classes: int, path: Path) -> set[str]:
+    given = {k: v for k, v in tensors.items() if k.startswith(("decoder.", "segmentation_head."))}
+    head = given.get("segmentation_head.0.weight")
+    if head is not None and head.shape[0] != num_classes:
+        raise InvalidParameterError(
+            f"checkpoint {str(path)!r} has {head.shape[0]} output classes but --classes names {num_classes}; name "
+            "each output channel in order"
+        )
+    expected = {k: tuple(v.shape) for k, v in model.decoder.state_dict().items()}
+    missing = sorted(set(expected) - set(given))
+    wrong = sorted(k for k in set(expected) & set(given) if tuple(given[k].shape) != expected[k])
+    if missing or wrong:
+        detail = f"missing {', '.join(missing[:3])}" if missing else (
+            f"{wrong[0]} is {tuple(given[wrong[0]].shape)}, the decoder needs {expected[wrong[0]]}")
+        raise WeightsMismatchError(
+            f"checkpoint {str(path)!r} does not hold PFM_Segmentation's DecoderCup for this backbone: {detail}"
+            + ("; BatchNorm statistics are missing: files from their older trainer lack them" if any(
+                k.endswith(("running_mean", "running_var", "num_batches_tracked")) for k in missing) else "")
+        )
+    model.decoder.load_state_dict({k: given[k] for k in expected}, strict=True)
+    return set(expected)
