@@ -366,11 +366,13 @@ def test_add_classifier_pack_with_a_head(
 
 
 def test_add_with_other_classes(tmp_path: Path, make_tiny_checkpoint, make_linear_head) -> None:
+    """A head over some of HepatoQuant's tissue classes, in its own order, named by code or display name."""
     head = make_linear_head(dim=32, num_classes=3)
     pack = add_model_pack(
-        make_tiny_checkpoint(), encoder=TINY, name="three", models_dir=tmp_path, head=head, classes=("A", "B", "C")
+        make_tiny_checkpoint(), encoder=TINY, name="three", models_dir=tmp_path, head=head,
+        classes=("STE", "tumour", "Bile duct reaction"),
     )
-    assert pack.classes == ("A", "B", "C")
+    assert pack.classes == ("STE", "TUM", "REA")
 
 
 @pytest.mark.parametrize(("dim", "num_classes"), [(16, 7), (32, 6)])

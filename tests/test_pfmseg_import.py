@@ -400,3 +400,19 @@ def test_import_head_refuses_files_that_are_not_one_linear_layer(tiny_classifier
         attempt({"fc.weight": torch.zeros(3, 64), "fc.bias": torch.zeros(3)})  # trained on another encoder
     with pytest.raises(InvalidParameterError, match="each at most once"):
         attempt({"fc.weight": torch.zeros(3, 32), "fc.bias": torch.zeros(3)}, classes=("TUM", "Tumour", "FIB"))
+
+
+@pytest.mark.parametrize("name, width, last_scale", [("uni", 1024, 2.0), ("virchow2", 1280, 1.75), ("gigapath", 1536, 2.0)])
+def test_the_decoder_fits_the_published_backbones(name: str, width: int, last_scale: float) -> None:
+    """Their 56 decoder and head tensors on the token width of UNI, Virchow2 and GigaPath (built on the meta device),
+    and their last upsampling: 1.75 for patch-14 Virchow2, 2 for the patch-16 ones."""
+    from hepatoquant.encoders import create_encoder
+
+    backbone = create_encoder(name, device="meta").backbone
+    decoder = PFMSegDecoder(backbone.embed_dim, backbone.patch_embed.patch_size[0], SEG_CLASS_NAMES)
+    shapes = {k: tuple(v.shape) for k, v in decoder.state_dict().items()}
+    assert len(shapes) == 56 and backbone.embed_dim == width
+    assert shapes["decoder.conv_more.0.weight"] == (512, width, 3, 3)
+    assert shapes["decoder.blocks.3.conv2.1.running_var"] == (16,)
+    assert shapes["segmentation_head.0.weight"] == (3, 16, 3, 3)
+    assert decoder.decoder.blocks[3].scale == last_scale and backbone.num_prefix_tokens == (5 if name == "virchow2" else 1)
