@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from hepatoquant.cli import EXIT_USER_ERROR, main
-from hepatoquant.errors import InvalidParameterError, WeightsMismatchError
+from hepatoquant.errors import InvalidParameterError, ModelPackError, WeightsMismatchError
 from hepatoquant.segmentation import SEG_CLASS_NAMES
 from hepatoquant.segmentation.pack import load_segmenter
 from hepatoquant.segmentation.pfmseg import PFMSegDecoder
@@ -312,6 +312,11 @@ def test_full_fine_tunes_other_modes_and_bad_settings_are_refused(pfm_checkpoint
         _import(made, tmp_path, classes=("non_tumour", "tumour"))
     with pytest.raises(InvalidParameterError, match="background, non_tumour, tumour"):
         _import(made, tmp_path, classes=("background", "normal", "tumour"))
+    with pytest.raises(InvalidParameterError, match=r"pack name '\.\.' is not allowed"):
+        _import(made, tmp_path, name="..", overwrite=True)  # never a path out of the models folder
+    _import(made, tmp_path, name="kept")
+    with pytest.raises(ModelPackError, match="already exists"):
+        _import(made, tmp_path, name="kept")
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(WeightsMismatchError, match="junk.pth.*not a readable PyTorch checkpoint"):
         import_pfmseg(tmp_path / "junk.pth", backbone="test_vit_micro", backbone_weights=made["weights"],

@@ -323,6 +323,21 @@ def ensure_demo_pack(models_dir: Path | None = None, *, encoder: str = "demo_vit
     return write_pack(dest, manifest, {_ENCODER_FILE: model.backbone.state_dict(), _HEAD_FILE: head.state_dict()})
 
 
+def new_pack_destination(name: str, models_dir: Path | None, overwrite: bool) -> Path:
+    """The folder a new pack ``name`` goes to, after checking the name and that nothing is replaced unasked.
+
+    The name is checked before it touches the file system: "", "." or ".." with overwrite would delete a parent.
+    """
+    if not re.fullmatch(_manifest_schema()["properties"]["name"]["pattern"], name):
+        raise InvalidParameterError(
+            f"pack name {name!r} is not allowed; use letters, digits, '.', '_' and '-', starting with a letter or digit"
+        )
+    dest = (models_dir or default_models_dir()) / name
+    if dest.exists() and not overwrite:
+        raise ModelPackError(f"model pack {str(dest)!r} already exists; choose another --name or remove it first")
+    return dest
+
+
 def add_model_pack(
     checkpoint: str | Path,
     *,
@@ -345,14 +360,7 @@ def add_model_pack(
         raise InvalidParameterError(f"tile size {tile_size_px} px is outside 16..4096 px")
     if head is not None:
         classes = tissue_class_codes(classes)
-    # Checked before ``name`` touches the file system: "", "." or ".." with overwrite would delete a parent folder.
-    if not re.fullmatch(_manifest_schema()["properties"]["name"]["pattern"], name):
-        raise InvalidParameterError(
-            f"pack name {name!r} is not allowed; use letters, digits, '.', '_' and '-', starting with a letter or digit"
-        )
-    dest = (models_dir or default_models_dir()) / name
-    if dest.exists() and not overwrite:
-        raise ModelPackError(f"model pack {str(dest)!r} already exists; choose another --name or remove it first")
+    dest = new_pack_destination(name, models_dir, overwrite)
     model = create_encoder(encoder, weights=checkpoint)
     tensors = {_ENCODER_FILE: model.backbone.state_dict()}
     if head is not None:
@@ -386,13 +394,7 @@ def write_probe_pack(
     """A classifier pack from a trained linear probe: ``encoder_pack``'s encoder weights (copied as they are, so
     the pack's SHA-256 proves which encoder the head was trained on) and the head. ``extra`` (e.g. the probe's
     training record and test metrics) is stored in the manifest under ``"training"``."""
-    if not re.fullmatch(_manifest_schema()["properties"]["name"]["pattern"], name):
-        raise InvalidParameterError(
-            f"pack name {name!r} is not allowed; use letters, digits, '.', '_' and '-', starting with a letter or digit"
-        )
-    dest = (models_dir or default_models_dir()) / name
-    if dest.exists() and not overwrite:
-        raise ModelPackError(f"model pack {str(dest)!r} already exists; choose another name or pass overwrite")
+    dest = new_pack_destination(name, models_dir, overwrite)
     config = encoder_config(encoder_pack.encoder_name)
     weight = head_state["weight"]
     if tuple(weight.shape) != (len(classes), config.embedding_dim):

@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 
 from hepatoquant.encoders import encoder_config
-from hepatoquant.errors import InvalidParameterError, ModelPackError, WeightsMismatchError, WeightsNotFoundError
-from hepatoquant.model_pack import ModelPack, default_models_dir, file_sha256
+from hepatoquant.errors import InvalidParameterError, WeightsMismatchError, WeightsNotFoundError
+from hepatoquant.model_pack import ModelPack, file_sha256, new_pack_destination
 from hepatoquant.segmentation.model import LoRASettings, SegmentationModel, build_segmentation_model
 
 __all__ = ["LORA_SCALINGS", "PFM_NAMES", "import_pfmseg"]
@@ -69,6 +69,7 @@ def import_pfmseg(
     """
     from hepatoquant.segmentation.pack import write_segmentation_pack
 
+    dest = new_pack_destination(name, models_dir, overwrite)
     config = encoder_config(backbone)
     if input_size_px is None:
         input_size_px = config.input_size_px
@@ -108,9 +109,6 @@ def import_pfmseg(
             f"DecoderCup does not have (e.g. {', '.join(unused[:3])}); it may come from another fine-tuning mode "
             "(dora, cnn_adapter, transformer_adapter are not supported) or another model"
         )
-    dest = (models_dir or default_models_dir()) / name
-    if dest.exists() and not overwrite:
-        raise ModelPackError(f"model pack {str(dest)!r} already exists; choose another --name or remove it first")
     record = {
         "imported_from": {
             "format": "PFM_Segmentation", "checkpoint": Path(checkpoint).name,
