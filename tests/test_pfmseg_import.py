@@ -348,6 +348,8 @@ def test_imported_packs_run_in_analyze_on_the_real_slides(pfm_checkpoint, tmp_pa
                      "--seg-model", "paper-seg", "--device", "cpu", "--no-progress", *extra]) == 0
         report = json.loads(next(out.glob("*.report.json")).read_text())
         assert report["segmenter"]["name"] == "paper-seg" and report["segmentation"]["windows_run"] > 0
+        assert report["segmenter"]["imported_from"]["format"] == "PFM_Segmentation"
+        assert report["segmenter"]["imported_from"]["finetune_mode"] == "lora"
         assert report["model"]["name"] == "paper-head" and report["model"]["classes"] == codes
         assert report["tiles"]["count"] > 0 and report["parameters"]["tile_size_px"] == 224
     capsys.readouterr()

@@ -113,7 +113,7 @@ class ModelPack:
 
     def summary(self) -> dict:
         """What reports record about the model."""
-        return {
+        summary = {
             "name": self.name,
             "kind": self.kind,
             "version": self.manifest["version"],
@@ -125,7 +125,12 @@ class ModelPack:
             "tile_size_px": self.manifest.get("tile_size_px"),
             "licence_note": self.manifest["licence_note"],
             "path": str(self.path),
+            "description": self.manifest.get("description", ""),
         }
+        imported = (self.manifest.get("training") or {}).get("imported_from")
+        if imported:  # e.g. a PFM_Segmentation checkpoint: which file, which fine-tuning mode, which LoRA scale
+            summary["imported_from"] = imported
+        return summary
 
 
 @cache
