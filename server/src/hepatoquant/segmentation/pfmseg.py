@@ -23,11 +23,21 @@ from torch import nn
 from hepatoquant.errors import InvalidParameterError
 from hepatoquant.segmentation import SEG_CLASS_NAMES
 
-__all__ = ["DECODER_CHANNELS", "HEAD_CHANNELS", "PFMSegDecoder"]
+__all__ = ["DECODER_CHANNELS", "HEAD_CHANNELS", "PFMSegDecoder", "check_source_classes"]
 
 DECODER_CHANNELS: tuple[int, ...] = (256, 128, 64, 16)
 HEAD_CHANNELS = 512
 _ABSENT_CLASS_LOGIT = -1.0e4  # representable in fp16 and bf16; loses every argmax and softmaxes to 0
+
+
+def check_source_classes(source_classes: tuple[str, ...]) -> None:
+    """A checkpoint's output channels must each be named with one of HepatoQuant's segmentation classes."""
+    unknown = [name for name in source_classes if name not in SEG_CLASS_NAMES]
+    if unknown or len(set(source_classes)) != len(source_classes) or "tumour" not in source_classes:
+        raise InvalidParameterError(
+            f"segmenter classes {list(source_classes)}: name each output channel of the checkpoint, in order, "
+            f"with one of {', '.join(SEG_CLASS_NAMES)} (each at most once, tumour included)"
+        )
 
 
 def _conv_bn_relu(in_channels: int, out_channels: int) -> nn.Sequential:
@@ -81,12 +91,7 @@ class PFMSegDecoder(nn.Module):
 
     def __init__(self, embed_dim: int, patch_size_px: int, source_classes: tuple[str, ...]) -> None:
         super().__init__()
-        unknown = [name for name in source_classes if name not in SEG_CLASS_NAMES]
-        if unknown or len(set(source_classes)) != len(source_classes) or "tumour" not in source_classes:
-            raise InvalidParameterError(
-                f"segmenter classes {list(source_classes)}: name each output channel of the checkpoint, in order, "
-                f"with one of {', '.join(SEG_CLASS_NAMES)} (each at most once, tumour included)"
-            )
+        check_source_classes(source_classes)
         self.decoder = _DecoderCup(embed_dim, patch_size_px)
         self.segmentation_head = nn.Sequential(nn.Conv2d(DECODER_CHANNELS[-1], len(source_classes), 3, padding=1),
                                                nn.Identity())

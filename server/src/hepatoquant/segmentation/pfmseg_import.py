@@ -31,6 +31,7 @@ from hepatoquant.encoders import encoder_config
 from hepatoquant.errors import InvalidParameterError, WeightsMismatchError, WeightsNotFoundError
 from hepatoquant.model_pack import ModelPack, file_sha256, new_pack_destination
 from hepatoquant.segmentation.model import LoRASettings, SegmentationModel, build_segmentation_model
+from hepatoquant.segmentation.pfmseg import check_source_classes
 
 __all__ = ["LORA_SCALINGS", "PFM_NAMES", "import_pfmseg"]
 
@@ -80,8 +81,15 @@ def import_pfmseg(
         )
     if not 0.1 <= spacing_um_px <= 32:
         raise InvalidParameterError(f"window spacing {spacing_um_px} um/px is outside 0.1..32 um/px")
+    check_source_classes(classes)
     source = _read_checkpoint(Path(checkpoint))
     _check_backbone_name(source, backbone, Path(checkpoint))
+    head = source.tensors.get("segmentation_head.0.weight")
+    if head is not None and head.shape[0] != len(classes):
+        raise InvalidParameterError(
+            f"checkpoint {str(checkpoint)!r} has {head.shape[0]} output classes but --classes names {len(classes)}; "
+            "name each output channel in order"
+        )
     lora_tensors = {k: v for k, v in source.tensors.items() if _LORA_KEY.match(k)}
     backbone_tensors = {k: v for k, v in source.tensors.items() if k.startswith("pfm.") and k not in lora_tensors}
     mode = _finetune_mode(source, lora_tensors, backbone_tensors, Path(checkpoint))
@@ -101,7 +109,7 @@ def import_pfmseg(
     if mode == "lora":
         used |= _load_lora(model, lora_tensors, Path(checkpoint))
     used |= _check_backbone_copy(model, backbone_tensors, Path(checkpoint), Path(backbone_weights))
-    used |= _load_decoder(model, source.tensors, len(classes), Path(checkpoint))
+    used |= _load_decoder(model, source.tensors, Path(checkpoint))
     unused = sorted(set(source.tensors) - used)
     if unused:
         raise WeightsMismatchError(
@@ -298,14 +306,8 @@ def _check_backbone_copy(model: SegmentationModel, tensors: dict[str, torch.Tens
     return set(tensors)
 
 
-def _load_decoder(model: SegmentationModel, tensors: dict[str, torch.Tensor], num_classes: int, path: Path) -> set[str]:
+def _load_decoder(model: SegmentationModel, tensors: dict[str, torch.Tensor], path: Path) -> set[str]:
     given = {k: v for k, v in tensors.items() if k.startswith(("decoder.", "segmentation_head."))}
-    head = given.get("segmentation_head.0.weight")
-    if head is not None and head.shape[0] != num_classes:
-        raise InvalidParameterError(
-            f"checkpoint {str(path)!r} has {head.shape[0]} output classes but --classes names {num_classes}; name "
-            "each output channel in order"
-        )
     expected = {k: tuple(v.shape) for k, v in model.decoder.state_dict().items()}
     missing = sorted(set(expected) - set(given))
     wrong = sorted(k for k in set(expected) & set(given) if tuple(given[k].shape) != expected[k])
