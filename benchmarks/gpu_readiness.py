@@ -16,8 +16,8 @@ import argparse
 import time
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
+from capacity_model import flops_per_tile  # benchmarks/ is on the path when a script runs
 from hepatoquant.classify import choose_device, normalisation_buffers, normalise_uint8_nhwc
 from hepatoquant.encoders import create_encoder, encoder_config
 from hepatoquant.precision import autocast_for, resolve_precision
@@ -42,16 +42,6 @@ def matmul_rate(device: torch.device, dtype: torch.dtype, size: int = 8192, repe
         a @ b
     synchronise(device)
     return 2 * size**3 * repeats / (time.perf_counter() - started)
-
-
-def flops_per_tile(name: str) -> float:
-    with torch.device("meta"):
-        model = create_encoder(name)
-    size = encoder_config(name).input_size_px
-    counter = FlopCounterMode(display=False)
-    with counter, torch.no_grad():
-        model(torch.empty(1, 3, size, size, device="meta"))
-    return float(counter.get_total_flops())
 
 
 def main() -> None:

@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hepatoquant.bench.metrics import _write_atomic
+from hepatoquant.atomic_write import write_file_atomic
 from hepatoquant.errors import InvalidParameterError
 
 __all__ = [
@@ -130,10 +130,10 @@ def write_leaderboard(entries: list[Entry], out_dir: str | Path, *, title: str, 
         _plot_column(ranked, key, heading, path, title=title, dataset_name=dataset_name)
         paths[f"plot_{key}"] = path
     paths["json"] = out_dir / JSON_NAME
-    _write_atomic(paths["json"], lambda handle: handle.write(json_text.encode()), what="leaderboard JSON")
+    write_file_atomic(paths["json"], lambda handle: handle.write(json_text.encode()), what="leaderboard JSON")
     markdown = leaderboard_markdown(ranked, title=title, dataset_name=dataset_name)
     paths["markdown"] = out_dir / MARKDOWN_NAME
-    _write_atomic(paths["markdown"], lambda handle: handle.write(markdown.encode()), what="leaderboard table")
+    write_file_atomic(paths["markdown"], lambda handle: handle.write(markdown.encode()), what="leaderboard table")
     return paths
 
 
@@ -318,4 +318,4 @@ def _plot_column(ranked: list[Entry], key: str, heading: str, path: Path, *, tit
     axes.set_title(f"{title}: {heading}\n{dataset_name}", fontsize=10)
     axes.grid(axis="y", alpha=0.3)
     axes.set_axisbelow(True)
-    _write_atomic(path, lambda handle: figure.savefig(handle, format="png"), what=f"{heading} plot")
+    write_file_atomic(path, lambda handle: figure.savefig(handle, format="png"), what=f"{heading} plot")

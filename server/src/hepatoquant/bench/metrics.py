@@ -17,12 +17,9 @@ resampled labels. 1000 resamples of 10,000 samples take about 0.3 s.
 
 from __future__ import annotations
 
-import os
-import tempfile
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import IO
 
 import numpy as np
 from sklearn.metrics import (
@@ -32,7 +29,8 @@ from sklearn.metrics import (
     precision_recall_fscore_support,
 )
 
-from hepatoquant.errors import InvalidParameterError, OutputWriteError
+from hepatoquant.atomic_write import write_file_atomic
+from hepatoquant.errors import InvalidParameterError
 
 __all__ = ["CI_METRICS", "classification_metrics", "confusion_matrix_table", "plot_confusion_matrix"]
 
@@ -167,7 +165,7 @@ def plot_confusion_matrix(metrics: dict, path: str | Path, *, title: str = "Conf
             colour = "white" if fractions[row, column] > 0.5 else "black"
             axes.text(column, row, str(matrix[row, column]), ha="center", va="center", color=colour,
                       fontsize=font_size)
-    _write_atomic(path, lambda handle: figure.savefig(handle, format="png"), what="confusion matrix plot")
+    write_file_atomic(path, lambda handle: figure.savefig(handle, format="png"), what="confusion matrix plot")
     return path
 
 
@@ -349,34 +347,6 @@ def _png_path(path: str | Path) -> Path:
     if path.suffix.lower() != ".png":
         raise InvalidParameterError(f"plot path {str(path)!r} must end in .png; the plot is written as PNG")
     return path
-
-
-def _write_atomic(path: Path, write: Callable[[IO[bytes]], object], *, what: str) -> None:
-    """Write ``path`` through ``write(handle)`` into a temporary file beside it, then rename it into place.
-
-    A reader never sees a half-written file and a failure leaves no temporary file; the parent folder is created.
-    Shared by the bench's writers (``leaderboard`` imports it).
-    """
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle = tempfile.NamedTemporaryFile(  # noqa: SIM115 - closed below, renamed or removed
-            "wb", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False
-        )
-        try:
-            with handle:
-                write(handle)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.chmod(handle.name, 0o644)  # NamedTemporaryFile is private; results are shared like any output
-            os.replace(handle.name, path)
-        except BaseException:
-            Path(handle.name).unlink(missing_ok=True)
-            raise
-    except OSError as exc:
-        raise OutputWriteError(
-            f"could not write the {what} {str(path)!r} ({exc}); check that the folder is writable and the disk "
-            "has space, or choose another output folder"
-        ) from exc
 
 
 def _escape(text: str) -> str:

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 
-from hepatoquant.errors import InvalidParameterError, OutputWriteError
+from hepatoquant.atomic_write import write_file_atomic
+from hepatoquant.errors import InvalidParameterError
 from hepatoquant.segmentation import IGNORE_INDEX
 from hepatoquant.segmentation.metrics import confusion_matrix, scores_markdown, segmentation_scores
 
@@ -58,29 +58,7 @@ def write_evaluation(scores: dict, out_dir: Path, stem: str) -> tuple[Path, Path
     json_text = json.dumps(scores, indent=2, allow_nan=False) + "\n"
     markdown_text = scores_markdown(scores)
     json_path, markdown_path = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        _write_atomic(json_path, json_text)
-        _write_atomic(markdown_path, markdown_text)
-    except OSError as exc:
-        raise OutputWriteError(
-            f"could not write the evaluation {stem!r} into {str(out_dir)!r} ({exc}); check that the folder is "
-            "writable and the disk has space, or choose another output folder"
-        ) from exc
+    write_file_atomic(json_path, lambda handle: handle.write(json_text.encode()), what="evaluation JSON")
+    write_file_atomic(markdown_path, lambda handle: handle.write(markdown_text.encode()), what="evaluation table")
     return json_path, markdown_path
 
-
-def _write_atomic(path: Path, text: str) -> None:
-    handle = tempfile.NamedTemporaryFile(
-        "w", encoding="utf-8", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False
-    )
-    try:
-        with handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(handle.name, 0o644)  # NamedTemporaryFile is private; results are shared like any output
-        os.replace(handle.name, path)
-    except BaseException:
-        Path(handle.name).unlink(missing_ok=True)
-        raise
