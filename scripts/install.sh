@@ -6,7 +6,10 @@
 #   --test-tools   also what the QuPath scripts' tests need: the Debian packages groovy (2.4), Gson and a Java
 #                  runtime (through apt-get as root or with sudo), and Groovy 4.0.26, the Groovy of QuPath 0.5 /
 #                  0.6, as the jar that the npm package npm-groovy-lint 18.0.0 bundles (checked by its sha256;
-#                  in .tools/). `make test` and CI pass it; the Dockerfile does not (the server needs no Groovy).
+#                  in .tools/); and QuPath 0.6.0's own core, headless, from ../shared/qupath-kit (its install.sh:
+#                  Debian jars, a Java 21 runtime from PyPI) in .tools/qupath-kit/, so that the tests read our GeoJSON,
+#                  projects and Groovy scripts with QuPath's real classes. `make test` and CI pass it; the Dockerfile
+#                  does not (the server needs neither Groovy nor QuPath).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -61,3 +64,18 @@ fi
 "$VENV/bin/python" -m pip install --quiet "torch==2.14.1" "torchvision==0.29.1"
 "$VENV/bin/python" -m pip install --quiet -e "./python_client[qupath]" -e "./server[test,ray]"
 "$VENV/bin/hepatoquant" --version
+
+if [ "$TEST_TOOLS" = 1 ]; then
+  KIT=../shared/qupath-kit
+  if [ -f "$KIT/install.sh" ]; then
+    # The kit takes our sha256-checked Groovy 4 jar instead of fetching it again; paquo comes from the client's
+    # [qupath] extra (installed above), the kit's tools run in this venv.
+    GROOVY4_JAR="$PWD/$GROOVY4_JAR" PYTHON="$VENV/bin/python" bash "$KIT/install.sh" .tools/qupath-kit
+    echo "QuPath 0.6.0 core for the tests: .tools/qupath-kit (source .tools/qupath-kit/env.sh)"
+  elif [ "${CI:-}" = true ]; then
+    echo "install.sh: $KIT is missing; CI needs ../shared beside the clone (QuPath's own code for the tests)" >&2
+    exit 1
+  else
+    echo "install.sh: $KIT is absent: the tests that need QuPath's own code will skip" >&2
+  fi
+fi

@@ -187,3 +187,11 @@ def tiny_classifier_pack(tmp_path_factory: pytest.TempPathFactory):
     return add_model_pack(
         checkpoint, encoder=TINY_ENCODER, name="tiny", models_dir=tmp_path_factory.mktemp("tiny_pack"), head=head
     )
+
+
+@pytest.fixture(scope="session")
+def qupath_kit():
+    """QuPath 0.6.0's own code through ``../shared/qupath-kit`` (see ``tests/qupath_kit.py``)."""
+    from qupath_kit import load_kit
+
+    return load_kit()

@@ -189,7 +189,7 @@ def _composition_table(outcome) -> str:
         label = entry.region_class if kind == "class" else (entry.name or entry.region_class)
         shares = {c.code: c.percent for c in entry.classes}
         rows.append([label, kind if kind == "region" else "all", str(entry.tile_count), f"{entry.tile_area_mm2:.3f}",
-                     *(f"{shares[c]:.1f}" if c in shares else "-" for c in codes)])
+                     *(f"{shares[c]:.1f}" if shares.get(c) is not None else "-" for c in codes)])
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
              for row in rows]

@@ -155,16 +155,19 @@ _ERROR_BY_CODE: dict[str, type[HepatoQuantClientError]] = {
 
 @dataclass(frozen=True)
 class ClassShare:
-    """One tissue class within a region: tile count, tile area (mm^2) and percent of the region's tiles."""
+    """One tissue class within a region: tile count, tile area (mm^2) and percent of the region's tiles.
+
+    ``percent`` is ``None`` when the region has no tiles: no data, which is not 0 %."""
 
     code: str
     tiles: int
     area_mm2: float
-    percent: float
+    percent: float | None
 
     @classmethod
     def from_proto(cls, message: pb.ClassComposition) -> ClassShare:
-        return cls(message.code, int(message.tiles), message.area_mm2, message.percent)
+        percent = message.percent if message.HasField("percent") else None
+        return cls(message.code, int(message.tiles), message.area_mm2, percent)
 
 
 @dataclass(frozen=True)
@@ -224,8 +227,9 @@ class RegionShare:
             row[f"{c.code}_percent"] = c.percent
         return row
 
-    def percent(self, code: str) -> float:
-        """Percent of this region's tiles in class ``code``; KeyError names the codes present."""
+    def percent(self, code: str) -> float | None:
+        """Percent of this region's tiles in class ``code`` (``None``: the region has no tiles); KeyError names
+        the codes present."""
         for c in self.classes:
             if c.code == code:
                 return c.percent

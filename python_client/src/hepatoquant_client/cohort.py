@@ -88,7 +88,7 @@ def _row(slide_id: str, outcome: AnalysisOutcome) -> dict[str, Any]:
         row[f"{prefix}_tile_area_mm2"] = float(entry.tile_area_mm2)
         for share in entry.classes:
             column = f"{prefix}_{share.code}_pct"
-            if column in row:
+            if column in row and share.percent is not None:  # no tiles: empty cell, not 0 %
                 row[column] = float(share.percent)
     for key, percent in outcome.headline_indicators.items():
         region_class, _, code = key.partition("/")

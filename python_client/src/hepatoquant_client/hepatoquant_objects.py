@@ -82,11 +82,14 @@ def region_object(
     tile_area_mm2: float,
     region_area_mm2: float,
     class_tiles: Mapping[str, int],
-    class_percent: Mapping[str, float],
+    class_percent: Mapping[str, float] | None,
     model_status: str | None = None,
     segmenter_status: str | None = None,
 ) -> QuPathObject:
-    """A region annotation whose measurement table shows its composition."""
+    """A region annotation whose measurement table shows its composition.
+
+    ``class_percent`` is ``None`` for a region without tiles: it then has no ``<CODE> %`` measurement at all
+    (QuPath shows an empty cell), because no data is not 0 %; its ``HQ tiles`` is 0."""
     cls = next((c for c in REGION_CLASSES if c.code == region_class_code), None)
     if cls is None:
         raise ValueError(f"unknown region class {region_class_code!r}")
@@ -95,7 +98,7 @@ def region_object(
         TILE_COUNT_MEASUREMENT: float(tile_count),
         TILE_AREA_MEASUREMENT: float(tile_area_mm2),
     }
-    for code, percent in class_percent.items():
+    for code, percent in (class_percent or {}).items():
         measurements[percent_measurement(code)] = float(percent)
     for code, count in class_tiles.items():
         measurements[tiles_measurement(code)] = float(count)

@@ -23,7 +23,7 @@ from hepatoquant.errors import InvalidParameterError, ModelPackError, NoTissueEr
 from hepatoquant.encoders import encoder_config
 from hepatoquant.model_pack import ModelPack
 from hepatoquant.precision import resolve_precision
-from hepatoquant.quantify import Composition, assign_tiles, quantify
+from hepatoquant.quantify import UNASSIGNED, Composition, assign_tiles, quantify
 from hepatoquant.regions import DEFAULT_TUMOUR_CLASS_NAMES, Region, regions_from_geojson, whole_tissue_region
 from hepatoquant.segmentation.inference import SegmentationMap, SlidingWindowParams, segment_slide
 from hepatoquant.slide import Slide, SlideInfo
@@ -228,15 +228,21 @@ def analyze_slide(
         regions = [whole_tissue_region(tissue.polygons)]
 
     started = time.perf_counter()
+    # Tiles are made only where QuPath would nest them: with regions from a file, inside them; for the whole
+    # tissue, inside its outline (a tile mostly on tissue whose centre lies just off the traced outline would
+    # otherwise be counted in a region QuPath does not put it under). Segmenter regions do not restrict the
+    # tiles: tissue they leave out is reported as tiles outside every region.
     restrict_to = None
     if options.regions_path is not None:
         restrict_to = shapely.union_all([r.geometry for r in regions])
+    elif segmentation is None:
+        restrict_to = regions[0].geometry
     grid = build_tile_grid(
         (slide_info.width_px, slide_info.height_px), slide_info.mpp_um_px, tissue, options.tile, restrict_to
     )
     timings["tiling"] = time.perf_counter() - started
     if not len(grid):
-        where = "inside the given regions" if restrict_to is not None else "on the slide"
+        where = "inside the given regions" if options.regions_path is not None else "on the slide"
         raise NoTissueError(
             f"slide {str(slide_path)!r}: no tile of {options.tile.tile_size_um:g} um has at least "
             f"{options.tile.min_tissue_fraction:.0%} tissue {where} (tissue found: "
@@ -278,6 +284,13 @@ def analyze_slide(
         grid, probabilities.argmax(axis=1), pack.classes, regions, assignment, slide_info.mpp_um_px
     )
     timings["quantification"] = time.perf_counter() - started
+    outside = int((assignment == UNASSIGNED).sum())
+    if outside:
+        tile_area_mm2 = (grid.size_level0_px * slide_info.mpp_um_px) ** 2 / 1e6
+        warnings.append(
+            f"{outside} of {len(grid)} tiles ({outside * tile_area_mm2:.3f} mm^2) have their centre outside every "
+            "region: they are reported as 'unassigned' and stay at the root of QuPath's hierarchy"
+        )
     return AnalysisResult(
         slide=slide_info,
         options=options,

@@ -61,11 +61,11 @@ def summary_table(result: AnalysisResult) -> Table:
             entry.name,
             str(entry.tile_count),
             f"{entry.tile_area_mm2:.3f}",
-            *(f"{entry.class_percent[code]:.1f}" for code in result.classes),
+            *(f"{entry.class_percent[code]:.1f}" if entry.class_percent is not None else "-" for code in result.classes),
         )
     seconds = sum(result.timings_s.values())
     table.caption = (
-        f"Columns CODE% are percentages of the region's tiles. {seconds:.1f} s in all, "
+        f"Columns CODE% are percentages of the region's tiles (- where it has none). {seconds:.1f} s in all, "
         f"{result.tiles_per_second:.1f} tiles/s classification."
     )
     return table

@@ -97,6 +97,8 @@ def regions_from_geojson(
             )
         )
     regions, overlap_warnings = _tumour_over_non_tumour(regions)
+    regions, disjoint_warnings = _disjoint(regions)
+    overlap_warnings += disjoint_warnings
     if not regions:
         raise RegionsError(
             f"regions file {str(path)!r} has no polygon annotations ({len(objects)} objects: "
@@ -141,3 +143,44 @@ def _tumour_over_non_tumour(regions: list[Region]) -> tuple[list[Region], list[s
     if emptied:
         warnings.append(f"non-tumour annotations wholly inside tumour annotations were dropped: {', '.join(emptied[:5])}")
     return resolved, warnings
+
+
+def _disjoint(regions: list[Region]) -> tuple[list[Region], list[str]]:
+    """Regions that no longer overlap: where two overlap, the smaller keeps the overlap (the earlier one when
+    their areas are equal) and the larger loses it, so that an annotation drawn inside another becomes a hole in
+    it.
+
+    Why: QuPath nests a tile under the annotation containing its centre, the innermost where annotations nest,
+    but where two annotations only partly overlap its choice depends on its internal object order (seen with
+    QuPath 0.6.0: neither the smaller, the larger, the earlier nor the later one wins every time). Disjoint
+    regions leave QuPath no choice, so its nesting and our counts agree; the smaller-wins rule is the one
+    QuPath applies to nested annotations.
+    """
+    order = sorted(range(len(regions)), key=lambda i: (regions[i].geometry.area, i))
+    taken = None  # union of the regions already kept, smaller ones first
+    kept: dict[int, Region] = {}
+    trimmed, emptied = [], []
+    for index in order:
+        region = regions[index]
+        geometry = region.geometry
+        if taken is not None and geometry.intersects(taken) and shapely.intersection(geometry, taken).area > 0:
+            rest = polygonal_part(shapely.difference(geometry, taken))
+            if rest is None or rest.is_empty:
+                emptied.append(region.name)
+                continue
+            trimmed.append(region.name)
+            region = Region(region.name, region.region_class, rest, region.source, region.source_class)
+        kept[index] = region
+        taken = region.geometry if taken is None else shapely.union(taken, region.geometry)
+    warnings = []
+    if trimmed:
+        warnings.append(
+            "overlapping annotations: each overlap is counted once, in the smaller annotation; made smaller: "
+            + ", ".join(trimmed[:5]) + (" ..." if len(trimmed) > 5 else "")
+        )
+    if emptied:
+        warnings.append(
+            "annotations wholly covered by smaller ones were dropped: " + ", ".join(emptied[:5])
+            + (" ..." if len(emptied) > 5 else "")
+        )
+    return [kept[i] for i in range(len(regions)) if i in kept], warnings

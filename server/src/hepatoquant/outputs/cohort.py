@@ -19,7 +19,8 @@ def cohort_columns() -> list[str]:
 
 
 def cohort_row(report: dict) -> dict[str, object]:
-    """The cohort row of one report; cells of region classes the slide lacks stay empty."""
+    """The cohort row of one report; cells of region classes the slide lacks, and percentages of region classes
+    without tiles (no data, not 0 %), stay empty."""
     row: dict[str, object] = {column: "" for column in cohort_columns()}
     row.update(
         slide=Path(report["slide"]["path"]).stem,
@@ -38,12 +39,13 @@ def cohort_row(report: dict) -> dict[str, object]:
             row[f"{prefix}_region_area_mm2"] = round(entry["region_area_mm2"], 6)
         row[f"{prefix}_tiles"] = entry["tile_count"]
         row[f"{prefix}_tile_area_mm2"] = round(entry["tile_area_mm2"], 6)
-        for code, percent in entry["class_percent"].items():
+        for code, percent in (entry["class_percent"] or {}).items():  # null: no tiles, so empty cells
             if f"{prefix}_{code}_pct" in row:
                 row[f"{prefix}_{code}_pct"] = round(percent, 4)
     for region_class, values in report["composition"]["headline_indicators_percent"].items():
         for code, percent in values.items():
-            row[f"headline_{region_class}_{code}_pct"] = round(percent, 4)
+            if percent is not None:
+                row[f"headline_{region_class}_{code}_pct"] = round(percent, 4)
     return row
 
 

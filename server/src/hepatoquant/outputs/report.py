@@ -11,11 +11,14 @@ from pathlib import Path
 
 from hepatoquant import RESEARCH_USE_NOTICE, __version__
 from hepatoquant.analysis import AnalysisResult
+from hepatoquant.quantify import UNASSIGNED
 
 __all__ = ["REPORT_SCHEMA_VERSION", "build_report", "write_report"]
 
 # Bump the major number when a field changes meaning or disappears; the minor when fields are added.
-REPORT_SCHEMA_VERSION = "1.1"
+# 2.0: tiles counted in the region containing their centre (QuPath's rule; was: largest overlap); a region without
+# tiles has class_percent null (was: every class 0 %) and says why in no_data; tiles.outside_regions added.
+REPORT_SCHEMA_VERSION = "2.0"
 
 
 def _versions() -> dict[str, str]:
@@ -75,6 +78,8 @@ def build_report(result: AnalysisResult, *, outputs: dict[str, str]) -> dict:
             "size_level0_px": result.grid.size_level0_px,
             "size_um": options.tile.tile_size_um,
             "area_mm2_each": (options.tile.tile_size_um**2) / 1e6,
+            "counted_in": "the region containing the tile's centre (QuPath's nesting rule)",
+            "outside_regions": _outside_regions(result),
         },
         "regions_source": result.regions[0].source if result.regions else None,
         "composition": result.composition.to_dict(),
@@ -82,6 +87,12 @@ def build_report(result: AnalysisResult, *, outputs: dict[str, str]) -> dict:
         "tiles_per_second": result.tiles_per_second,
         "outputs": outputs,
     }
+
+
+def _outside_regions(result: AnalysisResult) -> dict:
+    """Tiles whose centre lies in no region: counted nowhere, left at the root of QuPath's hierarchy."""
+    count = int((result.assignment == UNASSIGNED).sum())
+    return {"count": count, "area_mm2": count * (result.options.tile.tile_size_um**2) / 1e6}
 
 
 def write_report(report: dict, path: Path) -> None:

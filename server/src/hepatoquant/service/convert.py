@@ -76,7 +76,7 @@ def _region_to_proto(entry: dict) -> pb.RegionComposition:
         classes=[
             pb.ClassComposition(
                 code=code, tiles=entry["class_tiles"][code], area_mm2=entry["class_area_mm2"][code],
-                percent=entry["class_percent"][code],
+                percent=None if entry["class_percent"] is None else entry["class_percent"][code],  # unset: no tiles
             )
             for code in entry["class_tiles"]
         ],
@@ -98,6 +98,7 @@ def result_to_proto(job_id: str, result_dir: Path) -> pb.AnalysisResult:
             f"{region_class}/{code}": value
             for region_class, values in composition["headline_indicators_percent"].items()
             for code, value in values.items()
+            if value is not None  # a region class without tiles has no indicators
         },
         report_json=report_path.read_text(),
         qupath_geojson=(result_dir / f"{stem}.geojson").read_bytes(),

@@ -84,5 +84,5 @@ def _table(result: pb.AnalysisResult) -> Table:
     for column in ("region", "tiles", *codes):
         table.add_column(column, justify="left" if column == "region" else "right")
     for entry in result.region_classes:
-        table.add_row(entry.region_class, str(entry.tile_count), *(f"{c.percent:.1f}" for c in entry.classes))
+        table.add_row(entry.region_class, str(entry.tile_count), *(f"{c.percent:.1f}" if c.HasField("percent") else "-" for c in entry.classes))
     return table
