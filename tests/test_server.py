@@ -100,6 +100,19 @@ def test_analysis_job_end_to_end_and_reuse(stub) -> None:
     assert {job.job_id, again.job_id} <= {j.job_id for j in listed.jobs}
 
 
+def test_a_result_counted_under_another_report_schema_is_not_reused(stub, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A server upgraded to another counting rule (report schema 2.0: QuPath's centre rule) must compute anew
+    rather than hand out a result made under the old one."""
+    from hepatoquant.service import engine
+
+    first = _wait(stub, stub.SubmitAnalysis(pb.AnalysisRequest(slide="synthetic.tiff"), metadata=AUTH).job_id)
+    assert first.state == pb.JOB_STATE_SUCCEEDED
+    monkeypatch.setattr(engine, "REPORT_SCHEMA_VERSION", "999.0")
+    again = stub.SubmitAnalysis(pb.AnalysisRequest(slide="synthetic.tiff"), metadata=AUTH)
+    assert not again.reused_result
+    assert _wait(stub, again.job_id).state == pb.JOB_STATE_SUCCEEDED
+
+
 @pytest.mark.parametrize(
     ("request_fields", "code", "fragment"),
     [

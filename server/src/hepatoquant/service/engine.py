@@ -34,6 +34,7 @@ from hepatoquant.errors import HepatoQuantError, InvalidParameterError, ModelPac
 from hepatoquant.precision import resolve_precision
 from hepatoquant.model_pack import MANIFEST_NAME, ModelPack, default_models_dir, list_model_packs, resolve_model_pack
 from hepatoquant.outputs import write_outputs
+from hepatoquant.outputs.report import REPORT_SCHEMA_VERSION
 from hepatoquant.regions import DEFAULT_TUMOUR_CLASS_NAMES
 from hepatoquant.service.convert import (
     class_to_proto,
@@ -180,9 +181,12 @@ class ServerEngine:
         )
 
     def _request_key(self, request: pb.AnalysisRequest, slide: Path, packs: list[ModelPack | None]) -> str:
-        """Same request, same slide file (path, size, modification time), same model manifests → same key."""
+        """Same request, same slide file (path, size, modification time), same model manifests, same report
+        schema → same key. The schema version changes when counting changes (2.0: QuPath's centre rule), so a
+        result counted another way is never handed out again."""
         stat = slide.stat()
         identity = {
+            "report_schema_version": REPORT_SCHEMA_VERSION,
             "request": request_to_json(request),
             "slide": [str(slide), stat.st_size, stat.st_mtime_ns],
             "models": [
