@@ -127,3 +127,20 @@ def test_outputs_at_an_fsspec_url_count_only_once_complete(cohort: Path, models:
         (local_run / "cohort.csv").read_text().splitlines()[1]  # gen-a's row, as the folder run wrote it
     (uploaded / ".complete").unlink()  # as if the upload had stopped before the marker
     assert not is_complete(url, "gen-a")
+
+
+def test_a_slide_counted_under_another_report_schema_is_analysed_again(local_run: Path, tmp_path: Path) -> None:
+    """Resuming a cohort made before the counting changed (report schema < 2.0) must not keep the old counts
+    beside new ones in one table: such a slide is not complete."""
+    out = tmp_path / "out"
+    shutil.copytree(local_run, out)
+    assert is_complete(out, "gen-a")
+    [report] = slide_folder(out, "gen-a").glob("*.report.json")
+    old = json.loads(report.read_text())
+    old["report_schema_version"] = "1.1"
+    report.write_text(json.dumps(old))
+    assert not is_complete(out, "gen-a") and is_complete(out, "gen-b")
+    url = (tmp_path / "bucket").as_uri()
+    (tmp_path / "bucket" / "slides" / "gen-a").mkdir(parents=True)
+    (tmp_path / "bucket" / "slides" / "gen-a" / ".complete").write_text("complete\n")  # an older marker
+    assert not is_complete(url, "gen-a")

@@ -9,6 +9,7 @@ and a ``.complete`` marker last, and only the marker makes them count.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
@@ -18,6 +19,16 @@ from pathlib import Path
 __all__ = ["OutputStore"]
 
 COMPLETE_MARKER = ".complete"
+
+
+def _schema() -> str:
+    from hepatoquant.outputs.report import REPORT_SCHEMA_VERSION  # late: storage stays light to import
+
+    return REPORT_SCHEMA_VERSION
+
+
+def _schema_line() -> str:
+    return f"report_schema_version={_schema()}"
 
 
 class OutputStore:
@@ -39,10 +50,18 @@ class OutputStore:
         return f"{self.location.rstrip('/')}/slides/{slide_id}"
 
     def is_complete(self, slide_id: str) -> bool:
+        """All outputs there, made under this report schema: a slide counted under another one (before 2.0
+        tiles went to the region they overlapped most, not the one holding their centre) is analysed again, so
+        one cohort table never mixes two counting rules."""
         if self.is_url:
-            return self.fs.exists(f"{self.root}/slides/{slide_id}/{COMPLETE_MARKER}")
+            marker = f"{self.root}/slides/{slide_id}/{COMPLETE_MARKER}"
+            return self.fs.exists(marker) and _schema_line() in self.fs.cat_file(marker).decode().splitlines()
         folder = self.path / "slides" / slide_id
-        return folder.is_dir() and any(folder.glob("*.report.json"))
+        reports = sorted(folder.glob("*.report.json")) if folder.is_dir() else []
+        try:
+            return bool(reports) and json.loads(reports[0].read_text()).get("report_schema_version") == _schema()
+        except (OSError, ValueError):
+            return False
 
     def staging_folder(self, slide_id: str) -> Path:
         """A new local folder to write a slide's outputs into (next to its final place for a folder store)."""
@@ -61,7 +80,7 @@ class OutputStore:
             self.fs.makedirs(target, exist_ok=True)  # a folder on file systems; nothing on object stores
             for file in sorted(staging.iterdir()):
                 self.fs.put_file(str(file), f"{target}/{file.name}")
-            self.fs.pipe_file(f"{target}/{COMPLETE_MARKER}", b"complete\n")
+            self.fs.pipe_file(f"{target}/{COMPLETE_MARKER}", f"complete\n{_schema_line()}\n".encode())
             shutil.rmtree(staging, ignore_errors=True)
             return
         target = self.path / "slides" / slide_id
