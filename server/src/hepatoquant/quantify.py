@@ -38,14 +38,17 @@ def assign_tiles(grid: TileGrid, regions: list[Region]) -> np.ndarray:
     if not len(grid) or not regions:
         return assignment
     half = grid.size_level0_px / 2
-    centres_x, centres_y = grid.x_level0_px + half, grid.y_level0_px + half
-    # Largest first, so that a smaller region inside it overwrites the owner; later regions of equal area
-    # come first, so that the earlier one wins.
-    order = sorted(range(len(regions)), key=lambda i: (-regions[i].geometry.area, -i))
-    for index in order:
-        geometry = regions[index].geometry
-        shapely.prepare(geometry)
-        assignment[shapely.intersects_xy(geometry, centres_x, centres_y)] = index
+    centres = shapely.points(grid.x_level0_px + half, grid.y_level0_px + half)
+    geometries = np.array([r.geometry for r in regions], dtype=object)
+    # The tree holds the centres and each region queries it once: cost grows with tiles + regions, not their product.
+    region_index, tile_index = shapely.STRtree(centres).query(geometries, predicate="intersects")
+    if not len(tile_index):
+        return assignment
+    # Per tile: smallest region first, then the earlier one; the first row of each tile wins.
+    order = np.lexsort((region_index, shapely.area(geometries)[region_index], tile_index))
+    tiles, owners = tile_index[order], region_index[order]
+    first = np.r_[True, tiles[1:] != tiles[:-1]]
+    assignment[tiles[first]] = owners[first]
     return assignment
 
 
