@@ -69,26 +69,39 @@ CASES = {
 }
 
 
-@pytest.fixture(scope="module", params=list(CASES))
-def run(request: pytest.FixtureRequest, packs, cmu_slide: Path, tcga_slide: Path, synthetic_slide: Path,
-        tmp_path_factory: pytest.TempPathFactory, qupath_kit) -> dict:
-    slide_key, option_values, with_segmenter = CASES[request.param]
-    slide = {"cmu": cmu_slide, "tcga": tcga_slide, "generated": synthetic_slide}[slide_key]
-    out = tmp_path_factory.mktemp(request.param)
-    option_values = dict(option_values)
-    if option_values.pop("regions", False):
-        option_values["regions_path"] = _overlapping_regions(out / "regions.geojson")
-    options = AnalysisOptions(num_workers=1, **option_values)
-    result = analyze_slide(slide, packs["classifier"], options,
-                           segmenter=packs["segmenter"] if with_segmenter else None)
-    paths = write_outputs(result, out / "results")
-    read = qupath_kit.read_geojson(paths.geojson)
-    assert read.returncode == 0 and read.result.get("read"), (read.stdout[-2000:], read.stderr[-2000:])
-    with paths.cohort_csv.open(newline="") as handle:
-        row = next(csv.DictReader(handle))
-    return {"name": request.param, "report": json.loads(paths.report.read_text()), "qupath": read.result,
-            "geojson": paths.geojson,
-            "csv": row, "tile_type": options.tile_object_type}
+@pytest.fixture(scope="module")
+def analysed(packs, cmu_slide: Path, tcga_slide: Path, synthetic_slide: Path,
+             tmp_path_factory: pytest.TempPathFactory, qupath_kit):
+    """``analysed(case)``: the case analysed, written, and read by QuPath (once per case for the module)."""
+    done: dict[str, dict] = {}
+
+    def analyse(case: str) -> dict:
+        if case in done:
+            return done[case]
+        slide_key, option_values, with_segmenter = CASES[case]
+        slide = {"cmu": cmu_slide, "tcga": tcga_slide, "generated": synthetic_slide}[slide_key]
+        out = tmp_path_factory.mktemp(case)
+        option_values = dict(option_values)
+        if option_values.pop("regions", False):
+            option_values["regions_path"] = _overlapping_regions(out / "regions.geojson")
+        options = AnalysisOptions(num_workers=1, **option_values)
+        result = analyze_slide(slide, packs["classifier"], options,
+                               segmenter=packs["segmenter"] if with_segmenter else None)
+        paths = write_outputs(result, out / "results")
+        read = qupath_kit.read_geojson(paths.geojson)
+        assert read.returncode == 0 and read.result.get("read"), (read.stdout[-2000:], read.stderr[-2000:])
+        with paths.cohort_csv.open(newline="") as handle:
+            row = next(csv.DictReader(handle))
+        done[case] = {"name": case, "report": json.loads(paths.report.read_text()), "qupath": read.result,
+                      "geojson": paths.geojson, "csv": row, "tile_type": options.tile_object_type}
+        return done[case]
+
+    return analyse
+
+
+@pytest.fixture(params=list(CASES))
+def run(request: pytest.FixtureRequest, analysed) -> dict:
+    return analysed(request.param)
 
 
 def test_qupath_reads_every_object(run) -> None:
@@ -157,10 +170,8 @@ def test_a_region_without_tiles_has_no_percentages_in_qupath(run) -> None:
             assert not percent_names & names and region["class_percent"] is None and region["no_data"]
 
 
-def test_overlapping_annotations_are_counted_once_and_a_speck_is_no_data(run) -> None:
-    if run["name"] != "generated-overlapping-regions":
-        pytest.skip("only the run with overlapping annotations")
-    report = run["report"]
+def test_overlapping_annotations_are_counted_once_and_a_speck_is_no_data(analysed) -> None:
+    report = analysed("generated-overlapping-regions")["report"]
     regions = {r["name"]: r for r in report["composition"]["regions"]}
     assert set(regions) == {"section", "tumour A", "tumour B", "speck"}
     assert regions["speck"]["tile_count"] == 0 and regions["speck"]["class_percent"] is None
