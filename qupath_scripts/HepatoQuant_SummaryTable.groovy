@@ -389,7 +389,8 @@ class HepatoQuantCore {
 
     /**
      * The composition of each region (AnalysisResult.regions), then of each region class (all tumour, all
-     * non-tumour, and the tiles outside every region), as a plain-text table for QuPath's log.
+     * non-tumour, and the tiles outside every region), as a plain-text table for QuPath's log. A region without
+     * tiles has no percentages (the server leaves them unset: no data is not 0 %): its cells stay blank.
      */
     static String compositionTable(Map result) {
         List<Map> regions = (List<Map>) (result.regions ?: [])
@@ -400,20 +401,60 @@ class HepatoQuantCore {
         (regions + totals).each { region -> (region.classes ?: []).each { share -> if (!(share.code in codes)) codes << share.code } }
         List<String> header = ['Region', 'Class', 'Area mm2', 'Tiles'] + codes.collect { "${it} %".toString() }
         List<List<String>> rows = [header]
+        boolean blanks = false
         (regions + totals).each { region ->
             Map percents = [:]
-            (region.classes ?: []).each { share -> percents[share.code] = asDouble(share.percent) }
+            (region.classes ?: []).each { share -> if (share.percent != null) percents[share.code] = asDouble(share.percent) }
             boolean hasArea = region.regionClass != 'unassigned'
             List<String> row = [region.name ?: '', region.regionClass ?: '',
                                 hasArea ? String.format(Locale.ROOT, '%.3f', asDouble(region.regionAreaMm2)) : '',
                                 Long.toString(asLong(region.tileCount))]
-            codes.each { code -> row << String.format(Locale.ROOT, '%.1f', (percents[code] ?: 0d) as double) }
+            codes.each { code ->
+                if (percents.containsKey(code)) {
+                    row << String.format(Locale.ROOT, '%.1f', percents[code] as double)
+                } else {
+                    row << ''
+                    blanks = true
+                }
+            }
             rows << row
         }
         List<Integer> widths = header.indices.collect { i -> rows.collect { it[i].length() }.max() }
-        return rows.collect { row ->
-            row.indices.collect { i -> i < 2 ? row[i].padRight(widths[i]) : row[i].padLeft(widths[i]) }.join('  ')
+        String table = rows.collect { row ->
+            row.indices.collect { i -> i < 2 ? row[i].padRight(widths[i]) : row[i].padLeft(widths[i]) }.join('  ').replaceAll(' +$', '')
         }.join('\n')
+        return blanks ? table + '\n(blank %: the region has no classified tiles, so no composition; not 0 %)' : table
+    }
+
+    /**
+     * The regions of a HepatoQuant result file (QuPath GeoJSON: its region annotations' measurements), in the form
+     * compositionTable takes: what an import logs. Percentages absent from a region (no tiles) stay absent.
+     */
+    static Map compositionFromGeoJson(String geoJson, String source) {
+        List<Map> regions = []
+        topLevelFeatures(parseJson(geoJson, source), source).each { feature ->
+            Map properties = feature instanceof Map ? (Map) (feature.properties ?: [:]) : [:]
+            def classification = properties.classification
+            String className = classification instanceof Map ? classification.name : classification
+            Map measurements = properties.measurements instanceof Map ? (Map) properties.measurements : [:]
+            Map object = [name: properties.name, metadata: properties.metadata ?: [:],
+                          objectType: (properties.objectType ?: 'annotation'), className: className]
+            if (object.objectType != 'annotation' || !isHepatoQuantObject(object) ||
+                    !measurements.containsKey(TILE_COUNT_MEASUREMENT)) return
+            List<Map> classes = []
+            measurements.each { String name, value ->
+                def tiles = name =~ /^([A-Z]{3}) tiles$/
+                if (tiles.matches()) {
+                    String code = tiles.group(1)
+                    classes << [code: code, percent: measurements[code + ' %']]
+                }
+            }
+            regions << [name: ((properties.name ?: '') as String) - REGION_NAME_PREFIX,
+                        regionClass: ((className ?: '') as String) - CLASS_NAME_PREFIX,
+                        regionAreaMm2: measurements[REGION_AREA_MEASUREMENT],
+                        tileCount: measurements[TILE_COUNT_MEASUREMENT], classes: classes]
+        }
+        return [regions: regions]
     }
 
     // ------------------------------------------------------------------------------------------------------------
@@ -713,8 +754,9 @@ class HepatoQuantCore {
         List<String> codes = []
         rows.each { row ->
             row.keySet().each { String key ->
-                if (key.endsWith('_pct')) {
-                    String code = key - '_pct'
+                // from the counts too: a region without tiles has "<CODE>_tiles" = 0 and no percentages at all
+                if (key.endsWith('_pct') || key.endsWith('_tiles')) {
+                    String code = key.substring(0, key.lastIndexOf('_'))
                     if (!(code in codes)) codes << code
                 }
             }

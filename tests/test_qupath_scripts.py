@@ -530,3 +530,43 @@ def test_summary_table_has_one_row_per_hepatoquant_region(groovy, tmp_path: Path
     out = _run_script(groovy, tmp_path, "HepatoQuant_SummaryTable", {"qupath": "0.6", "image": None})
     assert [line["message"] for line in out["log"] if line["level"] == "ERROR"] == [
         "HepatoQuant: no project is open; open the QuPath project whose images you analysed. Nothing was written."]
+
+
+def test_a_region_without_tiles_shows_no_percentages_never_zero(groovy, tmp_path: Path) -> None:
+    """No data is not 0 %: a region without tiles has no "<CODE> %" measurements (the server leaves them out), so
+    the log's table shows blank cells and the summary CSV empty ones, while its tile counts stay (0)."""
+    share = lambda code, tiles, percent=None: {"code": code, **({"tiles": tiles} if tiles else {}),  # noqa: E731
+                                               **({} if percent is None else {"percent": percent})}
+    result = {  # proto3 JSON as the gateway sends it: unset fields (0 tiles, no percent) are absent
+        "regions": [{"name": "tumour A", "regionClass": "tumour", "regionAreaMm2": 0.05, "tileCount": "4",
+                     "classes": [share("TUM", "4", 100.0), share("FIB", None, 0.0)]},
+                    {"name": "empty corner", "regionClass": "non_tumour", "regionAreaMm2": 0.01,
+                     "classes": [share("TUM", None), share("FIB", None)]}],
+        "regionClasses": [{"name": "non_tumour", "regionClass": "non_tumour", "regionAreaMm2": 0.01,
+                           "classes": [share("TUM", None), share("FIB", None)]}]}
+    empty = _feature("HepatoQuant: empty corner", "HQ Non-tumour region", metadata={"hepatoquant": "region"},
+                     measurements={"HQ region area mm^2": 0.01, "HQ tiles": 0, "HQ tile area mm^2": 0,
+                                   "TUM tiles": 0, "FIB tiles": 0})
+    [table, from_file] = [o["value"] for o in _core_calls(groovy, tmp_path, [
+        {"static": "compositionTable", "args": [result]},
+        {"static": "compositionFromGeoJson", "args": [json.dumps([empty, OLD_TILE]), "x.geojson"]},
+    ])]
+    rows = {line.split("  ")[0]: line.split() for line in table.splitlines()}
+    assert rows["tumour A"][3:] == ["0.050", "4", "100.0", "0.0"]  # a set 0 % is a real 0
+    assert rows["empty corner"][3:] == ["0.010", "0"]  # blank, not 0.0
+    assert rows["All non_tumour"][3:] == ["0.010", "0"]
+    assert "no classified tiles" in table.splitlines()[-1]
+    assert from_file == {"regions": [{"name": "empty corner", "regionClass": "Non-tumour region", "regionAreaMm2": 0.01,
+                                      "tileCount": 0, "classes": [{"code": "TUM"}, {"code": "FIB"}]}]}
+
+    # The summary CSV of a project whose only region has no tiles: its class columns exist, "_pct" cells empty.
+    project = tmp_path / "project"
+    project.mkdir()
+    scenario = {"qupath": "0.6", "image": {"uris": ["file:/s/empty.svs"], "name": "empty.svs", "objects": [empty],
+                                           "entry": 0},
+                "project": {"dir": str(project), "entries": [{"name": "empty.svs", "objects": [empty]}]}}
+    _run_script(groovy, tmp_path, "HepatoQuant_SummaryTable", scenario)
+    with open(project / "hepatoquant-summary.csv", newline="") as f:
+        [row] = list(csv.DictReader(f))
+    assert row["tiles"] == "0" and row["TUM_tiles"] == "0" and row["FIB_tiles"] == "0"
+    assert row["TUM_pct"] == "" and row["FIB_pct"] == ""
