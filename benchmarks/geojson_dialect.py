@@ -11,7 +11,8 @@ Writing, measured on the same objects:
 - baselines: plain ``json.dumps`` of the same, already-built feature dictionaries (one call for the whole
   collection, and one call per feature to the same kind of file for the streamed form), with the same
   ``separators`` / ``ensure_ascii`` / ``allow_nan`` arguments. The ratio dialect / plain is the price of
-  building the features (rounding and validating geometries, uuid4 ids, checking measurements).
+  building the features (geojson's Feature and geometry objects with their validity checks, coordinates as
+  they are (never rounded), uuid4 ids, checking measurements).
 Parsing, measured on the text written by ``dumps_feature_collection``:
 - ``parse_qupath_geojson(text)`` (JSON decode + QuPath's checks + shapely geometries + ``QuPathObject`` s);
 - baseline: plain ``json.loads(text)``.

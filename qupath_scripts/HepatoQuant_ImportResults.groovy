@@ -597,7 +597,7 @@ class HepatoQuantCore {
             String name = classification.name ?: (classification.names instanceof List ? classification.names.join(': ') : null)
             if (name && !colours.containsKey(name)) colours[name] = classification.color.collect { asLong(it) as int }
         }
-        (properties.childObjects ?: feature.childObjects ?: []).each { collectColours(it, colours) }
+        (properties.childObjects ?: []).each { collectColours(it, colours) }  // QuPath reads children only here
     }
 
     /** QuPath's packed RGB integer (what PathClass.setColor takes). */

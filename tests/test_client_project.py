@@ -24,11 +24,17 @@ from hepatoquant_client.project_plan import (
     nest_tiles,
     nested_features,
     parse_mappings,
+    plan_hierarchy,
     plan_replacement,
     project_classes,
     uri_to_path,
 )
-from hepatoquant_client.qupath_geojson import QuPathObject, read_qupath_geojson
+from hepatoquant_client.qupath_geojson import (
+    QuPathObject,
+    check_qupath_nesting,
+    parse_qupath_geojson,
+    read_qupath_geojson,
+)
 from shapely.geometry import Point, box
 
 from hepatoquant.model_pack import ensure_demo_pack
@@ -284,32 +290,97 @@ def test_replacement_never_removes_a_pathologists_object(testdata: Path) -> None
         plan_replacement(existing, [new[0], pathologist[0]])
 
 
-def test_nest_tiles_puts_each_tile_under_the_smallest_region_holding_its_centre() -> None:
+def test_nest_tiles_follows_qupaths_resolve_hierarchy() -> None:
     big, small, apart = box(0, 0, 1000, 1000), box(100, 100, 400, 400), box(2000, 0, 2100, 100)
+    overlapping = box(2050, 50, 2130, 130)  # overlaps apart (smaller than it), inside neither
     tiles = [
-        box(150, 150, 250, 250),  # centre in small (and big) -> small
+        box(150, 150, 250, 250),  # centre in small, which lies inside big -> small (the deepest)
         box(600, 600, 700, 700),  # big only
         box(950, 950, 1100, 1100),  # straddles big's edge, centre outside -> nowhere
         box(3000, 3000, 3100, 3100),  # nowhere
         box(1950, 0, 2050, 100),  # centre (2000, 50) on apart's edge -> apart
+        box(2060, 60, 2080, 80),  # centre in apart AND overlapping -> apart: the larger of overlapping regions
+        box(2110, 110, 2120, 120),  # overlapping only
     ]
-    assert nest_tiles([big, small, apart], tiles) == {0: [1], 1: [0], 2: [4]}
+    assert nest_tiles([big, small, apart, overlapping], tiles) == {0: [1], 1: [0], 2: [4, 5], 3: [6]}
+    assert nest_tiles([overlapping, small, apart, big], tiles) == {0: [6], 1: [0], 2: [4, 5], 3: [1]}
+    plan = plan_hierarchy([big, small, apart, overlapping], tiles)
+    assert plan.region_parent == [None, 0, None, None]  # small is nested in big; overlapping ones are siblings
+    assert plan.tile_parent == [1, 0, None, None, 2, 2, 3]
     assert nest_tiles([], tiles) == {} and nest_tiles([big], []) == {0: []}
-    # Equal regions: the first one wins; QuPathObjects work as well as geometries.
+    # Equal regions: the later one is nested in the earlier and takes the tile; QuPathObjects work as geometries.
     objects = [QuPathObject(box(0, 0, 10, 10)), QuPathObject(box(0, 0, 10, 10))]
-    assert nest_tiles(objects, [QuPathObject(Point(5, 5).buffer(1), object_type="detection")]) == {0: [0], 1: []}
+    assert nest_tiles(objects, [QuPathObject(Point(5, 5).buffer(1), object_type="detection")]) == {0: [], 1: [0]}
+    assert plan_hierarchy(objects, []).region_parent == [None, 0]
 
 
-def test_nested_features_put_tiles_inside_their_region() -> None:
+# Regions (x0, y0, x1, y1, name) and tile centres for the comparison with QuPath's own resolveHierarchy().
+_KIT_REGIONS = [(0, 0, 1000, 1000, "big"), (100, 100, 400, 400, "small in big"), (150, 150, 300, 300, "smaller"),
+                (800, 800, 1600, 1500, "overlaps big"), (1500, 0, 2000, 500, "apart"), (1900, 400, 2000, 450, "edge"),
+                (1550, 50, 1700, 200, "in apart")]
+_KIT_CENTRES = [(x, y) for x in range(25, 2100, 75) for y in range(25, 1600, 75)] + [(1000, 500), (1500, 100),
+                                                                                 (1900, 425), (800, 800)]
+
+
+def test_nest_tiles_matches_qupath_resolve_hierarchy(qupath_kit) -> None:
+    """nest_tiles against QuPath 0.6's own PathObjectHierarchy.resolveHierarchy() on nested, overlapping and
+    touching regions, with tile centres inside, outside and on edges (one JVM, in a subprocess)."""
+    regions = [box(x0, y0, x1, y1) for x0, y0, x1, y1, _ in _KIT_REGIONS]
+    tiles = [box(x - 20, y - 20, x + 20, y + 20) for x, y in _KIT_CENTRES]
+    code = f"""
+import json
+import paquo.java  # starts QuPath's JVM as paquo does
+from jpype import JClass
+ROIs, PO = JClass("qupath.lib.roi.ROIs"), JClass("qupath.lib.objects.PathObjects")
+plane = JClass("qupath.lib.regions.ImagePlane").getDefaultPlane()
+rect = lambda x0, y0, x1, y1: ROIs.createRectangleROI(float(x0), float(y0), float(x1 - x0), float(y1 - y0), plane)
+regions = []
+for x0, y0, x1, y1, name in {_KIT_REGIONS!r}:
+    a = PO.createAnnotationObject(rect(x0, y0, x1, y1)); a.setName(name); regions.append(a)
+tiles = [PO.createDetectionObject(rect(x - 20, y - 20, x + 20, y + 20)) for x, y in {_KIT_CENTRES!r}]
+H = JClass("qupath.lib.objects.hierarchy.PathObjectHierarchy")()
+H.addObjects(JClass("java.util.ArrayList")([*tiles, *regions]))
+H.resolveHierarchy()
+name = lambda o: None if o.getParent() == H.getRootObject() else str(o.getParent().getName())
+print(json.dumps({{"tiles": [name(t) for t in tiles], "regions": [name(r) for r in regions]}}))
+"""
+    run = qupath_kit.python(code)
+    assert run.returncode == 0, run.stderr[-3000:]
+    names = [name for *_, name in _KIT_REGIONS]
+    plan = plan_hierarchy(regions, tiles)
+    assert [None if p is None else names[p] for p in plan.region_parent] == run.result["regions"]
+    mine = [None if p is None else names[p] for p in plan.tile_parent]
+    assert mine == run.result["tiles"]
+    assert all(mine.count(name) for name in names) and mine.count(None)
+    # In the overlap of "big" and the smaller "overlaps big" (neither inside the other) the larger keeps the tiles.
+    overlap = [i for i, (x, y) in enumerate(_KIT_CENTRES) if 800 <= x <= 1000 and 800 <= y <= 1000]
+    assert overlap and {mine[i] for i in overlap} == {"big"}
+
+
+def test_nested_features_put_tiles_inside_their_region_properties() -> None:
     ours = _ours()
     outside = tile_object(5000, 5000, 150, "TUM", dict.fromkeys(TISSUE_CLASS_CODES, 1 / 7))
     features = nested_features([*ours, outside])
     assert [f["properties"]["objectType"] for f in features] == ["annotation", "detection"]
     region = features[0]
     assert region["properties"]["name"] == "HepatoQuant: tumour 1"
-    assert [c["properties"]["objectType"] for c in region["childObjects"]] == ["detection", "detection"]
-    assert [c["geometry"]["coordinates"][0][0][0] for c in region["childObjects"]] in ([250, 550], [100, 400])
+    assert "childObjects" not in region  # QuPath 0.6 ignores it there: the children would be lost
+    children = region["properties"]["childObjects"]
+    assert [c["properties"]["objectType"] for c in children] == ["detection", "detection"]
+    assert [c["geometry"]["coordinates"][0][0][0] for c in children] in ([250, 550], [100, 400])
     assert features[1]["geometry"]["coordinates"][0][0][0] in (5000, 5150)
+    check_qupath_nesting(features)
+    assert [o.name for o in parse_qupath_geojson(features)][:1] == ["HepatoQuant: tumour 1"]
+    assert len(parse_qupath_geojson(features)) == 4  # nothing lost when read as QuPath reads it
+    # A region inside another is nested in it, with the tiles QuPath would give it.
+    inner = region_object(box(50, 150, 300, 400), "tumour", "inner", tile_count=1, tile_area_mm2=0.01,
+                          region_area_mm2=0.1, class_tiles={"FIB": 1}, class_percent={"FIB": 100.0})
+    [outer] = nested_features([*ours, inner])
+    [tile, nested_inner] = outer["properties"]["childObjects"]  # in input order
+    assert nested_inner["properties"]["name"] == "HepatoQuant: inner"
+    assert tile["properties"]["objectType"] == "detection"
+    [inner_tile] = nested_inner["properties"]["childObjects"]
+    assert inner_tile["geometry"]["coordinates"][0][2] == [100, 350]  # the tile at x 100..250
     with pytest.raises(ValueError, match="cells"):
         nested_features([QuPathObject(box(0, 0, 1, 1), object_type="cell")])
 
@@ -362,33 +433,12 @@ def test_without_qupath_the_error_names_paquo_qupath_dir(tmp_path: Path, monkeyp
         analyze_project(tmp_path / "missing", client=None, mappings=MAPPINGS)
 
 
-def test_analyze_project_with_qupath(server, tmp_path: Path) -> None:
-    from hepatoquant_client.paquo_project import PaquoUnavailableError, analyze_project, load_paquo
-
-    try:
-        pq = load_paquo()
-    except PaquoUnavailableError:
-        pytest.skip(QUPATH_SKIP)
-    slide = server["root"] / "synthetic.tiff"
-    folder = tmp_path / "qp"
-    with pq.QuPathProject(str(folder), mode="x") as project:
-        entry = project.add_image(str(slide))
-        entry.hierarchy.add_annotation(roi=box(10, 10, 60, 60))
-        entry.image_name = "synthetic"
-    mappings = [UriMapping(str(server["root"]), str(server["root"]))]
-    with Client(server["target"], token=TOKEN) as client:
-        first = analyze_project(folder, client, mappings=mappings)
-        second = analyze_project(folder, client, mappings=mappings)
-    assert [o.status for o in first + second] == ["written", "written"], [o.error for o in first + second]
-    assert second[0].removed == first[0].added > 0
-    with pq.QuPathProject(str(folder), mode="r") as project:
-        hierarchy = project.images[0].hierarchy
-        names = [a.name for a in hierarchy.annotations]
-        assert sum(1 for n in names if not n) == 1  # the pathologist's annotation survived both runs
-        assert sum(1 for n in names if n and n.startswith("HepatoQuant: ")) == 1
-
-
-# A stand-in for paquo's project, entries and hierarchy: enough to run the layer's own logic without QuPath.
+# A stand-in for paquo's project, entries and hierarchy, kept only where real QuPath cannot go: a QuPath that
+# fails in the middle of a write (the undo path cannot be provoked in the real one). Everything else the paquo
+# layer and the CLI do with a project (replacing, nesting, isolating a failed image, import-geojson,
+# export-annotations, the cohort) runs on QuPath's own code in tests/test_qupath_kit_project.py. The stand-in
+# reads children as QuPath 0.6 does: only from properties.childObjects (a childObjects beside properties is
+# ignored, and those children are lost, as in QuPath).
 
 
 class _FakeObject:
@@ -399,6 +449,11 @@ class _FakeObject:
     def to_geojson(self) -> dict:
         return json.loads(json.dumps(self.feature))
 
+    def descendants(self) -> list[_FakeObject]:
+        if not hasattr(self, "children"):
+            self.children = [_FakeObject(child) for child in self.feature["properties"].get("childObjects", [])]
+        return [self, *(d for child in self.children for d in child.descendants())]
+
 
 class _FakeJavaHierarchy:
     def __init__(self, features: list[dict]) -> None:
@@ -406,8 +461,7 @@ class _FakeJavaHierarchy:
 
     def addPathObjects(self, objects) -> None:  # noqa: N802  (QuPath's name)
         for obj in objects:  # QuPath lists nested children among the hierarchy's objects too
-            obj.children = [_FakeObject(child) for child in obj.feature.get("childObjects", [])]
-            self.objects += [obj, *obj.children]
+            self.objects += obj.descendants()
 
     fail_removal = False
 
@@ -416,7 +470,7 @@ class _FakeJavaHierarchy:
             raise RuntimeError("simulated QuPath failure")
         ids = {id(o) for o in objects}
         if not keep_children:  # QuPath removes the descendants too
-            ids |= {id(c) for o in objects for c in getattr(o, "children", [])}
+            ids |= {id(d) for o in objects if hasattr(o, "children") for d in o.descendants()[1:]}
         self.objects = [o for o in self.objects if id(o) not in ids]
 
 
@@ -465,72 +519,6 @@ def _fake_paquo(entries: list[_FakeEntry], classes: list[_FakeClass]) -> types.S
                                  add_objects=lambda hierarchy, objects: hierarchy.addPathObjects(objects))
 
 
-def test_analyze_project_replaces_only_hepatoquant_objects_and_isolates_failures(
-    server, testdata: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from hepatoquant_client import paquo_project
-    from hepatoquant_client.qupath_geojson import to_feature
-
-    pathologist = json.loads((testdata / "qupath" / "qupath-0.6.0-export-featurecollection.geojson").read_text())
-    features = pathologist["features"]
-    old = [to_feature(o) for o in _ours()]
-    good = _FakeEntry("good", "file:/C:/Slides/synthetic.tiff", [*features, *old])
-    unmapped = _FakeEntry("unmapped", "file:/D:/elsewhere/synthetic.tiff", [*features, *old])
-    missing = _FakeEntry("missing", "file:/C:/Slides/absent.tiff", [*features, *old])
-    before = {e.image_name: [o.feature for o in e.hierarchy.java_object.objects] for e in (unmapped, missing)}
-    classes = [_FakeClass("Tumor", (200, 0, 0))]
-    monkeypatch.setattr(paquo_project, "load_paquo", lambda: _fake_paquo([unmapped, good, missing], classes))
-    mappings = [UriMapping("file:/C:/Slides", str(server["root"]))]
-    with Client(server["target"], token=TOKEN) as client:
-        results = paquo_project.analyze_project(_project(tmp_path), client, mappings=mappings)
-        again = paquo_project.analyze_project(_project(tmp_path) / "project.qpproj", client, mappings=mappings,
-                                              images=["good"])
-        with pytest.raises(ValueError, match="'nope'"):
-            paquo_project.analyze_project(_project(tmp_path), client, mappings=mappings, images=["nope"])
-    by_name = {r.image_name: r for r in results}
-    assert [r.image_name for r in results] == ["unmapped", "good", "missing"]
-    assert by_name["good"].status == "written" and by_name["good"].slide == f"{server['root']}/synthetic.tiff"
-    assert by_name["good"].removed == len(old) and by_name["good"].added > 0
-    assert by_name["unmapped"].status == "failed" and "UriMappingError" in by_name["unmapped"].error
-    assert by_name["missing"].status == "failed" and "absent.tiff" in by_name["missing"].error
-    for entry in (unmapped, missing):  # a failed image is left exactly as it was
-        assert [o.feature for o in entry.hierarchy.java_object.objects] == before[entry.image_name]
-        assert entry.saves == 0
-    # The pathologist's objects survive both runs; the previous run's objects are replaced, not duplicated.
-    [second] = again
-    assert second.status == "written" and second.removed == by_name["good"].added and good.saves == 2
-    kept = [o.feature for o in good.hierarchy.java_object.objects]
-    assert [f for f in kept if f.get("id") in {p["id"] for p in features}] == features
-    ours = [f for f in kept if f not in features]
-    assert len(ours) == len(kept) - len(features) and ours
-    assert all(f["properties"]["metadata"]["hepatoquant"] in ("tile", "region") for f in ours)
-    assert not any(f in kept for f in old)
-    region = next(f for f in ours if f["properties"]["objectType"] == "annotation")
-    assert region["childObjects"] and all(c["properties"]["objectType"] == "detection" for c in region["childObjects"])
-    # The project gained HepatoQuant's classes and kept its own.
-    assert [c.name for c in classes] == ["Tumor", *(name for name, _ in project_classes())]
-
-
-def test_analyze_project_sends_the_pathologists_regions(
-    server, testdata: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, synthetic_regions_geojson: str
-) -> None:
-    from hepatoquant_client import paquo_project
-
-    tumour = json.loads(synthetic_regions_geojson)["features"]
-    entry = _FakeEntry("good", "file:/C:/Slides/synthetic.tiff", tumour)
-    plain = _FakeEntry("plain", "file:/C:/Slides/synthetic.tiff", [])
-    monkeypatch.setattr(paquo_project, "load_paquo", lambda: _fake_paquo([entry, plain], []))
-    mappings = [UriMapping("file:/C:/Slides", str(server["root"]))]
-    with Client(server["target"], token=TOKEN) as client:
-        results = paquo_project.analyze_project(_project(tmp_path), client, mappings=mappings,
-                                                region_class=["Tumor", "Non-tumor"], tumour_class_names=["Tumor"])
-    written, failed = results
-    assert written.status == "written"
-    assert {r.region_class for r in written.outcome.region_classes} >= {"tumour", "non_tumour"}
-    assert failed.status == "failed" and "no annotation of class Tumor, Non-tumor" in failed.error
-    assert plain.hierarchy.java_object.objects == [] and plain.saves == 0
-
-
 def test_a_failed_write_is_undone_and_the_run_goes_on(server, testdata: Path, tmp_path: Path,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     from hepatoquant_client import paquo_project
@@ -552,78 +540,6 @@ def test_a_failed_write_is_undone_and_the_run_goes_on(server, testdata: Path, tm
 
 def read_features(testdata: Path) -> list[dict]:
     return json.loads((testdata / "qupath" / "qupath-0.6.0-export-featurecollection.geojson").read_text())["features"]
-
-
-def test_cli_project_writes_images_and_the_cohort(server, testdata: Path, tmp_path: Path,
-                                                  monkeypatch: pytest.MonkeyPatch, capsys) -> None:
-    from hepatoquant_client import paquo_project
-    from hepatoquant_client.cli import main
-
-    good = _FakeEntry("good", "file:/C:/Slides/synthetic.tiff", read_features(testdata))
-    unmapped = _FakeEntry("unmapped", "file:/D:/x/synthetic.tiff", [])
-    monkeypatch.setattr(paquo_project, "load_paquo", lambda: _fake_paquo([good, unmapped], []))
-    token_file = tmp_path / "token"
-    token_file.write_text(TOKEN)
-    cohort = tmp_path / "cohort" / "cohort.csv"
-    status = main(["project", str(_project(tmp_path)), "--server", server["target"], "--token-file", str(token_file),
-                   "--map", f"file:/C:/Slides={server['root']}", "--cohort", str(cohort)])
-    captured = capsys.readouterr()
-    assert status == 1  # one image failed
-    assert "image unmapped: failed, left as it was: UriMappingError" in captured.err
-    assert "image good: wrote " in captured.err and "1 of 2 image(s) failed" in captured.err
-    assert f"wrote {cohort}" in captured.err
-    [row] = list(csv.DictReader(cohort.open()))
-    assert row["slide"] == "good" and row["model_status"] == "untrained-demo"
-    lines = captured.out.splitlines()
-    assert lines[0].startswith("slide") and lines[2].startswith("good") and len(lines) == 3
-    if importlib.util.find_spec("pyarrow") is None:
-        assert f"not written: {cohort.with_suffix('.parquet')}: pyarrow is not importable" in captured.err
-    assert any(o.feature["properties"].get("metadata", {}).get("hepatoquant") for o in good.hierarchy.java_object.objects)
-
-
-def test_cli_import_geojson_and_export_annotations(outcomes, testdata: Path, tmp_path: Path,
-                                                   monkeypatch: pytest.MonkeyPatch, capsys) -> None:
-    from hepatoquant_client import paquo_project
-    from hepatoquant_client.cli import main
-    from hepatoquant_client.qupath_geojson import to_feature
-
-    pathologist = read_features(testdata)
-    old = [to_feature(o) for o in _ours()]
-    entry = _FakeEntry("case 1/HE", "file:/C:/Slides/a.svs", [*pathologist, *old])
-    monkeypatch.setattr(paquo_project, "load_paquo", lambda: _fake_paquo([entry], []))
-    project = str(_project(tmp_path))
-    result = tmp_path / "synthetic.geojson"
-    result.write_bytes(outcomes["whole"].qupath_geojson)
-    new_count = len(outcomes["whole"].qupath_objects())
-    assert main(["import-geojson", project, "case 1/HE", str(result)]) == 0
-    assert f"wrote {new_count} object(s), replaced {len(old)}" in capsys.readouterr().err
-    kept = [o.feature for o in entry.hierarchy.java_object.objects]
-    assert all(p in kept for p in pathologist) and not any(f in kept for f in old)
-    assert len(kept) == len(pathologist) + new_count
-    # A pathologist's file is refused: its objects could never be replaced by a later run.
-    assert main(["import-geojson", project, "case 1/HE",
-                 str(testdata / "qupath" / "qupath-0.6.0-export-featurecollection.geojson")]) == 2
-    assert "carries no HepatoQuant marker" in capsys.readouterr().err
-    assert [o.feature for o in entry.hierarchy.java_object.objects] == kept
-    assert main(["import-geojson", project, "other", str(result)]) == 2
-    assert "no image named 'other'" in capsys.readouterr().err
-    # Export: the pathologist's annotations only (never ours), optionally of one class.
-    out = tmp_path / "exported"
-    assert main(["export-annotations", project, str(out)]) == 0
-    [written] = out.iterdir()
-    assert written.name == "case 1_HE.geojson"
-    exported = read_qupath_geojson(written)
-    expected = [o for o in read_qupath_geojson(testdata / "qupath" / "qupath-0.6.0-export-featurecollection.geojson")
-                if o.object_type == "annotation"]
-    assert [o.object_id for o in exported] == [o.object_id for o in expected] and expected
-    assert not any(is_hepatoquant_object(o) for o in exported)
-    tumour_only = tmp_path / "tumour"
-    assert main(["export-annotations", project, str(tumour_only), "--class", "Tumor"]) == 0
-    classes = {o.class_names for o in read_qupath_geojson(tumour_only / "case 1_HE.geojson")}
-    assert classes == {("Tumor",)}
-    assert main(["export-annotations", project, str(tmp_path / "none"), "--class", "No such class"]) == 0
-    assert "no image has annotations to export" in capsys.readouterr().err
-    assert not (tmp_path / "none").exists() or not list((tmp_path / "none").iterdir())
 
 
 def test_cli_project_commands_without_paquo_or_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

@@ -31,7 +31,10 @@ def test_tile_round_trips_through_qupath_geojson() -> None:
     assert feature["properties"]["classification"] == {"name": "HQ Tumour", "color": [214, 39, 40]}
     assert feature["properties"]["measurements"]["prob_TUM"] == pytest.approx(0.7)
     [parsed] = parse_qupath_geojson(text)
-    assert parsed.geometry.bounds == pytest.approx((300.0, 450.0, 450.3, 600.3), abs=1e-3)
+    assert parsed.geometry.bounds == (300.0, 450.0, 300.0 + 150.3, 450.0 + 150.3)  # exact: no coordinate rounding
+    tiny = tile_object(1000.0001, 2000.0004, 150.0, "TUM", probabilities)  # sub-thousandth offsets survive
+    [back] = parse_qupath_geojson(dumps_feature_collection([tiny]))
+    assert back.geometry.bounds == (1000.0001, 2000.0004, 1000.0001 + 150.0, 2000.0004 + 150.0)
     assert is_hepatoquant_object(parsed)
 
 

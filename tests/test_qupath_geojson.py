@@ -12,6 +12,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
+import geojson
 import pytest
 from shapely.geometry import GeometryCollection, LineString, MultiPoint, MultiPolygon, Point, Polygon
 
@@ -19,6 +20,7 @@ from hepatoquant_client.classes import TISSUE_CLASSES, TUMOUR_REGION
 from hepatoquant_client.errors import HepatoQuantError, InvalidGeoJSONError
 from hepatoquant_client.qupath_geojson import (
     OBJECT_TYPES,
+    check_qupath_nesting,
     GeoJSONFileNotFoundError,
     QuPathObject,
     dumps_feature_collection,
@@ -264,10 +266,32 @@ def test_z_is_ignored_and_self_intersections_kept() -> None:
     assert not obj.geometry.is_valid  # a bow-tie: QuPath accepts it as it is, and so do we
 
 
-def test_child_objects_are_not_dropped() -> None:
+def test_children_are_read_where_qupath_reads_them_inside_properties() -> None:
+    grandchild = feature(name="grandchild")
+    child = feature(name="child", childObjects=[grandchild])
+    parent = feature(name="parent", childObjects=[child, feature(name="second")])
+    assert [o.name for o in parse_qupath_geojson([parent])] == ["parent", "child", "grandchild", "second"]
+
+
+def test_feature_level_child_objects_are_refused_because_qupath_drops_them() -> None:
+    """QuPath 0.6 ignores ``childObjects`` beside ``properties`` without a word (its children are lost): refused,
+    naming the fix, instead of counting children that QuPath would never see."""
     parent = feature(name="parent")
-    parent["childObjects"] = [feature(name="child")]
-    assert [o.name for o in parse_qupath_geojson([parent])] == ["parent", "child"]
+    parent["childObjects"] = [feature(name="child"), feature(name="other")]
+    with pytest.raises(InvalidGeoJSONError) as info:
+        parse_qupath_geojson(collection(parent), source="tiles.geojson")
+    message = str(info.value)
+    assert message.startswith("tiles.geojson: feature 0 (id '11111111-2222-4333-8444-555555555555'): ")
+    assert "silently drop 2 child object(s)" in message and "zero objects" not in message
+    assert 'Fix: put the children inside the parent\'s properties, "properties": {..., "childObjects": [...]}' in (
+        message)
+    nested = feature(name="inner")
+    nested["childObjects"] = [feature(name="lost")]  # also below a properly nested parent
+    with pytest.raises(InvalidGeoJSONError, match=r"feature 0/child 0 .*Feature level"):
+        parse_qupath_geojson([feature(name="outer", childObjects=[nested])])
+    empty = feature(name="parent")
+    empty["childObjects"] = []  # nothing to lose
+    assert [o.name for o in parse_qupath_geojson([empty])] == ["parent"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -328,19 +352,23 @@ def test_qupath_rejection_triggers(breaker: Any, expected: str, fix: str) -> Non
 
 
 @pytest.mark.parametrize(
-    "geometry",
+    ("geometry", "expected"),
     [
-        {"type": "Polygon", "coordinates": [[[0, 0], [1, 1], [0, 0]]]},  # too few positions
-        {"type": "Circle", "coordinates": [0, 0]},
-        {"type": "Point", "coordinates": ["a", 0]},
-        {"type": "LineString", "coordinates": [[0, 0]]},
-        {"type": "Polygon"},
+        ({"type": "Polygon", "coordinates": [[[0, 0], [1, 1], [0, 0]]]}, r"ring 0 \(exterior\) has 3 positions"),
+        ({"type": "Circle", "coordinates": [0, 0]}, "unknown type 'Circle'"),
+        ({"type": "Point", "coordinates": ["a", 0]}, "finite numbers"),
+        ({"type": "Point", "coordinates": [True, 0]}, "finite numbers"),  # QuPath fails on booleans
+        ({"type": "LineString", "coordinates": [[0, 0]]}, "a line with 1 position"),
+        ({"type": "Polygon"}, 'has no "coordinates"'),
+        ({"type": "MultiPolygon", "coordinates": [[SQUARE], [SQUARE[:3]]]}, r"polygon 1 ring 0 \(exterior\) has 3"),
+        ({"type": "Polygon", "coordinates": [SQUARE, [[2, 2], [3, 2], [3, 3], [2, 3]]]},
+         r"ring 1 \(hole\) is not closed"),
     ],
 )
-def test_other_broken_geometries_are_rejected(geometry: dict[str, Any]) -> None:
+def test_other_broken_geometries_are_rejected(geometry: dict[str, Any], expected: str) -> None:
     f = feature()
     f["geometry"] = geometry
-    with pytest.raises(InvalidGeoJSONError, match=r"^<input>: feature 0 "):
+    with pytest.raises(InvalidGeoJSONError, match=r"^<input>: feature 0 .*" + expected):
         parse_qupath_geojson([f])
 
 
@@ -502,9 +530,60 @@ def test_properties_null_never_written() -> None:
     assert "NaN" not in text
 
 
-def test_coordinates_rounded_to_three_decimals() -> None:
-    f = to_feature(QuPathObject(Point(1.23456789, -0.0001)))
-    assert f["geometry"]["coordinates"] == [1.235, 0]
+def test_coordinates_are_written_as_they_are() -> None:
+    """QuPath's coordinates are pixels: never rounded (whole numbers written as ints, as QuPath writes them)."""
+    x, y = 1.2345678901234567, -0.0001
+    f = to_feature(QuPathObject(Point(x, y)))
+    assert f["geometry"]["coordinates"] == [x, y]
+    assert json.loads(json.dumps(f))["geometry"]["coordinates"] == [x, y]
+    tile = Polygon([(1e5 + 0.0004, 7.0), (1e5 + 150.0004, 7.0), (1e5 + 150.0004, 157.0), (1e5 + 0.0004, 157.0)])
+    written = to_feature(QuPathObject(tile))["geometry"]["coordinates"][0]
+    assert written[0] == [1e5 + 0.0004, 7] and isinstance(written[0][1], int)
+    [back] = parse_qupath_geojson(to_feature(QuPathObject(tile)))
+    assert back.geometry.equals_exact(tile, tolerance=0)
+    negative_zero = to_feature(QuPathObject(Point(-0.0, 3.0)))["geometry"]["coordinates"]
+    assert negative_zero == [0, 3] and json.dumps(negative_zero) == "[0, 3]"
+
+
+def test_written_features_are_geojson_objects_valid_by_geojson() -> None:
+    features = feature_collection(ROUND_TRIP_OBJECTS)
+    assert isinstance(features, geojson.FeatureCollection) and features.is_valid
+    for f in features["features"]:
+        assert isinstance(f, geojson.Feature) and f.is_valid and not f.errors()
+        assert isinstance(f["geometry"], (geojson.geometry.Geometry, geojson.GeometryCollection))
+    assert geojson.loads(dumps_feature_collection(ROUND_TRIP_OBJECTS)).is_valid
+
+
+def test_children_are_written_inside_properties() -> None:
+    region, tile = ROUND_TRIP_OBJECTS[0], ROUND_TRIP_OBJECTS[1]
+    child = to_feature(tile)
+    parent = to_feature(region, children=[child])
+    assert "childObjects" not in parent and parent["properties"]["childObjects"] == [child]
+    assert parse_qupath_geojson(parent) == [region, tile]
+    assert "childObjects" not in to_feature(region)["properties"]  # no empty array without children
+
+
+def test_writing_feature_level_children_is_refused() -> None:
+    child = to_feature(ROUND_TRIP_OBJECTS[1])
+    wrong = dict(to_feature(ROUND_TRIP_OBJECTS[0]))
+    wrong["childObjects"] = [child]  # the form QuPath ignores
+    with pytest.raises(InvalidGeoJSONError, match=r"child 0 has \"childObjects\" at the Feature level.*Fix: put"):
+        to_feature(ROUND_TRIP_OBJECTS[2], children=[wrong])
+    with pytest.raises(InvalidGeoJSONError, match=r"^cannot write feature 1: has \"childObjects\" at the Feature"):
+        check_qupath_nesting([child, wrong])
+    deep = to_feature(ROUND_TRIP_OBJECTS[2], children=[to_feature(ROUND_TRIP_OBJECTS[5])])
+    deep["properties"]["childObjects"][0]["childObjects"] = [child]
+    with pytest.raises(InvalidGeoJSONError, match=r"cannot write region 0/child 0: "):
+        check_qupath_nesting([deep], what="region")
+    check_qupath_nesting([to_feature(ROUND_TRIP_OBJECTS[0], children=[child]), child])  # the right form passes
+    with pytest.raises(InvalidGeoJSONError, match="child 0 is not a Feature"):
+        to_feature(ROUND_TRIP_OBJECTS[0], children=[{"type": "Polygon"}])
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_non_finite_coordinates_are_refused_on_write(bad: float) -> None:
+    with pytest.raises(InvalidGeoJSONError, match="NaN or infinite coordinate"):
+        to_feature(QuPathObject(Point(bad, 0), name="p"))
 
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf, "0.5", None, True])
@@ -585,3 +664,29 @@ def test_polygonal_part() -> None:
     assert merged.area == pytest.approx(2)
     bow_tie = polygonal_part(Polygon([(0, 0), (10, 10), (10, 0), (0, 10)]))
     assert isinstance(bow_tie, MultiPolygon) and bow_tie.is_valid
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# QuPath's own reading (the kit: QuPath 0.6.0's PathIO.readObjects, in a subprocess)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_qupath_reads_the_written_children_and_drops_feature_level_ones(qupath_kit, tmp_path: Path) -> None:
+    """What we write nests as QuPath reads it (every child kept, under its parent); the Feature-level form, which
+    we refuse to read or write, really loses its children in QuPath."""
+    region, tile, detection = ROUND_TRIP_OBJECTS[0], ROUND_TRIP_OBJECTS[1], ROUND_TRIP_OBJECTS[2]
+    written = tmp_path / "nested.geojson"
+    written.write_text(json.dumps(collection(to_feature(region, children=[to_feature(tile), to_feature(detection)]))))
+    ours = parse_qupath_geojson(written.read_text())
+    qupath = qupath_kit.read_geojson(written).result
+    assert qupath["read"] and qupath["objects"] == 1
+    assert qupath["objects_with_children"] == len(ours) == 3
+    assert qupath["ids_kept"] == 3 and qupath["measurements_float32"]["compared"] > 0
+    wrong = to_feature(region)
+    wrong["childObjects"] = [to_feature(tile), to_feature(detection)]
+    dropped = tmp_path / "feature-level.geojson"
+    dropped.write_text(json.dumps(collection(wrong)))
+    qupath = qupath_kit.read_geojson(dropped).result
+    assert qupath["read"] and qupath["objects_with_children"] == 1  # QuPath: the parent only, silently
+    with pytest.raises(InvalidGeoJSONError, match="would silently drop 2 child object"):
+        read_qupath_geojson(dropped)

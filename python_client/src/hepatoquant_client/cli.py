@@ -4,8 +4,8 @@
     hepatoquant-client analyze SLIDE --server HOST:PORT --out DIR [--regions F] [--mpp X] [--model M]
                                [--seg-model S] [--token-file F]
     hepatoquant-client project QUPATH_PROJECT --server HOST:PORT --map FROM=TO [--map ...] [--image NAME ...]
-                               [--region-class C ...] [--tumour-class C ...] [--model M] [--seg-model S]
-                               [--cohort FILE.csv] [--token-file F]
+                               [--region-class C ...] [--tumour-class C ...] [--mpp X] [--model M]
+                               [--seg-model S] [--cohort FILE.csv] [--token-file F]
     hepatoquant-client import-geojson QUPATH_PROJECT IMAGE FILE.geojson
     hepatoquant-client export-annotations QUPATH_PROJECT OUT_DIR [--image NAME ...] [--class C ...]
 
@@ -78,6 +78,9 @@ def _parser() -> argparse.ArgumentParser:
                          help="send the image's annotations of this class as regions (repeatable)")
     project.add_argument("--tumour-class", action="append", metavar="C",
                          help="region classes that are tumour (default: the server's)")
+    project.add_argument("--mpp", type=float, metavar="X",
+                         help="pixel size in um/px sent with every image (for slides without it; it overrides the "
+                              "slides' own metadata, so limit it with --image in a mixed project)")
     project.add_argument("--model", default="", metavar="M", help="classifier pack (default: the server's)")
     project.add_argument("--seg-model", default="", metavar="S", help="segmenter pack (default: the server's)")
     project.add_argument("--cohort", type=Path, metavar="FILE.csv",
@@ -224,6 +227,8 @@ def _run_project(client, args: argparse.Namespace, out: TextIO, err: TextIO) -> 
     from .project_plan import parse_mappings
 
     options: dict[str, object] = {}
+    if args.mpp is not None:
+        options["mpp_um_px"] = args.mpp
     if args.model:
         options["model"] = args.model
     if args.seg_model:

@@ -90,7 +90,8 @@ def load_paquo() -> SimpleNamespace:
         ) from exc
     def object_from_geojson(feature: dict) -> Any:
         # Read as PathObject so QuPath's type adapter makes the right kind (annotation, detection, tile) from
-        # objectType, with its childObjects; paquo's from_geojson would force an annotation.
+        # objectType, with the children in properties.childObjects (the only place QuPath reads them; a
+        # childObjects beside properties is dropped silently); paquo's from_geojson would force an annotation.
         return GsonTools.getInstance().fromJson(String(json.dumps(feature)), java_path_object)
 
     def add_objects(java_hierarchy: Any, objects: list[Any]) -> None:
@@ -253,10 +254,13 @@ def _write_objects(entry: Any, pq: SimpleNamespace, handles: list[Any], existing
     every conversion happens before the hierarchy changes. Returns (removed, added)."""
     from .hepatoquant_objects import is_hepatoquant_object
     from .project_plan import nested_features, plan_replacement
+    from .qupath_geojson import check_qupath_nesting
 
     plan = plan_replacement(existing, new)
     remove_java = [handles[i].java_object for i, o in enumerate(existing) if is_hepatoquant_object(o)]
-    add_java = [pq.object_from_geojson(feature) for feature in nested_features(plan.to_add)]
+    features = nested_features(plan.to_add)  # children inside properties.childObjects, as QuPath reads them
+    check_qupath_nesting(features, what=f"HepatoQuant object for image {str(entry.image_name)!r}")
+    add_java = [pq.object_from_geojson(feature) for feature in features]
     _replace(entry.hierarchy, remove_java, add_java, pq.add_objects)
     save = getattr(entry, "save", None)
     if callable(save):

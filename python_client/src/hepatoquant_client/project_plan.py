@@ -6,8 +6,8 @@ decision is made here, where it can be tested on any machine:
 * :func:`map_image_uri`: the path on the server of an image a QuPath project names by URI (``file:/C:/...``),
   through ``FROM=TO`` prefix mappings (:func:`parse_mappings`);
 * :func:`plan_replacement`: which objects a re-run removes (only HepatoQuant's) and which it adds;
-* :func:`nest_tiles` / :func:`nested_features`: tiles under the region that holds their centre, as QuPath's
-  hierarchy would place them;
+* :func:`plan_hierarchy` / :func:`nest_tiles` / :func:`nested_features`: tiles (and regions) nested exactly as
+  QuPath's ``resolveHierarchy()`` nests them, children written inside ``properties.childObjects``;
 * :func:`project_classes`: the project's classes with HepatoQuant's colours.
 """
 
@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 from urllib.parse import unquote, urlsplit
 
+import numpy as np
 import shapely
 from shapely.geometry.base import BaseGeometry
 
@@ -28,6 +29,7 @@ from .hepatoquant_objects import is_hepatoquant_object
 from .qupath_geojson import QuPathObject, to_feature
 
 __all__ = [
+    "HierarchyPlan",
     "ReplacementPlan",
     "UriMapping",
     "UriMappingError",
@@ -35,6 +37,7 @@ __all__ = [
     "nest_tiles",
     "nested_features",
     "parse_mappings",
+    "plan_hierarchy",
     "plan_replacement",
     "project_classes",
     "uri_to_path",
@@ -167,35 +170,77 @@ def _geometry(item: QuPathObject | BaseGeometry) -> BaseGeometry:
     return item if isinstance(item, BaseGeometry) else item.geometry
 
 
+class HierarchyPlan(NamedTuple):
+    """Where QuPath's ``resolveHierarchy()`` puts each object: ``region_parent[i]`` is the index of the region
+    that region ``i`` is nested in (None: the root), ``tile_parent[j]`` the region tile ``j`` is nested in
+    (None: the root)."""
+
+    region_parent: list[int | None]
+    tile_parent: list[int | None]
+
+
+def plan_hierarchy(
+    regions: Sequence[QuPathObject | BaseGeometry], tiles: Sequence[QuPathObject | BaseGeometry]
+) -> HierarchyPlan:
+    """The hierarchy QuPath 0.6's ``resolveHierarchy()`` makes of these region annotations and tiles (or
+    detections), checked against QuPath's own code (tests/test_client_project.py, with the qupath kit).
+
+    QuPath inserts the annotations largest first. Each goes under the smallest annotation already placed that
+    covers it (else the root) and takes over, of that parent's children, the tiles whose centre (ROI centroid)
+    lies inside it or on its edge. So a tile goes to the smallest of nested regions holding its centre, but where
+    two regions merely overlap the LARGER one keeps the tiles in the overlap (the smaller one, not being inside
+    the larger, never sees them); tiles whose centre lies in no region stay at the root. Equal areas: QuPath
+    orders them by ROI position, class and random id; here the earlier one in ``regions`` is placed first."""
+    geometries = [_geometry(r) for r in regions]
+    for geometry in geometries:
+        shapely.prepare(geometry)
+    order = sorted(range(len(regions)), key=lambda i: (-geometries[i].area, i))
+    region_parent: list[int | None] = [None] * len(regions)
+    placed: list[int] = []
+    for index in order:
+        covering = [p for p in placed if geometries[p].covers(geometries[index])]
+        if covering:  # the smallest covering one; on a tie the deepest, then the later placed
+            region_parent[index] = min(covering, key=lambda p: (geometries[p].area, -_depth(p, region_parent),
+                                                                -placed.index(p)))
+        placed.append(index)
+    owner = np.full(len(tiles), -1)
+    if len(tiles) and len(regions):
+        centres = shapely.centroid(np.array([_geometry(t) for t in tiles], dtype=object))
+        xs, ys = shapely.get_x(centres), shapely.get_y(centres)
+        for index in order:
+            parent = region_parent[index]
+            candidates = owner == (-1 if parent is None else parent)
+            inside = shapely.intersects_xy(geometries[index], xs, ys)
+            owner[candidates & inside] = index
+    return HierarchyPlan(region_parent, [None if o < 0 else int(o) for o in owner])
+
+
+def _depth(index: int, parents: Sequence[int | None]) -> int:
+    depth = 0
+    while parents[index] is not None:
+        index, depth = parents[index], depth + 1  # type: ignore[assignment]
+    return depth
+
+
 def nest_tiles(
     regions: Sequence[QuPathObject | BaseGeometry], tiles: Sequence[QuPathObject | BaseGeometry]
 ) -> dict[int, list[int]]:
-    """Which tiles go under which region: region index -> indices of the tiles whose centre lies inside it (or
-    on its edge). A centre inside several regions goes to the smallest of them (ties: the first); tiles in no
-    region appear nowhere (they stay at the hierarchy's root). Every region index is a key."""
+    """Which tiles QuPath nests directly under which region: region index -> tile indices (in input order), by
+    :func:`plan_hierarchy` (QuPath's ``resolveHierarchy()``: centre rule; nested regions: the smallest; merely
+    overlapping regions: the larger). Tiles in no region appear nowhere (they stay at the root). Every region
+    index is a key."""
     nested: dict[int, list[int]] = {index: [] for index in range(len(regions))}
-    if not regions or not tiles:
-        return nested
-    centres = [_geometry(tile).centroid for tile in tiles]
-    xs = [c.x for c in centres]
-    ys = [c.y for c in centres]
-    owner: list[int | None] = [None] * len(tiles)
-    # Larger regions first, so that a smaller region (the more specific one) overwrites the owner.
-    order = sorted(range(len(regions)), key=lambda i: (-_geometry(regions[i]).area, -i))
-    for index in order:
-        inside = shapely.intersects_xy(_geometry(regions[index]), xs, ys)
-        for tile_index, hit in enumerate(inside):
-            if hit:
-                owner[tile_index] = index
-    for tile_index, region_index in enumerate(owner):
+    for tile_index, region_index in enumerate(plan_hierarchy(regions, tiles).tile_parent):
         if region_index is not None:
             nested[region_index].append(tile_index)
     return nested
 
 
 def nested_features(objects: Sequence[QuPathObject]) -> list[dict[str, Any]]:
-    """QuPath GeoJSON features of ``objects`` with each detection / tile as a ``childObjects`` entry of the
-    annotation that holds its centre (annotations and unplaced objects at the top level, in input order).
+    """QuPath GeoJSON features of ``objects`` nested as QuPath's ``resolveHierarchy()`` would nest them
+    (:func:`plan_hierarchy`): each detection / tile, and each annotation inside another, in the parent's
+    ``properties.childObjects`` (the only place QuPath reads children). Objects QuPath leaves at the root stay at
+    the top level; order within each level follows the input.
 
     QuPath's ``load_geojson`` through paquo fails on ``cell`` objects, so those raise ``ValueError``."""
     cells = [i for i, o in enumerate(objects) if o.object_type == "cell"]
@@ -203,16 +248,24 @@ def nested_features(objects: Sequence[QuPathObject]) -> list[dict[str, Any]]:
         raise ValueError(f"objects {cells[:5]} are cells, which paquo cannot load; write them as detections")
     region_indices = [i for i, o in enumerate(objects) if o.object_type == "annotation"]
     tile_indices = [i for i, o in enumerate(objects) if o.object_type in ("detection", "tile")]
-    features = [to_feature(o) for o in objects]
-    placed: set[int] = set()
-    for region_position, tile_positions in nest_tiles(
-        [objects[i] for i in region_indices], [objects[i] for i in tile_indices]
-    ).items():
-        children = [features[tile_indices[p]] for p in tile_positions]
-        if children:
-            features[region_indices[region_position]]["childObjects"] = children
-            placed.update(tile_indices[p] for p in tile_positions)
-    return [feature for index, feature in enumerate(features) if index not in placed]
+    plan = plan_hierarchy([objects[i] for i in region_indices], [objects[i] for i in tile_indices])
+    parent_of: dict[int, int] = {}
+    for position, parent in enumerate(plan.region_parent):
+        if parent is not None:
+            parent_of[region_indices[position]] = region_indices[parent]
+    for position, parent in enumerate(plan.tile_parent):
+        if parent is not None:
+            parent_of[tile_indices[position]] = region_indices[parent]
+    children: dict[int, list[int]] = {}
+    for index in range(len(objects)):
+        if index in parent_of:
+            children.setdefault(parent_of[index], []).append(index)
+
+    def build(index: int) -> dict[str, Any]:
+        kids = [build(child) for child in children.get(index, [])]
+        return to_feature(objects[index], children=kids)
+
+    return [build(index) for index in range(len(objects)) if index not in parent_of]
 
 
 def project_classes() -> list[tuple[str, tuple[int, int, int]]]:

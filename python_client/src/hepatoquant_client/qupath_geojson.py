@@ -8,11 +8,14 @@ file imports zero objects, often with nothing more than a log line. Files with a
 * parses what QuPath parses, with QuPath's rules (``parse_qupath_geojson``, ``read_qupath_geojson``), and rejects
   what QuPath would reject with an :class:`InvalidGeoJSONError` that names the source, the feature and the fix;
 * writes only features that QuPath imports without loss (``to_feature``, ``feature_collection``,
-  ``dumps_feature_collection``).
+  ``dumps_feature_collection``), children nested where QuPath reads them: ``properties.childObjects``.
 
-The facts it follows are those in ``shared/QUPATH.md`` (observed with QuPath 0.5.1 / 0.6.0).
+Plain GeoJSON is the ``geojson`` package's: written Features, FeatureCollections and geometries are its objects,
+and geometries (written and read) are checked with its ``errors()``; QuPath's own rules sit on top, here.
+The facts this module follows are those in ``shared/QUPATH.md`` (observed with QuPath 0.5.1 / 0.6.0).
 
-Coordinates are level-0 pixels, x to the right, y down, as QuPath stores them; z is ignored.
+Coordinates are level-0 pixels, x to the right, y down, as QuPath stores them, and are written as they are (no
+rounding); z is ignored.
 """
 
 from __future__ import annotations
@@ -32,17 +35,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import geojson
+import numpy as np
 import shapely
-from shapely.geometry import GeometryCollection, MultiPolygon, Polygon, mapping, shape
+from shapely.geometry import GeometryCollection, MultiPolygon, Polygon, shape
 from shapely.geometry.base import BaseGeometry
 from shapely.validation import explain_validity, make_valid
 
 from .errors import InvalidGeoJSONError
 
 __all__ = [
+    "CHILD_OBJECTS",
     "OBJECT_TYPES",
     "GeoJSONFileNotFoundError",
     "QuPathObject",
+    "check_qupath_nesting",
     "dumps_feature_collection",
     "feature_collection",
     "parse_qupath_geojson",
@@ -60,8 +67,11 @@ OBJECT_TYPES: tuple[str, ...] = ("annotation", "detection", "tile", "cell")
 _JSON_SUFFIXES = (".geojson", ".json")
 # Canonical UUID text, the only id form QuPath keeps (java.util.UUID.fromString); other ids are replaced.
 _UUID_RE = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
-# Written coordinates keep this many decimals: a thousandth of a pixel is far below any annotation precision.
-_COORDINATE_DECIMALS = 3
+#: The key under which QuPath nests child objects: read only inside a Feature's ``properties`` (QuPath 0.6
+#: silently ignores it beside ``properties``, and the children are lost).
+CHILD_OBJECTS = "childObjects"
+_CHILDREN_FIX = (f'put the children inside the parent\'s properties, "properties": {{..., "{CHILD_OBJECTS}": [...]}} '
+                 "(to_feature(parent, children=[...]) writes them there)")
 _ALL_OR_NOTHING = "QuPath rejects the whole file when one feature is bad (it imports zero objects)"
 
 
@@ -105,19 +115,22 @@ class QuPathObject:
 
 
 class _Problem(Exception):
-    """What is wrong with one feature and how to fix it; turned into an InvalidGeoJSONError with its context."""
+    """What is wrong with one feature and how to fix it; turned into an InvalidGeoJSONError with its context.
 
-    def __init__(self, problem: str, fix: str) -> None:
+    ``consequence`` says what QuPath would do with the file (by default: import nothing from it)."""
+
+    def __init__(self, problem: str, fix: str, consequence: str = _ALL_OR_NOTHING) -> None:
         super().__init__(problem)
         self.problem = problem
         self.fix = fix
+        self.consequence = consequence
 
 
 def _feature_error(source: str, label: str, feature: Any, problem: _Problem) -> InvalidGeoJSONError:
     """An error naming the source, the feature (index and id) and the fix, so the user can find and mend it."""
     feature_id = feature.get("id") if isinstance(feature, dict) else None
     where = f"feature {label}" + (f" (id {feature_id!r})" if feature_id is not None else "")
-    return InvalidGeoJSONError(f"{source}: {where}: {problem.problem}. {_ALL_OR_NOTHING}. Fix: {problem.fix}.")
+    return InvalidGeoJSONError(f"{source}: {where}: {problem.problem}. {problem.consequence}. Fix: {problem.fix}.")
 
 
 def _file_error(source: str, problem: str, fix: str) -> InvalidGeoJSONError:
@@ -138,11 +151,16 @@ def parse_qupath_geojson(data: bytes | str | object, *, source: str = "<input>")
     messages (a path, a request name). Anything QuPath would reject raises :class:`InvalidGeoJSONError` naming
     ``source``, the feature index (and id) and the fix, because QuPath itself would import nothing from it.
     Measurements keep the values written in the file (QuPath would round them to float32).
+
+    Children nested in ``properties.childObjects`` follow their parent in the list (depth first). A non-empty
+    ``childObjects`` beside ``properties`` (at the Feature level) is refused: QuPath would read the parent and
+    silently drop those children.
     """
     value = _decode_json(data, source) if isinstance(data, (bytes, bytearray, str)) else data
     objects: list[QuPathObject] = []
     for label, feature in _labelled_features(_top_level_features(value, source)):
         try:
+            _check_no_feature_level_children(feature)
             objects.append(_object_from_feature(feature))
         except _Problem as problem:
             raise _feature_error(source, label, feature, problem) from None
@@ -197,26 +215,39 @@ def _top_level_features(value: Any, source: str) -> list[Any]:
 
 
 def _labelled_features(features: list[Any]) -> Iterator[tuple[str, Any]]:
-    """Each feature with its index label; nested ``childObjects`` follow their parent (labelled ``3/child 0``).
-
-    QuPath nests children under ``childObjects``; we flatten them so that no object is silently dropped.
-    """
+    """Each feature with its index label; children nested in ``properties.childObjects`` follow their parent
+    (labelled ``3/child 0``), flattened so that none is dropped."""
     for index, feature in enumerate(features):
         yield from _with_children(str(index), feature)
 
 
 def _with_children(label: str, feature: Any) -> Iterator[tuple[str, Any]]:
-    """The feature, then its children depth-first (from the Feature or from its properties)."""
+    """The feature, then its children depth-first, read where QuPath reads them: ``properties.childObjects``."""
     yield label, feature
     if not isinstance(feature, dict):
         return
     properties = feature.get("properties")
-    children = feature.get("childObjects")
-    if children is None and isinstance(properties, dict):
-        children = properties.get("childObjects")
+    children = properties.get(CHILD_OBJECTS) if isinstance(properties, dict) else None
     if isinstance(children, list):
         for index, child in enumerate(children):
             yield from _with_children(f"{label}/child {index}", child)
+
+
+def _check_no_feature_level_children(feature: Any) -> None:
+    """A non-empty ``childObjects`` beside ``properties`` is a _Problem: QuPath ignores it without a word, so the
+    children would be lost in QuPath while a reader that accepted them would count them."""
+    if not isinstance(feature, Mapping):
+        return
+    children = feature.get(CHILD_OBJECTS)
+    if children is None or children == []:
+        return
+    count = f"{len(children)} child object(s)" if isinstance(children, list) else "its child objects"
+    raise _Problem(
+        f'has "{CHILD_OBJECTS}" at the Feature level, beside "properties"; QuPath reads "{CHILD_OBJECTS}" only '
+        f"inside \"properties\" and would silently drop {count}",
+        _CHILDREN_FIX,
+        consequence="QuPath would import the parent without them",
+    )
 
 
 def _json_kind(value: Any) -> str:
@@ -470,6 +501,26 @@ def _float_from_text(name: str, text: str) -> float:
 # --------------------------------------------------------------------------------------------------------------
 
 _SIMPLE_GEOMETRY_TYPES = ("Point", "MultiPoint", "LineString", "MultiLineString", "Polygon", "MultiPolygon")
+# The geojson package's geometry types (plain GeoJSON, with their validity checks), by GeoJSON type name.
+_PLAIN_GEOMETRIES: dict[str, type[geojson.geometry.Geometry]] = {
+    "Point": geojson.Point,
+    "MultiPoint": geojson.MultiPoint,
+    "LineString": geojson.LineString,
+    "MultiLineString": geojson.MultiLineString,
+    "Polygon": geojson.Polygon,
+    "MultiPolygon": geojson.MultiPolygon,
+}
+
+
+def _plain_geometry(kind: str, coordinates: list[Any]) -> geojson.geometry.Geometry:
+    """The geojson package's geometry object of this type, holding ``coordinates`` exactly as given.
+
+    The coordinates are set after construction: geojson's constructor would round each one (to 6 decimals by
+    default) in a pure-Python walk, which changes pixel coordinates and costs more than the rest of a tile.
+    """
+    plain = _PLAIN_GEOMETRIES[kind]()
+    plain["coordinates"] = coordinates
+    return plain
 
 
 def _geometry_from_json(value: Any, where: str) -> BaseGeometry:
@@ -480,8 +531,10 @@ def _geometry_from_json(value: Any, where: str) -> BaseGeometry:
     return shape(_clean_geometry(value, where))
 
 
-def _clean_geometry(value: Any, where: str) -> dict[str, Any]:
-    """The geometry with 2-D coordinates, after the checks that would make QuPath fail."""
+def _clean_geometry(value: Any, where: str) -> geojson.geometry.Geometry | geojson.GeometryCollection:
+    """The geometry as a geojson object with 2-D coordinates, after the checks that would make QuPath fail:
+    QuPath's rules on positions here, GeoJSON's structure (closed rings of 4 positions or more, lines of 2 or
+    more) by geojson's ``errors()``."""
     if value is None:
         raise _Problem(f'"{where}" is null or missing', f'give the feature a "{where}" (e.g. a Polygon)')
     if not isinstance(value, dict):
@@ -491,27 +544,29 @@ def _clean_geometry(value: Any, where: str) -> dict[str, Any]:
         parts = value.get("geometries")
         if not isinstance(parts, list):
             raise _Problem(f'{where} GeometryCollection has no "geometries" array', 'write "geometries": [...]')
-        return {"type": kind, "geometries": [_clean_geometry(p, f"{where} part {i}") for i, p in enumerate(parts)]}
+        return geojson.GeometryCollection([_clean_geometry(p, f"{where} part {i}") for i, p in enumerate(parts)])
     if kind not in _SIMPLE_GEOMETRY_TYPES:
         raise _Problem(f"{where} has unknown type {kind!r}", f"use one of {', '.join(_SIMPLE_GEOMETRY_TYPES)}")
     if "coordinates" not in value:
         raise _Problem(f'{where} ({kind}) has no "coordinates"', 'add the "coordinates" array')
-    return {"type": kind, "coordinates": _clean_coordinates(kind, value["coordinates"], where)}
+    plain = _plain_geometry(kind, _clean_coordinates(kind, value["coordinates"], where))
+    errors = plain.errors()
+    if errors:
+        raise _structure_problem(kind, plain["coordinates"], where, errors)
+    return plain
 
 
 def _clean_coordinates(kind: str, coords: Any, where: str) -> Any:
-    """2-D coordinates of one simple geometry type, nested as GeoJSON nests them."""
+    """2-D coordinates of one simple geometry type, nested as GeoJSON nests them (lists all the way down)."""
     if kind == "Point":
         return _position(coords, where)
-    if kind == "MultiPoint":
-        return [_position(p, where) for p in _array(coords, where)]
-    if kind == "LineString":
-        return _line(coords, where)
+    if kind in ("MultiPoint", "LineString"):
+        return _positions(coords, where)
     if kind == "MultiLineString":
-        return [_line(line, f"{where} line {i}") for i, line in enumerate(_array(coords, where))]
+        return [_positions(line, f"{where} line {i}") for i, line in enumerate(_array(coords, where))]
     if kind == "Polygon":
-        return _polygon(coords, where)
-    return [_polygon(poly, f"{where} polygon {i}") for i, poly in enumerate(_array(coords, where))]
+        return _rings(coords, where)
+    return [_rings(poly, f"{where} polygon {i}") for i, poly in enumerate(_array(coords, where))]
 
 
 def _array(value: Any, where: str) -> Sequence[Any]:
@@ -521,45 +576,58 @@ def _array(value: Any, where: str) -> Sequence[Any]:
     return value
 
 
-def _position(value: Any, where: str) -> tuple[float, float]:
-    """An ``[x, y]`` or ``[x, y, z]`` position as ``(x, y)``; z is ignored, as in QuPath."""
+def _position(value: Any, where: str) -> list[float]:
+    """An ``[x, y]`` or ``[x, y, z]`` position as ``[x, y]``; z is ignored, as in QuPath, and x, y must be finite
+    numbers (QuPath fails on text or booleans; JSON has no NaN)."""
     if not (
         isinstance(value, (list, tuple))
         and len(value) >= 2
         and all(isinstance(c, (int, float)) and not isinstance(c, bool) and math.isfinite(c) for c in value[:2])
     ):
         raise _Problem(f"{where} has the position {value!r}, not [x, y] with finite numbers", "write [x, y]")
-    return float(value[0]), float(value[1])
+    return [float(value[0]), float(value[1])]
 
 
-def _line(coords: Any, where: str) -> list[tuple[float, float]]:
-    """A LineString's positions; JTS (inside QuPath) needs 0 or at least 2."""
-    positions = [_position(p, where) for p in _array(coords, where)]
-    if len(positions) == 1:
-        raise _Problem(f"{where} is a line with a single position", "give a line at least 2 positions")
-    return positions
+def _positions(coords: Any, where: str) -> list[list[float]]:
+    """An array of positions (a line, a ring, a MultiPoint)."""
+    return [_position(p, where) for p in _array(coords, where)]
 
 
-def _polygon(coords: Any, where: str) -> list[list[tuple[float, float]]]:
-    """A Polygon's rings, each closed with at least 4 positions, as JTS (inside QuPath) requires."""
-    return [_ring(ring, where, index) for index, ring in enumerate(_array(coords, where))]
+def _rings(coords: Any, where: str) -> list[list[list[float]]]:
+    """A Polygon's rings."""
+    return [_positions(ring, _ring_label(where, i)) for i, ring in enumerate(_array(coords, where))]
 
 
-def _ring(coords: Any, where: str, index: int) -> list[tuple[float, float]]:
-    """One closed linear ring: first position repeated at the end, at least 4 positions."""
-    label = f"{where} ring {index} ({'exterior' if index == 0 else 'hole'})"
-    positions = [_position(p, label) for p in _array(coords, label)]
-    if len(positions) < 4:
-        raise _Problem(
-            f"{label} has {len(positions)} positions; a closed ring needs at least 4",
-            "list at least 3 distinct corners and repeat the first position at the end",
-        )
-    if positions[0] != positions[-1]:
-        raise _Problem(
-            f"{label} is not closed: it starts at {positions[0]} and ends at {positions[-1]}",
-            "repeat the ring's first position as its last position",
-        )
-    return positions
+def _ring_label(where: str, index: int) -> str:
+    return f"{where} ring {index} ({'exterior' if index == 0 else 'hole'})"
+
+
+def _structure_problem(kind: str, coords: Any, where: str, errors: Any) -> _Problem:
+    """What geojson's ``errors()`` found, told for the first ring or line at fault (JTS inside QuPath fails on
+    the same: a ring must be closed with at least 4 positions, a line needs at least 2)."""
+    if kind in ("Polygon", "MultiPolygon"):
+        polygons = [(where, coords)] if kind == "Polygon" else [
+            (f"{where} polygon {i}", poly) for i, poly in enumerate(coords)]
+        for label, rings in polygons:
+            for index, ring in enumerate(rings):
+                ring_label = _ring_label(label, index)
+                if len(ring) < 4:
+                    return _Problem(
+                        f"{ring_label} has {len(ring)} positions; a closed ring needs at least 4",
+                        "list at least 3 distinct corners and repeat the first position at the end",
+                    )
+                if ring[0] != ring[-1]:
+                    return _Problem(
+                        f"{ring_label} is not closed: it starts at {tuple(ring[0])} and ends at {tuple(ring[-1])}",
+                        "repeat the ring's first position as its last position",
+                    )
+    if kind in ("LineString", "MultiLineString"):
+        lines = [(where, coords)] if kind == "LineString" else [
+            (f"{where} line {i}", line) for i, line in enumerate(coords)]
+        for label, line in lines:
+            if len(line) < 2:
+                return _Problem(f"{label} is a line with {len(line)} position(s)", "give a line at least 2 positions")
+    return _Problem(f"{where} ({kind}) is not valid GeoJSON: {errors}", "fix the geometry's coordinates")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -623,34 +691,66 @@ def _read_zip(file: Path) -> list[QuPathObject]:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def to_feature(obj: QuPathObject) -> dict[str, Any]:
-    """A GeoJSON Feature that QuPath imports without loss.
+def to_feature(obj: QuPathObject, *, children: Sequence[Mapping[str, Any]] = ()) -> geojson.Feature:
+    """A GeoJSON Feature (the ``geojson`` package's) that QuPath imports without loss.
 
     The Feature carries a UUID ``id`` (a new uuid4 when ``obj.object_id`` is None), lower-case ``objectType``,
     a classification that always has its colour, finite float measurements, ``isLocked`` only when locked,
-    metadata only when present, and a geometry with closed, valid rings (an invalid polygon is repaired with
-    ``make_valid`` keeping its polygonal part), coordinates rounded to 3 decimals. Anything QuPath would reject
-    or alter raises :class:`InvalidGeoJSONError` naming the object.
+    metadata only when present, and a valid GeoJSON geometry (checked with geojson's ``errors()``): closed,
+    valid rings (an invalid polygon is repaired with ``make_valid`` keeping its polygonal part), finite
+    coordinates written as they are (level-0 pixels, no rounding; whole numbers as integers, as QuPath writes
+    them). ``children`` (Features, e.g. from ``to_feature``) are nested in ``properties.childObjects``, the only
+    place QuPath reads them. Anything QuPath would reject, alter or drop raises :class:`InvalidGeoJSONError`
+    naming the object.
     """
     try:
         properties = _properties_for(obj)
         geometry = _geometry_for(obj.geometry)
         feature_id = _id_for(obj.object_id)
+        if children:
+            properties[CHILD_OBJECTS] = _children_for(children)
     except _Problem as problem:
         message = f"cannot write {_object_label(obj)}: {problem.problem}. Fix: {problem.fix}."
         raise InvalidGeoJSONError(message) from None
-    return {"type": "Feature", "id": feature_id, "geometry": geometry, "properties": properties}
+    return geojson.Feature(id=feature_id, geometry=geometry, properties=properties)
 
 
-def feature_collection(objects: Iterable[QuPathObject]) -> dict[str, Any]:
-    """``{"type": "FeatureCollection", "features": [...]}``; an error names the index of the bad object."""
+def feature_collection(objects: Iterable[QuPathObject]) -> geojson.FeatureCollection:
+    """``{"type": "FeatureCollection", "features": [...]}`` (geojson's); an error names the index of the bad
+    object."""
     features = []
     for index, obj in enumerate(objects):
         try:
             features.append(to_feature(obj))
         except InvalidGeoJSONError as exc:
             raise InvalidGeoJSONError(f"object {index}: {exc}") from None
-    return {"type": "FeatureCollection", "features": features}
+    return geojson.FeatureCollection(features)
+
+
+def check_qupath_nesting(features: Iterable[Mapping[str, Any]], *, what: str = "feature") -> None:
+    """Refuse features that QuPath would read with loss of their children: a ``childObjects`` beside
+    ``properties`` (at the Feature level, where QuPath 0.6 ignores it silently), at any depth. Raises
+    :class:`InvalidGeoJSONError` naming the feature (``what`` and its index path) and the fix."""
+    for label, feature in _labelled_features(list(features)):
+        try:
+            _check_no_feature_level_children(feature)
+        except _Problem as problem:
+            raise InvalidGeoJSONError(f"cannot write {what} {label}: {problem.problem}. Fix: {problem.fix}.") from None
+
+
+def _children_for(children: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """Child Features as QuPath nests them; a child carrying its own children beside its properties is refused."""
+    result = []
+    for index, child in enumerate(children):
+        if not (isinstance(child, Mapping) and child.get("type") == "Feature"
+                and isinstance(child.get("properties"), Mapping)):
+            raise _Problem(f"child {index} is not a Feature with properties", "build children with to_feature")
+        try:
+            _check_no_feature_level_children(child)
+        except _Problem as problem:
+            raise _Problem(f"child {index} {problem.problem}", problem.fix) from None
+        result.append(child)
+    return result
 
 
 def dumps_feature_collection(objects: Iterable[QuPathObject]) -> str:
@@ -777,26 +877,58 @@ def _polygons_in(geometry: BaseGeometry) -> Iterator[Polygon]:
             yield from _polygons_in(part)
 
 
-def _geometry_for(geometry: BaseGeometry) -> dict[str, Any]:
-    """GeoJSON geometry QuPath reads as intended: 2-D, rounded, polygons valid with closed rings."""
+def _geometry_for(geometry: BaseGeometry) -> geojson.geometry.Geometry | geojson.GeometryCollection:
+    """GeoJSON geometry (geojson's object) QuPath reads as intended: 2-D, finite, polygons valid with closed
+    rings, coordinates not rounded."""
     if not isinstance(geometry, BaseGeometry):
         raise _Problem(f"geometry is {type(geometry).__name__}, not a shapely geometry", "pass a shapely geometry")
     if geometry.is_empty:
         raise _Problem("geometry is empty", "give the object a non-empty geometry")
-    geometry = _rounded(shapely.force_2d(geometry))
     if isinstance(geometry, (Polygon, MultiPolygon)) and not geometry.is_valid:
         geometry = _repaired_polygonal(geometry)
     elif isinstance(geometry, GeometryCollection) and not geometry.is_valid:
         geometry = make_valid(geometry)
-    if geometry.is_empty:
-        raise _Problem("geometry is empty after rounding to 3 decimals", "give the object a larger geometry")
-    geojson: dict[str, Any] = _json_coordinates(mapping(geometry))
-    return geojson
+    plain = _plain_geometry_for(geometry)
+    errors = plain.errors()
+    if errors:
+        raise _Problem(f"the geometry is not valid GeoJSON ({errors})", "give the object a valid geometry")
+    return plain
 
 
-def _rounded(geometry: BaseGeometry) -> BaseGeometry:
-    """Coordinates rounded to a thousandth of a pixel (+0.0 turns -0.0 into 0.0 for tidy output)."""
-    return shapely.transform(geometry, lambda xy: xy.round(_COORDINATE_DECIMALS) + 0.0)
+def _plain_geometry_for(geometry: BaseGeometry) -> geojson.geometry.Geometry | geojson.GeometryCollection:
+    """geojson's object for a shapely geometry, 2-D coordinates as they are (z dropped)."""
+    if isinstance(geometry, Polygon):
+        return _plain_geometry("Polygon", _polygon_coordinates(geometry))
+    if isinstance(geometry, MultiPolygon):
+        return _plain_geometry("MultiPolygon", [_polygon_coordinates(p) for p in geometry.geoms])
+    if isinstance(geometry, GeometryCollection):
+        return geojson.GeometryCollection([_plain_geometry_for(g) for g in geometry.geoms if not g.is_empty])
+    if geometry.geom_type == "Point":
+        return _plain_geometry("Point", _json_positions(geometry)[0])
+    if geometry.geom_type in ("LineString", "LinearRing"):
+        return _plain_geometry("LineString", _json_positions(geometry))
+    if geometry.geom_type == "MultiPoint":
+        return _plain_geometry("MultiPoint", _json_positions(geometry))
+    if geometry.geom_type == "MultiLineString":
+        return _plain_geometry("MultiLineString", [_json_positions(line) for line in geometry.geoms])
+    raise _Problem(f"geometry type {geometry.geom_type} has no GeoJSON form", "give a Polygon or another GeoJSON type")
+
+
+def _polygon_coordinates(polygon: Polygon) -> list[list[list[float]]]:
+    """A polygon's rings (exterior first) as GeoJSON positions."""
+    if not shapely.get_num_interior_rings(polygon):  # a tile: one ring, read in one call
+        return [_json_positions(polygon)]
+    return [_json_positions(polygon.exterior), *(_json_positions(ring) for ring in polygon.interiors)]
+
+
+def _json_positions(geometry: BaseGeometry) -> list[list[float]]:
+    """The geometry's 2-D positions as ``[x, y]`` lists, whole numbers as ints (compact, as QuPath writes them;
+    -0.0 becomes 0). Values are never rounded: QuPath's coordinates are pixels, kept as they are. A NaN or an
+    infinity (which JSON cannot hold) is a _Problem."""
+    xy = shapely.get_coordinates(geometry)
+    if not np.isfinite(xy).all():
+        raise _Problem("geometry has a NaN or infinite coordinate", "give the object finite pixel coordinates")
+    return [[int(x) if x.is_integer() else x, int(y) if y.is_integer() else y] for x, y in xy.tolist()]
 
 
 def _repaired_polygonal(geometry: Polygon | MultiPolygon) -> Polygon | MultiPolygon:
@@ -809,14 +941,3 @@ def _repaired_polygonal(geometry: Polygon | MultiPolygon) -> Polygon | MultiPoly
             "draw the region as a polygon that encloses an area",
         )
     return repaired
-
-
-def _json_coordinates(value: Any) -> Any:
-    """Shapely's mapping with tuples as lists and whole numbers as ints (compact, as QuPath writes them)."""
-    if isinstance(value, dict):
-        return {key: _json_coordinates(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_coordinates(item) for item in value]
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    return value

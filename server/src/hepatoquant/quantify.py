@@ -30,9 +30,11 @@ NO_TILES = "no tile has its centre in this region, so it has no composition (no 
 def assign_tiles(grid: TileGrid, regions: list[Region]) -> np.ndarray:
     """Index into ``regions`` of the region containing each tile's centre, or ``UNASSIGNED`` (-1).
 
-    QuPath's rule: a centre inside several regions (an annotation drawn inside another) goes to the smallest
-    of them, the innermost, as QuPath nests it under the deepest annotation that contains it; equal areas go to
-    the earlier region. A centre exactly on an outline counts as inside.
+    A centre exactly on an outline counts as inside, as in QuPath. Regions should not overlap (user
+    annotations are made disjoint by :mod:`hepatoquant.regions`; segmenter regions and the whole tissue are
+    disjoint by construction), because QuPath resolves overlaps by its own insertion order (the inner one of
+    nested annotations, the larger one of partly overlapping ones): a centre in several regions goes here to
+    the smallest (QuPath's answer for nested ones), equal areas to the earlier region.
     """
     assignment = np.full(len(grid), UNASSIGNED, dtype=np.int64)
     if not len(grid) or not regions:

@@ -150,11 +150,12 @@ def _disjoint(regions: list[Region]) -> tuple[list[Region], list[str]]:
     their areas are equal) and the larger loses it, so that an annotation drawn inside another becomes a hole in
     it.
 
-    Why: QuPath nests a tile under the annotation containing its centre, the innermost where annotations nest,
-    but where two annotations only partly overlap its choice depends on its internal object order (seen with
-    QuPath 0.6.0: neither the smaller, the larger, the earlier nor the later one wins every time). Disjoint
-    regions leave QuPath no choice, so its nesting and our counts agree; the smaller-wins rule is the one
-    QuPath applies to nested annotations.
+    Why: QuPath nests a tile under the annotation containing its centre, but overlapping annotations make that
+    ambiguous in a way our counts could not follow from the annotations alone: its ``resolveHierarchy()``
+    inserts annotations largest first, so a tile in an annotation nested inside another goes to the inner one,
+    while the overlap of two annotations that merely overlap goes to the larger one, and ties of equal area
+    depend on QuPath's internal object order (seen with QuPath 0.6.0's own code). Disjoint regions leave QuPath
+    no choice, so its nesting and our counts agree.
     """
     order = sorted(range(len(regions)), key=lambda i: (regions[i].geometry.area, i))
     taken = None  # union of the regions already kept, smaller ones first
