@@ -33,3 +33,4 @@ benchmark: install
 	$(VENV)/bin/python benchmarks/capacity_model.py
 	$(VENV)/bin/python benchmarks/precision.py
 	$(VENV)/bin/python benchmarks/peer_wsinfer.py
+	$(VENV)/bin/python benchmarks/tissue_qc.py

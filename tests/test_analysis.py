@@ -49,14 +49,14 @@ def test_analysis_of_a_generated_slide_writes_every_output(synthetic_slide: Path
     assert len(regions) == 1 and len(tiles) == n
     assert regions[0].measurements["HQ tiles"] == n
     assert sum(regions[0].measurements[f"{c} tiles"] for c in result.classes) == n
-    assert set(tiles[0].measurements) == {f"prob_{c}" for c in result.classes}
+    assert set(tiles[0].measurements) == {f"prob_{c}" for c in result.classes} | {"HQ focus", "HQ tissue fraction"}
     # The untrained status travels with every object into QuPath.
     assert tiles[0].metadata["model_status"] == regions[0].metadata["model_status"] == "untrained-demo"
     first_box = tiles[0].geometry.bounds
     assert first_box[2] - first_box[0] == pytest.approx(150.0, abs=0.01)  # 75 um at 0.5 um/px
 
     report = json.loads(paths.report.read_text())
-    assert report["report_schema_version"] == "2.0"
+    assert report["report_schema_version"] == "2.1"
     assert report["model_status"] == "untrained-demo"
     assert "Research use only" in report["notice"]
     assert report["slide"]["mpp_um_px"] == 0.5 and report["slide"]["mpp_source"] == "metadata"

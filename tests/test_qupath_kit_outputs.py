@@ -109,19 +109,22 @@ def test_qupath_reads_every_object(run) -> None:
     regions = report["composition"]["regions"]
     tiles = report["tiles"]["count"]
     assert tiles > 0 and regions
-    assert qupath["objects"] == len(regions) + tiles
-    assert qupath["by_type"] == {"annotation": len(regions), run["tile_type"]: tiles}
+    artefacts = len(report["artefacts"])
+    assert qupath["objects"] == len(regions) + artefacts + tiles
+    assert qupath["by_type"] == {"annotation": len(regions) + artefacts, run["tile_type"]: tiles}
 
 
 def test_qupath_nests_each_tile_under_the_region_that_counts_it(run) -> None:
     report, hierarchy = run["report"], run["qupath"]["hierarchy"]
-    nested = {entry["name"]: entry for entry in hierarchy["by_annotation"]}
+    nested = {entry["name"]: entry for entry in hierarchy["by_annotation"] if not entry["class"].startswith("HQ Artefact")}
     assert len(nested) == len(report["composition"]["regions"]), "region names must be unique"
     for region in report["composition"]["regions"]:
         entry = nested["HepatoQuant: " + region["name"]]
         by_class = {QUPATH_NAME[code]: n for code, n in region["class_tiles"].items() if n}
-        assert entry["children"] == region["tile_count"] == entry["measurements"]["HQ tiles"], (run["name"], region["name"])
-        assert entry["children_by_class"] == by_class, (run["name"], region["name"])
+        nested_tiles = sum(n for kind, n in entry["children_by_type"].items() if kind != "annotation")
+        assert nested_tiles == region["tile_count"] == entry["measurements"]["HQ tiles"], (run["name"], region["name"])
+        tile_classes = {name: n for name, n in entry["children_by_class"].items() if not name.startswith("HQ Artefact")}
+        assert tile_classes == by_class, (run["name"], region["name"])
         for code, count in region["class_tiles"].items():
             assert entry["measurements"][f"{code} tiles"] == count
     outside = report["tiles"]["outside_regions"]["count"]

@@ -24,6 +24,7 @@ __all__ = [
     "tiles_measurement",
     "tile_object",
     "region_object",
+    "artefact_object",
     "is_hepatoquant_object",
 ]
 
@@ -32,6 +33,11 @@ REGION_NAME_PREFIX = "HepatoQuant: "
 TILE_COUNT_MEASUREMENT = "HQ tiles"
 TILE_AREA_MEASUREMENT = "HQ tile area mm^2"
 REGION_AREA_MEASUREMENT = "HQ region area mm^2"
+FOCUS_MEASUREMENT = "HQ focus"  # the tile's focus score (variance of the Laplacian)
+TISSUE_FRACTION_MEASUREMENT = "HQ tissue fraction"  # share of the tile on detected tissue, 0-1
+ARTEFACT_CLASS = "HQ Artefact"
+ARTEFACT_COLOUR = (40, 40, 40)
+ARTEFACT_AREA_MEASUREMENT = "HQ artefact area mm^2"
 
 
 def probability_measurement(code: str) -> str:
@@ -58,8 +64,12 @@ def tile_object(
     *,
     object_type: str = "detection",
     model_status: str | None = None,
+    quality: Mapping[str, float] | None = None,
 ) -> QuPathObject:
-    """A square tile as a QuPath detection (or ``tile``) classified by its most probable tissue class."""
+    """A square tile as a QuPath detection (or ``tile``) classified by its most probable tissue class.
+
+    ``quality``: the tile's quality measurements (``HQ focus``, ``HQ tissue fraction``), shown beside its
+    probabilities."""
     if object_type not in ("detection", "tile"):
         raise ValueError(f"tile object type must be 'detection' or 'tile', not {object_type!r}")
     cls = tissue_class(predicted_code)
@@ -68,8 +78,26 @@ def tile_object(
         object_type=object_type,
         class_names=(cls.qupath_name,),
         color_rgb=cls.color_rgb,
-        measurements={probability_measurement(code): float(p) for code, p in probabilities.items()},
+        measurements={
+            **{probability_measurement(code): float(p) for code, p in probabilities.items()},
+            **{name: float(value) for name, value in (quality or {}).items()},
+        },
         metadata=_metadata("tile", model_status=model_status),
+    )
+
+
+def artefact_object(geometry: BaseGeometry, kind: str, *, area_mm2: float) -> QuPathObject:
+    """An area HepatoQuant left out as an artefact (pen ink, a fold, ...), as an annotation of the derived class
+    ``HQ Artefact: <kind>`` that a pathologist can see, edit or delete. It is ours (a re-run replaces it) and it
+    is not a region: it carries no composition."""
+    return QuPathObject(
+        geometry=geometry,
+        object_type="annotation",
+        class_names=(ARTEFACT_CLASS, kind),
+        color_rgb=ARTEFACT_COLOUR,
+        name=f"{REGION_NAME_PREFIX}{kind} artefact",
+        measurements={ARTEFACT_AREA_MEASUREMENT: float(area_mm2)},
+        metadata=_metadata("artefact"),
     )
 
 

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import time
 from collections.abc import Callable
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 import shapely
 from hepatoquant_client.classes import TISSUE_CLASS_CODES
+from hepatoquant_client.qupath_geojson import polygonal_part
 
 from hepatoquant.classify import choose_device, load_classifier, predict_batches
 from hepatoquant.errors import InvalidParameterError, ModelPackError, NoTissueError
@@ -24,7 +26,13 @@ from hepatoquant.encoders import encoder_config
 from hepatoquant.model_pack import ModelPack
 from hepatoquant.precision import resolve_precision
 from hepatoquant.quantify import UNASSIGNED, Composition, assign_tiles, quantify
-from hepatoquant.regions import DEFAULT_TUMOUR_CLASS_NAMES, Region, regions_from_geojson, whole_tissue_region
+from hepatoquant.regions import (
+    DEFAULT_TUMOUR_CLASS_NAMES,
+    Region,
+    artefacts_from_geojson,
+    regions_from_geojson,
+    whole_tissue_region,
+)
 from hepatoquant.segmentation.inference import SegmentationMap, SlidingWindowParams, segment_slide
 from hepatoquant.slide import Slide, SlideInfo
 from hepatoquant.tile_reader import iter_tile_batches
@@ -53,12 +61,20 @@ class AnalysisOptions:
     tile_object_type: str = "detection"
     windows: SlidingWindowParams = field(default_factory=SlidingWindowParams)
     precision: str = "auto"  # see hepatoquant.precision
+    # Tiles whose focus score (tile_reader.focus_score) is below this are left out of the composition and
+    # counted as excluded (blur); 0 keeps every tile. Measured on 60 tiles each of CMU-1-Small-Region and the
+    # TCGA slide at 150 px: in focus, 5th percentile 697 / 214 (lowest of all their tiles 449 / 62); the same
+    # tiles Gaussian-blurred by sigma 2 px, 95th percentile 45 / 25; sigma 4, 5 / 4. 50 lies between.
+    min_focus: float = 50.0
+    keep_artefacts: bool = False  # True: tiles touching detected artefacts (pen, ...) are analysed too
 
     def __post_init__(self) -> None:
         if not 1 <= self.batch_size <= 4096:
             raise InvalidParameterError(f"batch size {self.batch_size} is outside 1..4096")
         if not 1 <= self.num_workers <= 64:
             raise InvalidParameterError(f"reader workers {self.num_workers} is outside 1..64")
+        if not 0.0 <= self.min_focus <= 1e6:
+            raise InvalidParameterError(f"minimum focus {self.min_focus} is outside 0..1e6 (0 keeps every tile)")
         if self.tile_object_type not in ("detection", "tile"):
             raise InvalidParameterError(
                 f"tile object type {self.tile_object_type!r} must be 'detection' or 'tile'"
@@ -86,6 +102,8 @@ class AnalysisResult:
     segmenter: dict | None = None  # the segmenter pack's summary when it made the regions
     segmentation: SegmentationMap | None = None
     precision: str = "fp32"  # the classifier's resolved precision (fp32, bf16, fp16)
+    focus: np.ndarray | None = None  # (tiles,) focus score of each kept tile
+    excluded_tiles: dict[str, int] = field(default_factory=dict)  # reason (artefact kind, "blur") -> tiles left out
 
     @property
     def predicted_class(self) -> np.ndarray:
@@ -216,6 +234,14 @@ def analyze_slide(
             tumour_class_names=options.tumour_class_names,
         )
         warnings += region_warnings
+        reviewed = artefacts_from_geojson(options.regions_path, (slide_info.width_px, slide_info.height_px))
+        if reviewed:
+            tissue = dataclasses.replace(tissue, artefacts=_merged(tissue.artefacts, reviewed))
+            warnings.append(
+                "artefact annotations in the regions file are left out as well: "
+                + ", ".join(f"{kind} ({geometry.area * slide_info.mpp_um_px**2 / 1e6:.3f} mm^2)"
+                            for kind, geometry in reviewed.items())
+            )
         if segmenter is not None:
             warnings.append(f"regions given with --regions: the segmenter {segmenter.name!r} was not used")
             segmenter = None
@@ -240,6 +266,9 @@ def analyze_slide(
     grid = build_tile_grid(
         (slide_info.width_px, slide_info.height_px), slide_info.mpp_um_px, tissue, options.tile, restrict_to
     )
+    excluded: dict[str, int] = {}
+    if not options.keep_artefacts:
+        grid, excluded = _without_artefacts(grid, tissue.artefacts)
     timings["tiling"] = time.perf_counter() - started
     if not len(grid):
         where = "inside the given regions" if options.regions_path is not None else "on the slide"
@@ -264,12 +293,19 @@ def analyze_slide(
     )
     batches = iter_tile_batches(
         slide_path, grid, out_size_px=pack.input_size_px, batch_size=options.batch_size,
-        num_workers=options.num_workers,
+        num_workers=options.num_workers, focus_px=options.tile.tile_size_px,
     )
+    focus = np.empty(len(grid), dtype=np.float32)
+
+    def noting_focus(tile_batches):
+        for batch in tile_batches:
+            focus[batch.start : batch.start + len(batch)] = batch.focus
+            yield batch
+
     done = 0
     with contextlib.closing(batches):  # reader threads and slide handles end even when a batch fails
-        for prediction in predict_batches(model, batches, device, keep_embeddings=options.keep_embeddings,
-                                          precision=precision):
+        for prediction in predict_batches(model, noting_focus(batches), device,
+                                          keep_embeddings=options.keep_embeddings, precision=precision):
             stop = prediction.start + len(prediction.probabilities)
             probabilities[prediction.start : stop] = prediction.probabilities
             if embeddings is not None and prediction.embeddings is not None:
@@ -277,6 +313,18 @@ def analyze_slide(
             done += len(prediction.probabilities)
             report_progress("tiles", done, len(grid))
     timings["classification"] = time.perf_counter() - started
+    sharp = focus >= options.min_focus
+    if not sharp.all():
+        excluded["blur"] = int((~sharp).sum())
+        grid, probabilities, focus = grid.subset(sharp), probabilities[sharp], focus[sharp]
+        embeddings = embeddings[sharp] if embeddings is not None else None
+    if excluded:
+        warnings.append(
+            "tiles left out of the composition: "
+            + ", ".join(f"{n} on {reason}" if reason != "blur" else f"{n} out of focus (focus score below "
+                        f"{options.min_focus:g})" for reason, n in excluded.items())
+            + " (--keep-artefacts, --min-focus 0 keep them)"
+        )
 
     started = time.perf_counter()
     assignment = assign_tiles(grid, regions)
@@ -309,4 +357,34 @@ def analyze_slide(
         warnings=warnings,
         segmenter=segmenter.summary() if segmentation is not None and segmenter is not None else None,
         segmentation=segmentation,
+        focus=focus,
+        excluded_tiles=excluded,
     )
+
+
+def _merged(detected: dict, reviewed: dict) -> dict:
+    """Artefacts by kind: what was detected and what the regions file marks, united."""
+    kinds = dict.fromkeys([*detected, *reviewed])
+    return {
+        kind: polygonal_part(shapely.union_all([g for g in (detected.get(kind), reviewed.get(kind)) if g is not None]))
+        for kind in kinds
+    }
+
+
+def _without_artefacts(grid: TileGrid, artefacts: dict) -> tuple[TileGrid, dict[str, int]]:
+    """The grid without tiles that touch an artefact (pen ink, ...), and how many each kind took away: a tile
+    partly on ink would be classified on ink. The first kind touching a tile counts it."""
+    excluded: dict[str, int] = {}
+    if not len(grid) or not artefacts:
+        return grid, excluded
+    boxes = grid.boxes()
+    keep = np.ones(len(grid), dtype=bool)
+    for kind, geometry in artefacts.items():
+        if geometry is None or geometry.is_empty:
+            continue
+        shapely.prepare(geometry)
+        touching = keep & shapely.intersects(geometry, boxes) & ~shapely.touches(geometry, boxes)
+        if touching.any():
+            excluded[kind] = int(touching.sum())
+            keep &= ~touching
+    return grid.subset(keep), excluded

@@ -52,6 +52,10 @@ def _build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--tissue-threshold", type=int, default=None, help="fixed saturation threshold 0-255 (default: Otsu)")
     analyze.add_argument("--tumour-classes", default=None, help="comma-separated QuPath class names that mark tumour regions")
     analyze.add_argument("--tile-object", choices=("detection", "tile"), default="detection", help="QuPath object type of tiles")
+    analyze.add_argument("--min-focus", type=float, default=50.0,
+                         help="leave out tiles whose focus score (variance of the Laplacian) is below this; 0 keeps all")
+    analyze.add_argument("--keep-artefacts", action="store_true",
+                         help="also analyse tiles touching detected artefacts (pen ink, ...); by default they are left out")
     analyze.add_argument("--batch-size", type=int, default=32)
     analyze.add_argument("--workers", type=int, default=2, help="parallel tile readers")
     analyze.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -273,6 +277,8 @@ def _analyze(args: argparse.Namespace) -> int:
         tile_object_type=args.tile_object,
         windows=SlidingWindowParams(overlap=args.window_overlap, num_workers=args.workers),
         precision=args.precision,
+        min_focus=args.min_focus,
+        keep_artefacts=args.keep_artefacts,
     )
     with progress_bar(console, disabled=args.no_progress) as on_progress:
         result = analyze_slide(args.slide, pack, options, segmenter=segmenter, progress=on_progress)

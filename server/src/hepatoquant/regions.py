@@ -13,13 +13,19 @@ from pathlib import Path
 
 import shapely
 from hepatoquant_client.classes import NON_TUMOUR_REGION, TUMOUR_REGION, WHOLE_TISSUE_REGION
-from hepatoquant_client.hepatoquant_objects import is_hepatoquant_object
+from hepatoquant_client.hepatoquant_objects import ARTEFACT_CLASS, is_hepatoquant_object
 from hepatoquant_client.qupath_geojson import polygonal_part, read_qupath_geojson
 from shapely.geometry import MultiPolygon, Polygon, box
 
 from hepatoquant.errors import RegionsError
 
-__all__ = ["Region", "DEFAULT_TUMOUR_CLASS_NAMES", "regions_from_geojson", "whole_tissue_region"]
+__all__ = [
+    "Region",
+    "DEFAULT_TUMOUR_CLASS_NAMES",
+    "artefacts_from_geojson",
+    "regions_from_geojson",
+    "whole_tissue_region",
+]
 
 DEFAULT_TUMOUR_CLASS_NAMES: tuple[str, ...] = (
     "Tumor", "Tumour", "Tumor region", "Tumour region", TUMOUR_REGION.qupath_name, "Metastasis", "HCC", "TUM",
@@ -185,3 +191,27 @@ def _disjoint(regions: list[Region]) -> tuple[list[Region], list[str]]:
             + (" ..." if len(emptied) > 5 else "")
         )
     return [kept[i] for i in range(len(regions)) if i in kept], warnings
+
+
+def artefacts_from_geojson(path: str | Path, slide_size_px: tuple[int, int]) -> dict[str, MultiPolygon]:
+    """The ``HQ Artefact: <kind>`` annotations of a QuPath GeoJSON file (HepatoQuant's own, as a pathologist kept,
+    redrew or added them), by kind, clipped to the slide: fed back with ``--regions`` they are left out like the
+    artefacts HepatoQuant detects. They are never regions (:func:`regions_from_geojson` skips them)."""
+    slide_box = box(0, 0, *slide_size_px)
+    parts: dict[str, list] = {}
+    for obj in read_qupath_geojson(path):
+        if obj.object_type != "annotation" or obj.class_names[:1] != (ARTEFACT_CLASS,):
+            continue
+        geometry = polygonal_part(obj.geometry)
+        geometry = polygonal_part(shapely.intersection(geometry, slide_box)) if geometry is not None else None
+        if geometry is not None:
+            kind = obj.class_names[1] if len(obj.class_names) > 1 else "artefact"
+            parts.setdefault(kind, []).append(geometry)
+    return {kind: _as_multipolygon(shapely.union_all(geometries)) for kind, geometries in parts.items()}
+
+
+def _as_multipolygon(geometry) -> MultiPolygon:
+    part = polygonal_part(geometry)
+    if part is None:
+        return MultiPolygon()
+    return part if isinstance(part, MultiPolygon) else MultiPolygon([part])

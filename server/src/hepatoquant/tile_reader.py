@@ -21,15 +21,25 @@ from hepatoquant.errors import InvalidParameterError
 from hepatoquant.slide import Slide
 from hepatoquant.tiling import TileGrid
 
-__all__ = ["TileBatch", "iter_tile_batches"]
+__all__ = ["TileBatch", "focus_score", "iter_tile_batches"]
+
+
+def focus_score(tile_rgb: np.ndarray) -> float:
+    """Variance of the Laplacian of the tile's grey levels, on the tile at its own resolution (150 px at
+    0.5 um/px by default, before any resizing for the model, so that one threshold fits every pack): high for
+    sharp detail, low for out-of-focus or smeared tissue. Thresholds: see ``AnalysisOptions.min_focus``."""
+    grey = cv2.cvtColor(tile_rgb, cv2.COLOR_RGB2GRAY)
+    return float(cv2.Laplacian(grey, cv2.CV_32F).var())
 
 
 @dataclass(frozen=True)
 class TileBatch:
-    """Tiles ``start`` to ``start + len(pixels)`` of the grid as RGB uint8 (batch, height, width, 3)."""
+    """Tiles ``start`` to ``start + len(pixels)`` of the grid as RGB uint8 (batch, height, width, 3), and each
+    tile's focus score (:func:`focus_score`) where the reader computed it."""
 
     start: int
     pixels: np.ndarray
+    focus: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.pixels.shape[0])
@@ -97,20 +107,26 @@ def iter_tile_batches(
     batch_size: int = 32,
     num_workers: int = 2,
     prefetch_batches: int | None = None,
+    focus_px: int | None = None,
 ) -> Iterator[TileBatch]:
     """The grid's tiles in order, ``batch_size`` at a time, each resized to ``out_size_px`` square.
 
+    With ``focus_px`` each tile is read at that size first (its defined resolution, e.g. 150 px at 0.5 um/px),
+    scored there (:func:`focus_score`, in ``TileBatch.focus``) and then resized to ``out_size_px``; without, it
+    is read straight at ``out_size_px`` (segmentation windows) and not scored.
     Arguments are checked here, at the call; reading starts when the returned iterator is first advanced.
     """
     if batch_size < 1 or num_workers < 1 or (prefetch_batches is not None and prefetch_batches < 1):
         raise InvalidParameterError(
             f"batch size ({batch_size}), workers ({num_workers}) and prefetch ({prefetch_batches}) must be >= 1"
         )
-    return _read_batches(Path(slide_path), grid, out_size_px, batch_size, num_workers, prefetch_batches or num_workers + 1)
+    return _read_batches(Path(slide_path), grid, out_size_px, batch_size, num_workers, prefetch_batches or num_workers + 1,
+                         focus_px)
 
 
 def _read_batches(
-    slide_path: Path, grid: TileGrid, out_size_px: int, batch_size: int, num_workers: int, in_flight_limit: int
+    slide_path: Path, grid: TileGrid, out_size_px: int, batch_size: int, num_workers: int, in_flight_limit: int,
+    focus_px: int | None,
 ) -> Iterator[TileBatch]:
     slides = _ThreadLocalSlides(slide_path)
     size = grid.size_level0_px
@@ -119,10 +135,21 @@ def _read_batches(
         slide = slides.get()
         stop = min(start + batch_size, len(grid))
         pixels = np.empty((stop - start, out_size_px, out_size_px, 3), dtype=np.uint8)
+        focus = np.empty(stop - start, dtype=np.float32) if focus_px else None
         for row, index in enumerate(range(start, stop)):
             location = (grid.x_level0_px[index], grid.y_level0_px[index])
-            pixels[row] = slide.read_scaled(location, (size, size), (out_size_px, out_size_px))
-        return TileBatch(start, pixels)
+            if focus is None:
+                pixels[row] = slide.read_scaled(location, (size, size), (out_size_px, out_size_px))
+                continue
+            # The tile at its defined resolution (HepatoBench's 150 px at 20x), then the model's input size, as
+            # the benchmark's patches were made; the focus score is taken before that resize, in these threads.
+            tile = slide.read_scaled(location, (size, size), (focus_px, focus_px))
+            focus[row] = focus_score(tile)
+            pixels[row] = tile if focus_px == out_size_px else cv2.resize(
+                tile, (out_size_px, out_size_px),
+                interpolation=cv2.INTER_LINEAR if out_size_px > focus_px else cv2.INTER_AREA,
+            )
+        return TileBatch(start, pixels, focus)
 
     starts = iter(range(0, len(grid), batch_size))
     pending: deque[Future[TileBatch]] = deque()

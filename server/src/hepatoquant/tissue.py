@@ -1,15 +1,33 @@
-"""Tissue detection on a low-resolution overview, in the spirit of CLAM and WSInfer.
+"""Tissue and pen-ink detection on a low-resolution overview (8 um/px by default), in the spirit of CLAM and WSInfer.
 
-H&E tissue is coloured (saturated) while glass, background and most scanner artefacts are grey: a saturation
-threshold (Otsu's, with a floor so that a blank slide's noise never counts as tissue) separates them, then
-morphology and area filters in physical units (um^2) remove dust and fill small holes. The mask and the tissue
-polygons are returned; polygons are in level-0 pixel coordinates.
+H&E tissue is coloured (saturated) while glass, background and most scanner artefacts are grey. Three steps:
+
+1. **Pen ink** (blue, green, red and black markers, blobs and lines) is found first, by colour classes in HSV as
+   the published deephistopath / histolab pen filters do, with hysteresis so that a stroke is followed across
+   tissue: *cores* are pixels of an ink hue with high saturation (blue 190-250 deg, green 100-190 deg, red
+   350-12 deg; H&E lies at 250-350 deg) or neutral and dark (black ink: dark but, unlike dense tissue, grey);
+   a core grows into the connected pixels of the same kind at lower saturation (the ink's fading edges, ink
+   over tissue), and strokes smaller than ``min_pen_area_um2`` (dust) are dropped. The ink is widened by
+   ``pen_margin_um`` and returned as the ``"pen"`` artefact.
+2. **Tissue** is saturation above a threshold computed on the pixels that are *not* ink (so strongly coloured
+   ink cannot pull it up): Otsu's threshold, but never above the glass's own saturation plus
+   ``faint_margin`` (so pale, thin or under-stained tissue, which Otsu puts with the glass when dense tissue is
+   present, is kept), and never below ``min_saturation`` (so a blank slide's noise is not tissue). Pixels
+   brighter than ``max_brightness`` in every channel are glass.
+3. Morphology and area filters in physical units (um^2) remove dust and fill small holes; the ink is taken out
+   of the tissue last, so tissue never includes pen.
+
+The mask, the tissue polygons and the artefact polygons are returned; polygons are in level-0 pixel coordinates.
+Library filters (histolab, TIAToolbox) were not used: neither installs against this project's pins
+(histolab 0.7.0 needs numpy <= 1.24.4, Pillow < 11, scikit-image < 0.19.4; TIAToolbox 1.x needs numpy < 2.4.4,
+opencv < 5, scikit-learn < 1.9, shapely <= 2.1.2, torch < 2.13). Accuracy is measured on real-texture QC slides
+(``hepatoquant.qc_slides``) in ``benchmarks/tissue_qc.py``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import cv2
 import numpy as np
@@ -27,6 +45,8 @@ __all__ = [
     "TissueMask",
     "detect_tissue",
     "tissue_mask_from_rgb",
+    "tissue_and_artefacts_from_rgb",
+    "pen_mask_from_rgb",
     "mask_to_polygons",
     "pixel_edge_polygons",
 ]
@@ -36,16 +56,24 @@ __all__ = [
 class TissueDetectionParams:
     """Tissue detection settings; areas in um^2, spacing in um/px.
 
-    ``saturation_threshold`` (0-255) fixes the threshold; ``None`` lets Otsu choose it per slide, never below
-    ``min_saturation`` (0-255) so that faint noise on empty glass is not tissue.
+    ``saturation_threshold`` (0-255) fixes the threshold; ``None`` lets Otsu choose it per slide on the pixels
+    that are not ink, never above the glass's saturation + ``faint_margin`` (faint tissue stays tissue) and never
+    below ``min_saturation`` (0-255) so that faint noise on empty glass is not tissue.
+
+    ``detect_pen`` finds pen ink (``"pen"`` artefact, taken out of the tissue); ink strokes smaller than
+    ``min_pen_area_um2`` are left alone (dust), and the ink found is widened by ``pen_margin_um``.
     """
 
     spacing_um_px: float = 8.0
     saturation_threshold: int | None = None
-    min_saturation: int = 20
+    min_saturation: int = 12
     max_brightness: int = 250  # pixels brighter than this in every channel are glass, whatever their hue
     min_object_area_um2: float = 20_000.0  # about a 140 um square: smaller specks are dust or debris
     min_hole_area_um2: float = 5_000.0  # smaller holes (vessels, fat droplets) stay tissue
+    faint_margin: int = 10  # tissue threshold at most this far above the glass's saturation (0-255)
+    detect_pen: bool = True
+    min_pen_area_um2: float = 10_000.0  # a 100 um square: smaller dark or coloured specks are dust, not ink
+    pen_margin_um: float = 0.0  # the ink's outline is widened by this much (its fading edge, mixed pixels)
 
     def __post_init__(self) -> None:
         if not 1.0 <= self.spacing_um_px <= 64.0:
@@ -56,6 +84,14 @@ class TissueDetectionParams:
             raise InvalidParameterError(f"saturation threshold {self.saturation_threshold} is outside 0..255")
         if self.min_object_area_um2 < 0 or self.min_hole_area_um2 < 0:
             raise InvalidParameterError("minimum object and hole areas must be >= 0 um^2")
+        if not 0 <= self.min_saturation <= 255:
+            raise InvalidParameterError(f"minimum saturation {self.min_saturation} is outside 0..255")
+        if not 0 <= self.faint_margin <= 255:
+            raise InvalidParameterError(f"faint-tissue margin {self.faint_margin} is outside 0..255")
+        if self.min_pen_area_um2 < 0:
+            raise InvalidParameterError(f"minimum pen area {self.min_pen_area_um2} um^2 must be >= 0")
+        if not 0 <= self.pen_margin_um <= 500:
+            raise InvalidParameterError(f"pen margin {self.pen_margin_um} um is outside 0..500 um")
 
 
 @dataclass(frozen=True)
@@ -64,6 +100,10 @@ class TissueMask:
 
     ``downsample`` is level-0 pixels per mask pixel: mask pixel (i, j) covers level-0 x in
     [j * downsample, (j + 1) * downsample).
+
+    ``artefacts`` maps an artefact kind (``"pen"``: ink of any colour, marker lines included) to its polygons in
+    level-0 pixels, and ``artefact_masks`` to its boolean mask (same shape as ``mask``); ``mask`` and
+    ``polygons`` exclude them.
     """
 
     mask: np.ndarray
@@ -72,6 +112,9 @@ class TissueMask:
     polygons: MultiPolygon
     saturation_threshold: int
     overview_rgb: np.ndarray  # the overview the mask was computed on, kept for overlays
+    # Areas left out of the tissue, by kind ("pen", ...): polygons in level-0 pixels and masks like ``mask``.
+    artefacts: dict[str, MultiPolygon] = field(default_factory=dict)
+    artefact_masks: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def tissue_fraction(self) -> float:
@@ -84,16 +127,80 @@ class TissueMask:
 def tissue_mask_from_rgb(
     rgb: np.ndarray, spacing_um_px: float, params: TissueDetectionParams
 ) -> tuple[np.ndarray, int]:
-    """Tissue mask (bool, same height and width as ``rgb``) and the saturation threshold that was used."""
+    """Tissue mask (bool, same height and width as ``rgb``; ink excluded) and the saturation threshold used."""
+    mask, threshold, _ = tissue_and_artefacts_from_rgb(rgb, spacing_um_px, params)
+    return mask, threshold
+
+
+# Ink classes on OpenCV's hue scale (degrees / 2). H&E (eosin pink to haematoxylin purple) lies at 250-350 deg,
+# DAB brown at 15-40 deg; ink hues are outside those bands.
+_GREEN_HUE = (50, 95)  # 100-190 deg (olive / yellowish tissue tints lie below)
+_BLUE_HUE = (95, 125)  # 190-250 deg
+_RED_HUE_LOW, _RED_HUE_HIGH = 6, 175  # <= 12 deg or >= 350 deg
+# Saturation a core pixel of each ink needs, and that its fading edge / ink over tissue still has (0-255).
+_CORE_SATURATION = {"green": 60, "blue": 90, "red": 120}
+_EDGE_SATURATION = {"green": 30, "blue": 30, "red": 60}  # red: pale DAB brown / eosin reaches 0-12 deg
+# Black ink: dark and grey at its core (dense tissue is as dark only where strongly coloured), dark at its edge.
+_BLACK_CORE = (100, 80)  # value below, saturation below
+_BLACK_EDGE = (110, 130)  # value below, saturation below (a dense fold next to black ink is not ink)
+
+
+def pen_mask_from_rgb(rgb: np.ndarray, spacing_um_px: float, params: TissueDetectionParams) -> np.ndarray:
+    """Pen ink of any common colour (blue, green, red, black) on an overview: boolean, same height and width."""
+    hsv = cv2.cvtColor(cv2.medianBlur(rgb, 3), cv2.COLOR_RGB2HSV)
+    hue, sat, val = hsv[..., 0], hsv[..., 1], hsv[..., 2]
+    classes = {
+        "green": (hue >= _GREEN_HUE[0]) & (hue < _GREEN_HUE[1]),
+        "blue": (hue >= _BLUE_HUE[0]) & (hue < _BLUE_HUE[1]),
+        "red": (hue <= _RED_HUE_LOW) | (hue >= _RED_HUE_HIGH),
+    }
+    ink = np.zeros(hue.shape, dtype=bool)
+    for colour, in_class in classes.items():
+        ink |= _grow(in_class & (sat >= _CORE_SATURATION[colour]), in_class & (sat >= _EDGE_SATURATION[colour]))
+    black_core = (val < _BLACK_CORE[0]) & (sat < _BLACK_CORE[1])
+    ink |= _grow(black_core, (val < _BLACK_EDGE[0]) & (sat < _BLACK_EDGE[1]))
+    px_area_um2 = spacing_um_px**2
+    ink = _remove_small_components(ink, params.min_pen_area_um2 / px_area_um2)
+    margin_px = int(round(params.pen_margin_um / spacing_um_px))
+    if margin_px > 0 and ink.any():
+        kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * margin_px + 1, 2 * margin_px + 1))
+        ink = cv2.dilate(ink.astype(np.uint8), kernel).astype(bool)
+    if ink.any():  # small gaps inside a stroke (tissue texture under the ink) are ink too
+        ink = ~_remove_small_components(~ink, params.min_hole_area_um2 / px_area_um2)
+    return ink
+
+
+def _grow(core: np.ndarray, extent: np.ndarray) -> np.ndarray:
+    """The 8-connected components of ``extent | core`` that hold at least one ``core`` pixel (hysteresis)."""
+    if not core.any():
+        return np.zeros(core.shape, dtype=bool)
+    count, labels = cv2.connectedComponents((extent | core).astype(np.uint8), connectivity=8)
+    keep = np.zeros(count, dtype=bool)
+    keep[np.unique(labels[core])] = True
+    keep[0] = False
+    return keep[labels]
+
+
+def tissue_and_artefacts_from_rgb(
+    rgb: np.ndarray, spacing_um_px: float, params: TissueDetectionParams
+) -> tuple[np.ndarray, int, dict[str, np.ndarray]]:
+    """Tissue mask (ink excluded), the saturation threshold used, and the artefact masks by kind."""
+    pen = pen_mask_from_rgb(rgb, spacing_um_px, params) if params.detect_pen else np.zeros(rgb.shape[:2], bool)
     hsv = cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV)
     saturation = cv2.medianBlur(hsv[..., 1], 5)
+    bright = np.all(rgb > params.max_brightness, axis=-1)
     if params.saturation_threshold is not None:
         threshold = params.saturation_threshold
     else:
-        otsu, _ = cv2.threshold(saturation, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
-        threshold = max(int(otsu), params.min_saturation)
-    mask = saturation > threshold
-    mask &= ~np.all(rgb > params.max_brightness, axis=-1)
+        considered = saturation[~pen & ~bright]
+        if considered.size == 0:
+            considered = saturation.ravel()
+        otsu, _ = cv2.threshold(considered.reshape(1, -1), 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+        # the glass: the pixels Otsu puts below its threshold; faint tissue is anything clearly above them
+        below = considered[considered <= otsu]
+        glass_level = int(np.median(below)) if below.size else 0
+        threshold = max(min(int(otsu), glass_level + params.faint_margin), params.min_saturation)
+    mask = (saturation > threshold) & ~bright & ~pen
 
     # Close small gaps, then drop specks and fill holes below the area limits (in pixels of this raster).
     kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (3, 3))
@@ -101,7 +208,10 @@ def tissue_mask_from_rgb(
     px_area_um2 = spacing_um_px**2
     mask = _remove_small_components(mask, params.min_object_area_um2 / px_area_um2)
     mask = ~_remove_small_components(~mask, params.min_hole_area_um2 / px_area_um2)
-    return mask, threshold
+    if pen.any():  # ink is never tissue; slivers the ink cut off are dropped like dust
+        mask = _remove_small_components(mask & ~pen, params.min_object_area_um2 / px_area_um2)
+    artefacts = {"pen": pen} if params.detect_pen else {}
+    return mask, threshold, artefacts
 
 
 def _remove_small_components(mask: np.ndarray, min_area_px: float) -> np.ndarray:
@@ -195,7 +305,7 @@ def detect_tissue(slide: Slide, params: TissueDetectionParams = TissueDetectionP
     """Detect tissue on an overview of ``slide`` read at ``params.spacing_um_px`` (never at full size)."""
     spacing = max(params.spacing_um_px, slide.mpp_um_px)
     overview = slide.read_overview(spacing)
-    mask, threshold = tissue_mask_from_rgb(overview, spacing, params)
+    mask, threshold, artefact_masks = tissue_and_artefacts_from_rgb(overview, spacing, params)
     # Overview pixel (i, j) covers level-0 [j * s, (j + 1) * s) with s = spacing / MPP, on both axes (its sides
     # are truncated to whole pixels, so width / overview width would overstate s and push y off the slide).
     downsample = spacing / slide.mpp_um_px
@@ -206,4 +316,7 @@ def detect_tissue(slide: Slide, params: TissueDetectionParams = TissueDetectionP
         polygons=pixel_edge_polygons(mask, downsample),  # pixel edges: the polygons' area is the mask's
         saturation_threshold=threshold,
         overview_rgb=overview,
+        # Only kinds found on this slide: a report, an overlay or QuPath never lists an empty artefact.
+        artefacts={kind: pixel_edge_polygons(m, downsample) for kind, m in artefact_masks.items() if m.any()},
+        artefact_masks=artefact_masks,
     )

@@ -6,7 +6,13 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
-from hepatoquant_client.hepatoquant_objects import region_object, tile_object
+from hepatoquant_client.hepatoquant_objects import (
+    FOCUS_MEASUREMENT,
+    TISSUE_FRACTION_MEASUREMENT,
+    artefact_object,
+    region_object,
+    tile_object,
+)
 from hepatoquant_client.qupath_geojson import QuPathObject, to_feature
 
 from hepatoquant.analysis import AnalysisResult
@@ -15,7 +21,9 @@ __all__ = ["qupath_objects", "write_qupath_geojson"]
 
 
 def qupath_objects(result: AnalysisResult, *, include_tiles: bool = True) -> Iterator[QuPathObject]:
-    """Regions first, then tiles: QuPath nests tiles under regions after ``resolveHierarchy()``."""
+    """Regions first, then the artefacts left out (pen, ...), then tiles: QuPath nests tiles under regions after
+    ``resolveHierarchy()``; no counted tile has its centre in an artefact (tiles touching one are left out unless
+    ``--keep-artefacts``)."""
     for region, composition in zip(result.regions, result.composition.regions):
         if region.geometry.is_empty:
             continue
@@ -31,11 +39,19 @@ def qupath_objects(result: AnalysisResult, *, include_tiles: bool = True) -> Ite
             model_status=result.model["model_status"],
             segmenter_status=result.segmenter["model_status"] if result.segmenter else None,
         )
+    mm2_per_px = (result.slide.mpp_um_px / 1000) ** 2
+    for kind, geometry in result.tissue.artefacts.items():
+        if not geometry.is_empty:
+            yield artefact_object(geometry, kind, area_mm2=geometry.area * mm2_per_px)
     if not include_tiles:
         return
     grid, classes = result.grid, result.classes
     predicted = result.predicted_class
+    focus = result.focus
     for i in range(len(grid)):
+        quality = {TISSUE_FRACTION_MEASUREMENT: float(grid.tissue_fraction[i])}
+        if focus is not None:
+            quality[FOCUS_MEASUREMENT] = float(focus[i])
         yield tile_object(
             float(grid.x_level0_px[i]),
             float(grid.y_level0_px[i]),
@@ -44,6 +60,7 @@ def qupath_objects(result: AnalysisResult, *, include_tiles: bool = True) -> Ite
             dict(zip(classes, result.probabilities[i].tolist())),
             object_type=result.options.tile_object_type,
             model_status=result.model["model_status"],
+            quality=quality,
         )
 
 

@@ -16,7 +16,8 @@ __all__ = ["render_overlay", "write_overlay"]
 _LONG_SIDE_PX = 1600  # big enough to see tiles, small enough to open anywhere
 _TILE_ALPHA = 0.45
 _LEGEND_WIDTH_PX = 230
-_LEGEND_MIN_HEIGHT_PX = 330
+_LEGEND_MIN_HEIGHT_PX = 350
+_ARTEFACT_COLOUR = (40, 40, 40)
 
 
 def render_overlay(result: AnalysisResult) -> np.ndarray:
@@ -36,6 +37,9 @@ def render_overlay(result: AnalysisResult) -> np.ndarray:
         tint[y0 : max(y1, y0 + 1), x0 : max(x1, x0 + 1)] = class_to_colour[cls]
     image = cv2.addWeighted(tint, _TILE_ALPHA, base, 1 - _TILE_ALPHA, 0)
     _draw_outline(image, result.tissue.polygons, scale, (0, 0, 0), 1)
+    for geometry in result.tissue.artefacts.values():  # what was left out, hatched so it reads as excluded
+        _hatch(image, geometry, scale, _ARTEFACT_COLOUR)
+        _draw_outline(image, geometry, scale, _ARTEFACT_COLOUR, 2)
     region_colours = {c.code: c.color_rgb for c in REGION_CLASSES}
     for region in result.regions:
         if region.source != "tissue":
@@ -68,6 +72,20 @@ def _draw_outline(image: np.ndarray, geometry, scale: float, colour: tuple[int, 
         cv2.polylines(image, points, isClosed=True, color=colour, thickness=thickness, lineType=cv2.LINE_AA)
 
 
+def _hatch(image: np.ndarray, geometry, scale: float, colour: tuple[int, int, int]) -> None:
+    """Diagonal lines over the geometry's area."""
+    mask = np.zeros(image.shape[:2], dtype=np.uint8)
+    for polygon in getattr(geometry, "geoms", [geometry]):
+        if polygon.is_empty or polygon.geom_type != "Polygon":
+            continue
+        cv2.fillPoly(mask, [np.round(np.asarray(polygon.exterior.coords) * scale).astype(np.int32)], 1)
+        for hole in polygon.interiors:
+            cv2.fillPoly(mask, [np.round(np.asarray(hole.coords) * scale).astype(np.int32)], 0)
+    rows, cols = np.indices(mask.shape)
+    lines = (mask > 0) & ((rows + cols) % 8 < 2)
+    image[lines] = colour
+
+
 def _legend(result: AnalysisResult, height: int) -> np.ndarray:
     panel = np.full((height, _LEGEND_WIDTH_PX, 3), 255, dtype=np.uint8)
     font, y = cv2.FONT_HERSHEY_SIMPLEX, 22
@@ -81,6 +99,11 @@ def _legend(result: AnalysisResult, height: int) -> np.ndarray:
     for cls in REGION_CLASSES[:2]:
         cv2.line(panel, (10, y - 5), (26, y - 5), cls.color_rgb, 3)
         cv2.putText(panel, cls.display_name, (32, y), font, 0.4, (0, 0, 0), 1, cv2.LINE_AA)
+        y += 22
+    if result.tissue.artefacts:
+        cv2.line(panel, (10, y - 5), (26, y - 5), _ARTEFACT_COLOUR, 3)
+        kinds = ", ".join(result.tissue.artefacts)
+        cv2.putText(panel, f"left out: {kinds}", (32, y), font, 0.4, (0, 0, 0), 1, cv2.LINE_AA)
         y += 22
     y += 8
     lines = [f"model: {result.model['name']}", f"tiles: {len(result.grid)}"]

@@ -18,7 +18,8 @@ __all__ = ["REPORT_SCHEMA_VERSION", "build_report", "write_report"]
 # Bump the major number when a field changes meaning or disappears; the minor when fields are added.
 # 2.0: tiles counted in the region containing their centre (QuPath's rule; was: largest overlap); a region without
 # tiles has class_percent null (was: every class 0 %) and says why in no_data; tiles.outside_regions added.
-REPORT_SCHEMA_VERSION = "2.0"
+# 2.1: artefacts (area and share of the slide per kind), tiles.excluded, tiles.min_focus, tiles.keep_artefacts.
+REPORT_SCHEMA_VERSION = "2.1"
 
 
 def _versions() -> dict[str, str]:
@@ -80,7 +81,11 @@ def build_report(result: AnalysisResult, *, outputs: dict[str, str]) -> dict:
             "area_mm2_each": (options.tile.tile_size_um**2) / 1e6,
             "counted_in": "the region containing the tile's centre (QuPath's nesting rule)",
             "outside_regions": _outside_regions(result),
+            "excluded": dict(result.excluded_tiles),  # reason (artefact kind, "blur") -> tiles left out
+            "min_focus": options.min_focus,
+            "keep_artefacts": options.keep_artefacts,
         },
+        "artefacts": _artefacts(result),
         "regions_source": result.regions[0].source if result.regions else None,
         "composition": result.composition.to_dict(),
         "timings_s": {k: round(v, 4) for k, v in result.timings_s.items()},
@@ -93,6 +98,16 @@ def _outside_regions(result: AnalysisResult) -> dict:
     """Tiles whose centre lies in no region: counted nowhere, left at the root of QuPath's hierarchy."""
     count = int((result.assignment == UNASSIGNED).sum())
     return {"count": count, "area_mm2": count * (result.options.tile.tile_size_um**2) / 1e6}
+
+
+def _artefacts(result: AnalysisResult) -> dict:
+    """Each kind of artefact left out of the tissue (pen, ...): its area and its share of the slide."""
+    mm2_per_px = (result.slide.mpp_um_px / 1000) ** 2
+    slide_px = result.slide.width_px * result.slide.height_px
+    return {
+        kind: {"area_mm2": geometry.area * mm2_per_px, "share_of_slide": geometry.area / slide_px if slide_px else 0.0}
+        for kind, geometry in result.tissue.artefacts.items()
+    }
 
 
 def write_report(report: dict, path: Path) -> None:
