@@ -266,3 +266,21 @@ def test_params_validation(kwargs: dict) -> None:
 def test_params_defaults_are_valid() -> None:
     params = TissueDetectionParams()
     assert params.spacing_um_px == 8.0 and params.saturation_threshold is None
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_pixel_edge_polygons_of_a_ragged_mask_are_valid_and_exactly_its_pixels(seed: int) -> None:
+    """Many parts, holes and pixels touching at corners only: one valid MultiPolygon whose area is the mask's
+    and which covers each set pixel's centre and no unset one's (only invalid parts are repaired, not the
+    whole collection, which was three times slower on a 2,500 px overview)."""
+    import shapely
+
+    from hepatoquant.tissue import pixel_edge_polygons
+
+    rng = np.random.default_rng(seed)
+    mask = rng.random((120, 90)) > 0.45
+    polygons = pixel_edge_polygons(mask, 4.0)
+    assert polygons.is_valid and polygons.area == pytest.approx(mask.sum() * 16.0)
+    rows, cols = np.indices(mask.shape)
+    inside = shapely.contains_xy(polygons, (cols.ravel() + 0.5) * 4.0, (rows.ravel() + 0.5) * 4.0)
+    assert (inside == mask.ravel()).all()

@@ -247,9 +247,8 @@ def mask_to_polygons(mask: np.ndarray, downsample: float, *, centre_offset: floa
         polygons.append(polygon)
     if not polygons:
         return MultiPolygon()
-    # Traced contours can touch themselves (invalid); make_valid may then return a collection.
-    merged = polygonal_part(shapely.make_valid(shapely.union_all(polygons)))
-    if merged is None:
+    merged = _disjoint_parts(polygons)
+    if merged.is_empty:
         return MultiPolygon()
     offset = centre_offset * downsample
     merged = affinity.affine_transform(merged, [downsample, 0, 0, downsample, offset, offset])
@@ -274,11 +273,26 @@ def pixel_edge_polygons(region: np.ndarray, downsample: float) -> MultiPolygon:
         Polygon(_restore_corners(polygon.exterior.coords), [_restore_corners(r.coords) for r in polygon.interiors])
         for polygon in traced.geoms
     ]
-    merged_part = polygonal_part(shapely.make_valid(MultiPolygon(squared))) if squared else None
-    merged = MultiPolygon() if merged_part is None else (
-        merged_part if isinstance(merged_part, MultiPolygon) else MultiPolygon([merged_part]))
+    merged = _disjoint_parts(squared)
     scale = downsample / 2
     return affinity.affine_transform(merged, [scale, 0, 0, scale, 0, 0])
+
+
+def _disjoint_parts(polygons: Sequence[Polygon]) -> MultiPolygon:
+    """The traced polygons as one valid MultiPolygon, repairing only the parts that are invalid.
+
+    Parts traced from different connected components of a raster never overlap (they meet at most in a corner
+    point, which a MultiPolygon allows), so only a part whose own ring touches itself needs ``make_valid``;
+    repairing the whole collection instead took 80 % of the time of tracing a 2,500 px mask (8 of 11 s).
+    """
+    if not polygons:
+        return MultiPolygon()
+    parts: list[Polygon] = []
+    for polygon, valid in zip(polygons, shapely.is_valid(np.array(polygons, dtype=object))):
+        repaired = polygon if valid else polygonal_part(shapely.make_valid(polygon))
+        if repaired is not None and not repaired.is_empty:
+            parts.extend(getattr(repaired, "geoms", [repaired]))
+    return MultiPolygon(parts)
 
 
 def _restore_corners(ring: Sequence[tuple[float, float]]) -> np.ndarray:
