@@ -42,7 +42,6 @@ from hepatoquant.service.engine import ServerConfig
 from hepatoquant.service.server import start_server
 
 TOKEN = "project-s3cret"
-QUPATH_SKIP = "QuPath is not installed (no package registry ships it); set PAQUO_QUPATH_DIR to run"
 
 
 # --- a real server and two real outcomes ------------------------------------------------------------------

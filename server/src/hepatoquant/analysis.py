@@ -18,19 +18,19 @@ import numpy as np
 import torch
 import shapely
 from hepatoquant_client.classes import TISSUE_CLASS_CODES
-from hepatoquant_client.qupath_geojson import polygonal_part
+from hepatoquant_client.qupath_geojson import polygonal_part, read_qupath_geojson
 
 from hepatoquant.classify import choose_device, load_classifier, predict_batches
 from hepatoquant.errors import InvalidParameterError, ModelPackError, NoTissueError
 from hepatoquant.encoders import encoder_config
 from hepatoquant.model_pack import ModelPack
 from hepatoquant.precision import resolve_precision
-from hepatoquant.quantify import UNASSIGNED, Composition, assign_tiles, quantify
+from hepatoquant.quantify import Composition, assign_tiles, quantify
 from hepatoquant.regions import (
     DEFAULT_TUMOUR_CLASS_NAMES,
     Region,
-    artefacts_from_geojson,
-    regions_from_geojson,
+    artefacts_from_objects,
+    regions_from_objects,
     whole_tissue_region,
 )
 from hepatoquant.segmentation.inference import SegmentationMap, SlidingWindowParams, segment_slide
@@ -228,13 +228,13 @@ def analyze_slide(
     regions: list[Region]
     segmentation: SegmentationMap | None = None
     if options.regions_path is not None:
-        regions, region_warnings = regions_from_geojson(
-            options.regions_path,
-            (slide_info.width_px, slide_info.height_px),
-            tumour_class_names=options.tumour_class_names,
+        slide_size = (slide_info.width_px, slide_info.height_px)
+        annotations = read_qupath_geojson(options.regions_path)  # read once: regions, and artefacts to leave out
+        regions, region_warnings = regions_from_objects(
+            annotations, options.regions_path, slide_size, tumour_class_names=options.tumour_class_names
         )
         warnings += region_warnings
-        reviewed = artefacts_from_geojson(options.regions_path, (slide_info.width_px, slide_info.height_px))
+        reviewed = artefacts_from_objects(annotations, slide_size)
         if reviewed:
             tissue = dataclasses.replace(tissue, artefacts=_merged(tissue.artefacts, reviewed))
             warnings.append(
@@ -332,11 +332,10 @@ def analyze_slide(
         grid, probabilities.argmax(axis=1), pack.classes, regions, assignment, slide_info.mpp_um_px
     )
     timings["quantification"] = time.perf_counter() - started
-    outside = int((assignment == UNASSIGNED).sum())
+    outside, outside_mm2 = composition.outside_regions
     if outside:
-        tile_area_mm2 = (grid.size_level0_px * slide_info.mpp_um_px) ** 2 / 1e6
         warnings.append(
-            f"{outside} of {len(grid)} tiles ({outside * tile_area_mm2:.3f} mm^2) have their centre outside every "
+            f"{outside} of {len(grid)} tiles ({outside_mm2:.3f} mm^2) have their centre outside every "
             "region: they are reported as 'unassigned' and stay at the root of QuPath's hierarchy"
         )
     return AnalysisResult(

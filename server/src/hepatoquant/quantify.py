@@ -82,6 +82,12 @@ class Composition:
     region_classes: list[RegionComposition]
     headline_indicators: dict[str, dict[str, float | None]]  # None where the region class has no tiles
 
+    @property
+    def outside_regions(self) -> tuple[int, float]:
+        """Tiles whose centre lies in no region, and their area in mm^2 (the ``unassigned`` entry; 0 without)."""
+        entry = next((c for c in self.region_classes if c.region_class == "unassigned"), None)
+        return (entry.tile_count, entry.tile_area_mm2) if entry is not None else (0, 0.0)
+
     def to_dict(self) -> dict:
         return {
             "regions": [r.to_dict() for r in self.regions],

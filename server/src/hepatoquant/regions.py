@@ -8,13 +8,14 @@ report records the mapping so nothing is silently reinterpreted.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import shapely
 from hepatoquant_client.classes import NON_TUMOUR_REGION, TUMOUR_REGION, WHOLE_TISSUE_REGION
 from hepatoquant_client.hepatoquant_objects import ARTEFACT_CLASS, is_hepatoquant_object
-from hepatoquant_client.qupath_geojson import polygonal_part, read_qupath_geojson
+from hepatoquant_client.qupath_geojson import QuPathObject, polygonal_part, read_qupath_geojson
 from shapely.geometry import MultiPolygon, Polygon, box
 
 from hepatoquant.errors import RegionsError
@@ -22,8 +23,9 @@ from hepatoquant.errors import RegionsError
 __all__ = [
     "Region",
     "DEFAULT_TUMOUR_CLASS_NAMES",
-    "artefacts_from_geojson",
+    "artefacts_from_objects",
     "regions_from_geojson",
+    "regions_from_objects",
     "whole_tissue_region",
 ]
 
@@ -59,7 +61,17 @@ def regions_from_geojson(
     Detections, tiles, cells, points and lines are not regions and are skipped (with a warning). A file with
     no polygonal annotation, or an annotation wholly outside the slide, is an error naming it.
     """
-    objects = read_qupath_geojson(path)
+    return regions_from_objects(read_qupath_geojson(path), path, slide_size_px, tumour_class_names=tumour_class_names)
+
+
+def regions_from_objects(
+    objects: Sequence[QuPathObject],
+    path: str | Path,
+    slide_size_px: tuple[int, int],
+    *,
+    tumour_class_names: tuple[str, ...] = DEFAULT_TUMOUR_CLASS_NAMES,
+) -> tuple[list[Region], list[str]]:
+    """:func:`regions_from_geojson` on the objects already read from the file at ``path`` (named in messages)."""
     slide_box = box(0, 0, *slide_size_px)
     tumour_names = {n.casefold() for n in tumour_class_names}
     regions: list[Region] = []
@@ -193,13 +205,14 @@ def _disjoint(regions: list[Region]) -> tuple[list[Region], list[str]]:
     return [kept[i] for i in range(len(regions)) if i in kept], warnings
 
 
-def artefacts_from_geojson(path: str | Path, slide_size_px: tuple[int, int]) -> dict[str, MultiPolygon]:
-    """The ``HQ Artefact: <kind>`` annotations of a QuPath GeoJSON file (HepatoQuant's own, as a pathologist kept,
-    redrew or added them), by kind, clipped to the slide: fed back with ``--regions`` they are left out like the
-    artefacts HepatoQuant detects. They are never regions (:func:`regions_from_geojson` skips them)."""
+def artefacts_from_objects(objects: Sequence[QuPathObject], slide_size_px: tuple[int, int]) -> dict[str, MultiPolygon]:
+    """The ``HQ Artefact: <kind>`` annotations among the objects of a regions file (HepatoQuant's own, as a
+    pathologist kept, redrew or added them), by kind, clipped to the slide: fed back with ``--regions`` they are
+    left out like the artefacts HepatoQuant detects. They are never regions (:func:`regions_from_objects` skips
+    them)."""
     slide_box = box(0, 0, *slide_size_px)
     parts: dict[str, list] = {}
-    for obj in read_qupath_geojson(path):
+    for obj in objects:
         if obj.object_type != "annotation" or obj.class_names[:1] != (ARTEFACT_CLASS,):
             continue
         geometry = polygonal_part(obj.geometry)

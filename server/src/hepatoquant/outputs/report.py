@@ -11,7 +11,6 @@ from pathlib import Path
 
 from hepatoquant import RESEARCH_USE_NOTICE, __version__
 from hepatoquant.analysis import AnalysisResult
-from hepatoquant.quantify import UNASSIGNED
 
 __all__ = ["REPORT_SCHEMA_VERSION", "build_report", "write_report"]
 
@@ -80,7 +79,7 @@ def build_report(result: AnalysisResult, *, outputs: dict[str, str]) -> dict:
             "size_um": options.tile.tile_size_um,
             "area_mm2_each": (options.tile.tile_size_um**2) / 1e6,
             "counted_in": "the region containing the tile's centre (QuPath's nesting rule)",
-            "outside_regions": _outside_regions(result),
+            "outside_regions": dict(zip(("count", "area_mm2"), result.composition.outside_regions)),
             "excluded": dict(result.excluded_tiles),  # reason (artefact kind, "blur") -> tiles left out
             "min_focus": options.min_focus,
             "keep_artefacts": options.keep_artefacts,
@@ -92,12 +91,6 @@ def build_report(result: AnalysisResult, *, outputs: dict[str, str]) -> dict:
         "tiles_per_second": result.tiles_per_second,
         "outputs": outputs,
     }
-
-
-def _outside_regions(result: AnalysisResult) -> dict:
-    """Tiles whose centre lies in no region: counted nowhere, left at the root of QuPath's hierarchy."""
-    count = int((result.assignment == UNASSIGNED).sum())
-    return {"count": count, "area_mm2": count * (result.options.tile.tile_size_um**2) / 1e6}
 
 
 def _artefacts(result: AnalysisResult) -> dict:
