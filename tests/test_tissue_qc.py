@@ -52,16 +52,21 @@ def test_qc_slide_has_what_it_should(qc: tuple[Path, QCSlideTruth]) -> None:
 def test_no_tile_on_pen_or_glass(qc: tuple[Path, QCSlideTruth], qc_tissue: TissueMask) -> None:
     score = score_detection(qc[1], qc_tissue)
     assert score.tiles_on_pen == 0, score.summary()
-    assert score.tiles_on_glass <= 2, score.summary()  # a tile or two on a piece's ragged edge at most
+    assert score.tiles_touching_pen <= 1, score.summary()  # a sliver of a stroke's edge, under 8 um, at most
+    assert score.tiles_mostly_glass == 0, score.summary()
+    assert score.tiles_on_glass <= 4, score.summary()  # edge tiles: just under half on the piece's ragged edge
 
 
 def test_every_piece_tiled(qc: tuple[Path, QCSlideTruth], qc_tissue: TissueMask) -> None:
     score = score_detection(qc[1], qc_tissue)
-    # Tiles are whole (one is 2-3 % of a piece here), so a perfect mask itself gets 0.94-1.03 by the lattice:
-    # every piece gets at least 95 % of what a perfect mask gets, and at least 93 % of its area in tiles.
+    truth = qc[1]
+    # Tiles are whole (one is 2-3 % of a piece here) and tiles touching ink are left out, so a perfect
+    # detector itself gets 0.68-1.01 here: every piece gets at least 95 % of what a perfect detector gets, and
+    # a piece with no ink within a tile of it at least 95 % of its area in tiles.
     for name, relative in score.relative_recall().items():
         assert relative >= 0.95, (name, score.summary())
-        assert score.recall[name] >= 0.93, (name, score.summary())
+        if truth.pieces[name].distance(truth.pen) > 150:
+            assert score.recall[name] >= 0.95, (name, score.summary())
 
 
 def test_pen_is_an_artefact_and_not_tissue(qc: tuple[Path, QCSlideTruth], qc_tissue: TissueMask) -> None:
@@ -95,6 +100,7 @@ def test_real_slides_keep_their_tissue(cmu_slide: Path, tcga_slide: Path) -> Non
 GLASS = np.array([238.0, 237.0, 241.0])
 EOSIN = np.array([225.0, 150.0, 195.0])
 FOLD = np.array([95.0, 25.0, 90.0])  # dense tissue folded over itself: dark but strongly coloured
+DENSE = np.array([170.0, 60.0, 150.0])  # dense H&E: blue ink over it turns violet (250-260 deg)
 PURPLE = np.array([120.0, 80.0, 160.0])  # haematoxylin-rich tissue
 DAB = np.array([150.0, 100.0, 60.0])  # IHC brown
 
@@ -122,7 +128,16 @@ def test_each_ink_colour_is_pen(ink: str, background: str) -> None:
     assert not tissue[42:78, 42:78].any()
 
 
-@pytest.mark.parametrize("colour", [EOSIN, FOLD, PURPLE, DAB, EOSIN * 0.5 + GLASS * 0.5])
+def test_blue_ink_over_dense_tissue_is_pen() -> None:
+    """Blue ink over dense H&E turns violet (about 255 deg, inside H&E's hues); the stroke is followed in from
+    the glass (on the QC slides this was 1-2 tiles per slide on ink)."""
+    rgb = _drawn(DENSE, "blue", density=0.8)
+    pen = pen_mask_from_rgb(rgb, 8.0, TissueDetectionParams())
+    assert pen[42:78, 42:78].all()
+    assert not pen[:30].any() and not pen[90:].any()
+
+
+@pytest.mark.parametrize("colour", [EOSIN, FOLD, PURPLE, DAB, DENSE, EOSIN * 0.5 + GLASS * 0.5])
 def test_stained_tissue_is_not_pen(colour: np.ndarray) -> None:
     rgb = _drawn(GLASS, None)
     rgb[20:100, 20:100] = colour

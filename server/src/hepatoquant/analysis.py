@@ -36,7 +36,7 @@ from hepatoquant.regions import (
 from hepatoquant.segmentation.inference import SegmentationMap, SlidingWindowParams, segment_slide
 from hepatoquant.slide import Slide, SlideInfo
 from hepatoquant.tile_reader import iter_tile_batches
-from hepatoquant.tiling import TileGrid, TileSpec, build_tile_grid
+from hepatoquant.tiling import TileGrid, TileSpec, build_tile_grid, without_artefacts
 from hepatoquant.tissue import TissueDetectionParams, TissueMask, detect_tissue
 
 __all__ = ["AnalysisOptions", "AnalysisResult", "ModelCache", "ProgressCallback", "analyze_slide", "demo_model_warning"]
@@ -268,7 +268,7 @@ def analyze_slide(
     )
     excluded: dict[str, int] = {}
     if not options.keep_artefacts:
-        grid, excluded = _without_artefacts(grid, tissue.artefacts)
+        grid, excluded = without_artefacts(grid, tissue.artefacts)
     timings["tiling"] = time.perf_counter() - started
     if not len(grid):
         where = "inside the given regions" if options.regions_path is not None else "on the slide"
@@ -369,21 +369,3 @@ def _merged(detected: dict, reviewed: dict) -> dict:
         for kind in kinds
     }
 
-
-def _without_artefacts(grid: TileGrid, artefacts: dict) -> tuple[TileGrid, dict[str, int]]:
-    """The grid without tiles that touch an artefact (pen ink, ...), and how many each kind took away: a tile
-    partly on ink would be classified on ink. The first kind touching a tile counts it."""
-    excluded: dict[str, int] = {}
-    if not len(grid) or not artefacts:
-        return grid, excluded
-    boxes = grid.boxes()
-    keep = np.ones(len(grid), dtype=bool)
-    for kind, geometry in artefacts.items():
-        if geometry is None or geometry.is_empty:
-            continue
-        shapely.prepare(geometry)
-        touching = keep & shapely.intersects(geometry, boxes) & ~shapely.touches(geometry, boxes)
-        if touching.any():
-            excluded[kind] = int(touching.sum())
-            keep &= ~touching
-    return grid.subset(keep), excluded

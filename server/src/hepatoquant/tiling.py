@@ -16,7 +16,7 @@ from shapely.geometry.base import BaseGeometry
 from hepatoquant.errors import InvalidParameterError
 from hepatoquant.tissue import TissueMask
 
-__all__ = ["TileSpec", "TileGrid", "build_tile_grid", "tissue_fraction_grid"]
+__all__ = ["TileSpec", "TileGrid", "build_tile_grid", "tissue_fraction_grid", "without_artefacts"]
 
 
 @dataclass(frozen=True)
@@ -138,3 +138,22 @@ def tissue_fraction_grid(tissue: TissueMask, xs: np.ndarray, ys: np.ndarray, sid
     ).astype(np.float64)
     area = np.outer(y1 - y0, x1 - x0).astype(np.float64)
     return np.divide(total, area, out=np.zeros_like(total), where=area > 0)
+
+
+def without_artefacts(grid: TileGrid, artefacts: dict) -> tuple[TileGrid, dict[str, int]]:
+    """The grid without tiles that touch an artefact (pen ink, ...), and how many each kind took away: a tile
+    partly on ink would be classified on ink. The first kind touching a tile counts it."""
+    excluded: dict[str, int] = {}
+    if not len(grid) or not artefacts:
+        return grid, excluded
+    boxes = grid.boxes()
+    keep = np.ones(len(grid), dtype=bool)
+    for kind, geometry in artefacts.items():
+        if geometry is None or geometry.is_empty:
+            continue
+        shapely.prepare(geometry)
+        touching = keep & shapely.intersects(geometry, boxes) & ~shapely.touches(geometry, boxes)
+        if touching.any():
+            excluded[kind] = int(touching.sum())
+            keep &= ~touching
+    return grid.subset(keep), excluded
