@@ -70,6 +70,8 @@ def _build_parser() -> argparse.ArgumentParser:
     add.add_argument("--encoder", required=True, help="registered encoder the checkpoint belongs to (uni, virchow2, gigapath, ...)")
     add.add_argument("--name", required=True, help="name of the new pack")
     add.add_argument("--head", type=Path, help="linear head weights (weight [7, dim], bias [7]); without it an encoder-only pack")
+    add.add_argument("--classes", nargs="+", help="the head's class names in output order (default: TUM FIB INF NEC "
+                     "NOR REA STE); codes or display names")
     add.add_argument("--overwrite", action="store_true", help="replace an existing pack of that name")
     head = model_commands.add_parser("import-head", help="a trained linear classifier (state dict) as a classifier pack")
     head.add_argument("head", type=Path, help="weight [classes, dim] and bias [classes], bare or under head./fc./"
@@ -213,6 +215,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from hepatoquant.errors import HepatoQuantError
 
     try:
+        _check_inputs(args)  # paths, numbers and output folders, before torch, timm, peft or OpenSlide load
         if args.command == "analyze":
             return _analyze(args)
         if args.command == "serve":
@@ -235,6 +238,78 @@ def main(argv: Sequence[str] | None = None) -> int:
     except HepatoQuantError as exc:
         print(f"hepatoquant: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
+
+
+def _check_inputs(args: argparse.Namespace) -> None:
+    """What can be checked without loading a model or opening a slide, in a fraction of a second: files that
+    must exist, numbers that must be positive (0 is refused, not read as "the default"), output folders that
+    must be writable (so that nothing is analysed only to fail when the results are written)."""
+    from hepatoquant.errors import InvalidParameterError
+    from hepatoquant.input_checks import (
+        require_folder,
+        require_input_file,
+        require_positive,
+        require_slide_file,
+        require_writable_folder,
+        validate_mpp,
+    )
+
+    if args.command == "analyze":
+        require_slide_file(args.slide)
+        if args.regions is not None:
+            require_input_file(args.regions, what="--regions")
+        if args.mpp is not None:
+            validate_mpp(args.mpp, what="--mpp")
+        require_positive(args.tile_size, what="--tile-size", integer=True)
+        require_positive(args.tile_spacing, what="--tile-spacing")
+        require_positive(args.batch_size, what="--batch-size", integer=True)
+        require_positive(args.workers, what="--workers", integer=True)
+        require_writable_folder(args.out, what="--out")
+    elif args.command == "cohort":
+        if not args.cohort.exists():
+            raise InvalidParameterError(f"cohort {str(args.cohort)!r} does not exist; give a cohort CSV or a "
+                                        "folder of slides")
+        require_positive(args.tile_size, what="--tile-size", integer=True)
+        require_positive(args.batch_size, what="--batch-size", integer=True)
+        require_positive(args.workers, what="--workers", integer=True)
+        require_positive(args.reader_workers, what="--reader-workers", integer=True)
+        if "://" not in args.out:  # a local folder; fsspec URLs are checked by their driver when written
+            require_writable_folder(args.out, what="--out")
+    elif args.command == "demo":
+        require_slide_file(args.slide)
+        require_writable_folder(args.out, what="--out")
+    elif args.command == "serve":
+        for root in args.slide_root:
+            require_folder(root, what="--slide-root")
+        for option, path in (("--token-file", args.token_file), ("--tls-cert", args.tls_cert),
+                             ("--tls-key", args.tls_key)):
+            if path is not None:
+                require_input_file(path, what=option)
+    elif args.command == "models" and args.models_command == "add":
+        require_input_file(args.checkpoint, what="checkpoint")
+        if args.head is not None:
+            require_input_file(args.head, what="--head")
+    elif args.command == "models" and args.models_command == "import-head":
+        require_input_file(args.head, what="head")
+        require_input_file(args.encoder_weights, what="--encoder-weights")
+    elif args.command == "models" and args.models_command == "import-pfmseg":
+        require_input_file(args.checkpoint, what="--checkpoint")
+        require_input_file(args.backbone_weights, what="--backbone-weights")
+        require_positive(args.spacing_um_px, what="--spacing-um-px")
+        require_positive(args.input_size, what="--input-size", integer=True)
+    elif args.command == "seg" and args.seg_command == "train":
+        require_input_file(args.config, what="config")
+    elif args.command == "seg" and args.seg_command == "eval":
+        for slide in args.slide:
+            require_slide_file(slide)
+        for path in [*args.annotations, *([args.pairs] if args.pairs else [])]:
+            require_input_file(path, what="--annotations" if path != args.pairs else "--pairs")
+        if args.mpp is not None:
+            validate_mpp(args.mpp, what="--mpp")
+        require_writable_folder(args.out, what="--out")
+    elif args.command == "bench":
+        require_folder(args.dataset, what="dataset")
+        require_writable_folder(args.work, what="--work")
 
 
 def _analyze(args: argparse.Namespace) -> int:
@@ -262,8 +337,8 @@ def _analyze(args: argparse.Namespace) -> int:
     )
     options = AnalysisOptions(
         tile=TileSpec(
-            tile_size_px=args.tile_size or pack.tile_size_px,
-            spacing_um_px=args.tile_spacing or pack.spacing_um_px,
+            tile_size_px=pack.tile_size_px if args.tile_size is None else args.tile_size,
+            spacing_um_px=pack.spacing_um_px if args.tile_spacing is None else args.tile_spacing,
             min_tissue_fraction=args.min_tissue_fraction,
         ),
         tissue=TissueDetectionParams(saturation_threshold=args.tissue_threshold),
@@ -328,9 +403,15 @@ def _models_list(args: argparse.Namespace) -> int:
 def _models_add(args: argparse.Namespace) -> int:
     from hepatoquant.model_pack import add_model_pack
 
+    if args.classes and args.head is None:
+        from hepatoquant.errors import InvalidParameterError
+
+        raise InvalidParameterError("--classes names a head's outputs: give it with --head (an encoder-only pack "
+                                    "has no classes)")
+    extra = {"classes": _class_names(args.classes)} if args.classes else {}
     pack = add_model_pack(
         args.checkpoint, encoder=args.encoder, name=args.name, models_dir=args.models_dir, head=args.head,
-        overwrite=args.overwrite,
+        overwrite=args.overwrite, **extra,
     )
     print(f"created {pack.kind} pack {pack.name!r} ({pack.model_status}) in {pack.path}")
     return 0
@@ -388,9 +469,6 @@ def _serve(args: argparse.Namespace) -> int:
     from hepatoquant.service.server import serve_until_signalled, start_server
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s level=%(levelname)s logger=%(name)s %(message)s")
-    for root in args.slide_root:
-        if not root.is_dir():
-            raise InvalidParameterError(f"--slide-root {str(root)!r} is not a folder")
     if bool(args.tls_cert) != bool(args.tls_key):
         raise InvalidParameterError("give both --tls-cert and --tls-key, or neither")
     token = args.token_file.read_text().strip() if args.token_file else os.environ.get("HEPATOQUANT_TOKEN") or None
@@ -452,10 +530,6 @@ def _seg_eval(args: argparse.Namespace) -> int:
     print(scores_markdown(scores))
     print(f"written: {json_path}, {md_path}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -558,3 +632,7 @@ def _cohort_run(args: argparse.Namespace) -> int:
                   f"{counts['failed']} failed, in {elapsed:.1f} s ({args.engine} engine, {args.workers} worker(s)); "
                   f"cohort table {tables.get('cohort', 'not written (no slide completed)')}, failures {tables['failures']}")
     return EXIT_SOME_SLIDES_FAILED if counts["failed"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

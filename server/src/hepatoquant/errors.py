@@ -40,7 +40,21 @@ class CorruptSlideError(HepatoQuantError, OSError):
 
 
 class MissingMPPError(HepatoQuantError, ValueError):
-    """A slide without pixel-size metadata, and no override given."""
+    """A slide without pixel-size metadata, and no override given. The fix depends on the entry point (a
+    command-line flag, a cohort CSV column, a request field): :meth:`with_fix` restates it for another one."""
+
+    CLI_FIX = "pass it with --mpp (micrometres per pixel, e.g. --mpp 0.25 for a 40x scan, 0.5 for 20x)"
+
+    def __init__(self, slide: str, fix: str = CLI_FIX) -> None:
+        self.slide = slide
+        self.fix = fix
+        super().__init__(f"slide {slide!r} has no pixel size (MPP) in its metadata; {fix}")
+
+    def with_fix(self, fix: str) -> MissingMPPError:
+        return MissingMPPError(self.slide, fix)
+
+    def __reduce__(self):  # picklable with its arguments (cohort workers send errors between processes)
+        return MissingMPPError, (self.slide, self.fix)
 
 
 class InvalidParameterError(HepatoQuantError, ValueError):

@@ -27,6 +27,7 @@ from hepatoquant_client.classes import TISSUE_CLASS_CODES, TISSUE_CLASSES
 from safetensors.torch import load_file, save_file
 
 from hepatoquant import __version__
+from hepatoquant.atomic_write import open_up_like_umask
 from hepatoquant.encoders import create_encoder, encoder_config
 from hepatoquant.errors import InvalidParameterError, ModelPackError, ModelPackNotFoundError, WeightsMismatchError
 
@@ -248,7 +249,7 @@ def write_pack(
             encoder_entry["sha256"] = file_sha256(tmp / encoder_entry["weights"])
         jsonschema.validate(manifest, _manifest_schema())
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
-        tmp.chmod(0o755)  # mkdtemp makes it private; a models folder is often shared with a server
+        open_up_like_umask(tmp)  # mkdtemp and safetensors make private files; models are shared with servers
         if replace and dest.exists():
             os.replace(dest, old)
         os.replace(tmp, dest)

@@ -17,6 +17,8 @@ from hepatoquant_client.classes import NON_TUMOUR_REGION, TUMOUR_REGION, WHOLE_T
 from hepatoquant_client.hepatoquant_objects import ARTEFACT_CLASS, is_hepatoquant_object
 from hepatoquant_client.qupath_geojson import QuPathObject, polygonal_part, read_qupath_geojson
 from shapely.geometry import MultiPolygon, Polygon, box
+from shapely.geometry.base import BaseGeometry
+from shapely.validation import explain_validity
 
 from hepatoquant.errors import RegionsError
 
@@ -77,6 +79,7 @@ def regions_from_objects(
     regions: list[Region] = []
     skipped: dict[str, int] = {}
     clipped: list[str] = []
+    repaired: list[str] = []
     for index, obj in enumerate(objects):
         if is_hepatoquant_object(obj):  # our own earlier output, exported back: not the pathologist's regions
             skipped["HepatoQuant object"] = skipped.get("HepatoQuant object", 0) + 1
@@ -90,6 +93,8 @@ def regions_from_objects(
             skipped[kind] = skipped.get(kind, 0) + 1
             continue
         label = obj.name or (": ".join(obj.class_names) if obj.class_names else f"annotation {index + 1}")
+        if not obj.geometry.is_valid:  # e.g. a bow-tie: kept as the areas it encloses, and said so
+            repaired.append(_repair_note(index, label, obj.geometry, geometry))
         if not geometry.intersects(slide_box):
             minx, miny, maxx, maxy = (round(v) for v in geometry.bounds)
             raise RegionsError(
@@ -131,6 +136,8 @@ def regions_from_objects(
         )
     if clipped:
         warnings.append(f"regions file {Path(path).name}: clipped to the slide's bounds: {', '.join(clipped[:5])}")
+    if repaired:
+        warnings.append(f"regions file {Path(path).name}: " + "; ".join(repaired))
     non_tumour_classes = sorted({r.source_class or "(unclassified)" for r in regions if r.region_class != "tumour"})
     if non_tumour_classes:
         warnings.append(
@@ -138,6 +145,18 @@ def regions_from_objects(
             + ", ".join(non_tumour_classes)
         )
     return regions, warnings
+
+
+def _repair_note(index: int, label: str, drawn: BaseGeometry, repaired: BaseGeometry) -> str:
+    """Why and how an invalid annotation was repaired. A self-intersecting outline (a bow-tie, a loop drawn
+    over itself) is repaired rather than refused, so that one slip of the pen does not stop an analysis: the
+    areas its loops enclose are what was outlined. The warning names it so that it can be checked and redrawn."""
+    parts = len(getattr(repaired, "geoms", [repaired]))
+    return (
+        f"annotation {index + 1} ({label!r}) is not a valid polygon ({explain_validity(drawn)}); it was repaired "
+        f"into {parts} part{'s' if parts != 1 else ''} covering the areas it encloses ({repaired.area:,.0f} px^2). "
+        "Check it in QuPath and redraw it if that is not what was meant"
+    )
 
 
 def _tumour_over_non_tumour(regions: list[Region]) -> tuple[list[Region], list[str]]:

@@ -17,18 +17,11 @@ import cv2
 import numpy as np
 import openslide
 
-from hepatoquant.errors import (
-    CorruptSlideError,
-    InvalidParameterError,
-    MissingMPPError,
-    SlideNotFoundError,
-    UnsupportedSlideError,
-)
+from hepatoquant.errors import CorruptSlideError, InvalidParameterError, MissingMPPError, UnsupportedSlideError
+from hepatoquant.input_checks import MPP_RANGE_UM_PX, require_slide_file, validate_mpp
 
 __all__ = ["Slide", "SlideInfo", "MPP_RANGE_UM_PX", "validate_mpp"]
 
-# Pixel sizes outside this range are not microscope scans at any usual magnification (1.25x to 100x+).
-MPP_RANGE_UM_PX = (0.05, 20.0)
 # A pyramid level whose downsample exceeds the wanted one by less than this still counts as "not coarser".
 _LEVEL_TOLERANCE = 1.01
 # Largest region (pixels per side at the level read) fetched at once when scaling big areas down: 2048 px
@@ -42,15 +35,30 @@ _CONVERT_HINT = (
 )
 
 
-def validate_mpp(mpp_um_px: float, *, what: str) -> float:
-    """Return ``mpp_um_px`` if it is a plausible microscope pixel size, else raise naming ``what``."""
-    low, high = MPP_RANGE_UM_PX
-    if not (isinstance(mpp_um_px, (int, float)) and math.isfinite(mpp_um_px) and low <= mpp_um_px <= high):
-        raise InvalidParameterError(
-            f"{what} = {mpp_um_px!r} um/px is outside the plausible range {low}..{high} um/px; "
-            "give the slide's pixel size in micrometres per pixel (about 0.25 at 40x, 0.5 at 20x)"
+def _open_error(path: Path, exc: Exception) -> CorruptSlideError | UnsupportedSlideError:
+    """Why OpenSlide could not open a file it recognised. A format OpenSlide detects but cannot read is most
+    often a file that lacks what OpenSlide needs (a DICOM without the whole-slide attributes, a vendor file
+    without its companion folder), not a damaged one: say so, with OpenSlide's own words."""
+    detail = " ".join(str(exc).split())
+    vendor = openslide.OpenSlide.detect_format(str(path))
+    if vendor == "dicom":
+        return UnsupportedSlideError(
+            f"slide {str(path)!r} is a DICOM file OpenSlide cannot read as a whole-slide image ({detail}): OpenSlide "
+            "reads DICOM WSI (VL Whole Slide Microscopy Image objects with ImageType, NumberOfFrames and the total "
+            "pixel matrix attributes, all instances of the series in one folder). Export it again as DICOM WSI "
+            f"from the scanner or converter (e.g. wsidicomizer), or {_CONVERT_HINT}"
         )
-    return float(mpp_um_px)
+    if vendor is not None:
+        return CorruptSlideError(
+            f"slide {str(path)!r} looks like a {vendor} slide but OpenSlide could not open it ({detail}). Check "
+            "that any companion files or folder the format needs sit beside it (MIRAX: the .mrxs and its folder; "
+            "Hamamatsu VMS: all its files), and that its size matches the original (an interrupted copy), or "
+            + _CONVERT_HINT
+        )
+    return CorruptSlideError(
+        f"slide {str(path)!r} could not be opened ({detail}); the file may be truncated or damaged: copy it "
+        "again from the scanner or archive"
+    )
 
 
 @dataclass(frozen=True)
@@ -82,10 +90,7 @@ class Slide:
         if mpp_override_um_px is not None:
             validate_mpp(mpp_override_um_px, what="--mpp")
         self._mpp_override = mpp_override_um_px
-        if not self.path.exists():
-            raise SlideNotFoundError(f"slide {str(self.path)!r} does not exist; check the path")
-        if not self.path.is_file():
-            raise SlideNotFoundError(f"slide {str(self.path)!r} is a directory, not a slide file; give the file itself")
+        require_slide_file(self.path)
         try:
             self._osr = openslide.OpenSlide(str(self.path))
             # Read the pyramid geometry once: after a failed read OpenSlide refuses every further call on the
@@ -99,10 +104,7 @@ class Slide:
                 f"the original); {_CONVERT_HINT}"
             ) from exc
         except (openslide.OpenSlideError, OSError) as exc:
-            raise CorruptSlideError(
-                f"slide {str(self.path)!r} could not be opened ({exc}); the file may be truncated or damaged: "
-                "copy it again from the scanner or archive"
-            ) from exc
+            raise _open_error(self.path, exc) from exc
 
     # -- lifecycle ---------------------------------------------------------------------------------------
     def close(self) -> None:
@@ -150,10 +152,7 @@ class Slide:
             mpp_x = float(props[openslide.PROPERTY_NAME_MPP_X])
             mpp_y = float(props[openslide.PROPERTY_NAME_MPP_Y])
         except (KeyError, ValueError):
-            raise MissingMPPError(
-                f"slide {str(self.path)!r} has no pixel size (MPP) in its metadata; pass it with --mpp "
-                "(micrometres per pixel, e.g. --mpp 0.25 for a 40x scan, 0.5 for 20x)"
-            ) from None
+            raise MissingMPPError(str(self.path)) from None
         if abs(mpp_x - mpp_y) > 0.02 * max(mpp_x, mpp_y):
             raise InvalidParameterError(
                 f"slide {str(self.path)!r} has non-square pixels (mpp-x {mpp_x}, mpp-y {mpp_y}); "

@@ -84,9 +84,11 @@ def analyze_item(item: CohortItem, settings: AnalysisSettings, out: str | Path, 
         pack = resolve_model_pack(settings.model, models_dir)
         segmenter = resolve_model_pack(settings.segmenter, models_dir) if settings.segmenter else None
         options = AnalysisOptions(
-            tile=TileSpec(tile_size_px=settings.tile_size_px or pack.tile_size_px,
-                          spacing_um_px=settings.tile_spacing_um_px or pack.spacing_um_px,
-                          min_tissue_fraction=settings.min_tissue_fraction),
+            tile=TileSpec(
+                tile_size_px=pack.tile_size_px if settings.tile_size_px is None else settings.tile_size_px,
+                spacing_um_px=pack.spacing_um_px if settings.tile_spacing_um_px is None else settings.tile_spacing_um_px,
+                min_tissue_fraction=settings.min_tissue_fraction,
+            ),
             mpp_override_um_px=item.mpp_um_px,
             regions_path=item.regions,
             tumour_class_names=settings.tumour_class_names or DEFAULT_TUMOUR_CLASS_NAMES,
@@ -103,7 +105,11 @@ def analyze_item(item: CohortItem, settings: AnalysisSettings, out: str | Path, 
         return SlideOutcome(item.slide_id, str(item.slide), ok=True, tiles=len(result.grid),
                             seconds=time.perf_counter() - started)
     except Exception as exc:  # noqa: BLE001 - recorded in the failures table; the cohort goes on
-        from hepatoquant.errors import HepatoQuantError
+        from hepatoquant.errors import HepatoQuantError, MissingMPPError
+
+        if isinstance(exc, MissingMPPError):  # the fix in a cohort is the CSV's column, not a flag
+            exc = exc.with_fix("give it in the mpp column of the cohort CSV (micrometres per pixel, e.g. 0.25 for "
+                               "a 40x scan, 0.5 for 20x)")
 
         return SlideOutcome(
             item.slide_id, str(item.slide), ok=False, seconds=time.perf_counter() - started,

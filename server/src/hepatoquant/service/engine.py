@@ -30,7 +30,7 @@ from hepatoquant import RESEARCH_USE_NOTICE, __version__
 from hepatoquant.analysis import AnalysisOptions, analyze_slide
 from hepatoquant.classify import PatchClassifier, choose_device, load_classifier, predict_batches
 from hepatoquant.encoders import encoder_config
-from hepatoquant.errors import HepatoQuantError, InvalidParameterError, ModelPackError
+from hepatoquant.errors import HepatoQuantError, InvalidParameterError, MissingMPPError, ModelPackError
 from hepatoquant.precision import resolve_precision
 from hepatoquant.model_pack import MANIFEST_NAME, ModelPack, default_models_dir, list_model_packs, resolve_model_pack
 from hepatoquant.outputs import write_outputs
@@ -163,7 +163,11 @@ class ServerEngine:
         if request.mpp_um_px:
             validate_mpp(request.mpp_um_px, what="mpp_um_px")
         with Slide(slide, mpp_override_um_px=request.mpp_um_px or None) as opened:
-            opened.mpp_um_px  # unsupported, corrupt or MPP-less slides are refused now, not as a failed job
+            try:
+                opened.mpp_um_px  # unsupported, corrupt or MPP-less slides are refused now, not as a failed job
+            except MissingMPPError as exc:
+                raise exc.with_fix("send it as mpp_um_px in the request (hepatoquant-client --mpp; in QuPath, set "
+                                   "the pixel size in the Image tab)") from None
         if request.regions_geojson:
             parse_qupath_geojson(request.regions_geojson, source="regions_geojson")
         if request.tile_object_type not in ("", "detection", "tile"):
