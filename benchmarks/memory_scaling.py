@@ -20,7 +20,7 @@ from hepatoquant.synthetic import SyntheticSlideSpec, write_synthetic_slide
 _CHILD = """
 import resource, sys, json
 from hepatoquant.analysis import AnalysisOptions, analyze_slide
-from hepatoquant.model_pack import resolve_model_pack
+from hepatoquant.pack_lookup import resolve_model_pack
 from hepatoquant.outputs import write_outputs
 result = analyze_slide(sys.argv[1], resolve_model_pack(sys.argv[2]), AnalysisOptions())
 write_outputs(result, sys.argv[3])

@@ -22,7 +22,7 @@ import torch
 
 from hepatoquant.analysis import AnalysisOptions, analyze_slide
 from hepatoquant.classify import choose_device, load_classifier, predict_batches
-from hepatoquant.model_pack import resolve_model_pack
+from hepatoquant.pack_lookup import resolve_model_pack
 from hepatoquant.outputs import write_outputs
 from hepatoquant.synthetic import SyntheticSlideSpec, write_synthetic_slide
 from hepatoquant.tile_reader import TileBatch

@@ -25,7 +25,7 @@ import torch
 from shapely.geometry import MultiPolygon
 
 from hepatoquant.classify import choose_device
-from hepatoquant.model_pack import resolve_model_pack
+from hepatoquant.pack_lookup import resolve_model_pack
 from hepatoquant.segmentation.inference import SlidingWindowParams, segment_slide, window_grid
 from hepatoquant.segmentation.pack import load_segmenter
 from hepatoquant.slide import Slide

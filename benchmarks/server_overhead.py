@@ -25,7 +25,7 @@ from hepatoquant_client.proto import pb, pb_grpc
 
 from hepatoquant.analysis import AnalysisOptions, analyze_slide
 from hepatoquant.classify import choose_device, load_classifier, predict_batches
-from hepatoquant.model_pack import resolve_model_pack
+from hepatoquant.pack_lookup import resolve_model_pack
 from hepatoquant.outputs import write_outputs
 from hepatoquant.service.engine import ServerConfig
 from hepatoquant.service.server import start_server

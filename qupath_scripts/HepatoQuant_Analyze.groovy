@@ -33,8 +33,17 @@ def IMPORT_TILES = true
 def TILE_OBJECT_TYPE = 'detection'
 // Classes of your selected annotations that are tumour regions ([] = the server's list: Tumor, Tumour, HCC, ...).
 def TUMOUR_CLASS_NAMES = []
-// Pixel size in um/px for slides without it in their metadata (0 = use the slide's).
-def MPP_UM_PX = 0
+// Pixel size in um/px for slides without it in their metadata (null = use the slide's).
+def MPP_UM_PX = null
+// Analysis settings (null = the model pack's or the server's default; a number given, 0 included, is checked).
+def TILE_SIZE_PX = null          // tile side in px at TILE_SPACING_UM_PX (the pack's: 150)
+def TILE_SPACING_UM_PX = null    // tile resolution (the pack's: 0.5 um/px = 20x)
+def MIN_TISSUE_FRACTION = null   // keep tiles with at least this tissue fraction (0.5)
+def TISSUE_THRESHOLD = null      // fixed saturation threshold 0-255 (chosen per slide)
+def WINDOW_OVERLAP = null        // segmenter window overlap (0.25)
+def MIN_FOCUS = null             // leave out tiles less sharp than this; 0 keeps all (50)
+def KEEP_ARTEFACTS = false       // true: also analyse tiles touching pen ink and other artefacts
+def PRECISION = ''               // '', auto, fp32, bf16 or fp16 ('' = the server's)
 // How often to ask the server for progress, and how long to wait for one answer.
 def POLL_SECONDS = 2
 def TIMEOUT_SECONDS = 120
@@ -48,7 +57,11 @@ try {
         throw new HepatoQuantCore.Problem('no image is open; open a slide (or use Run > Run for project) and run the script again')
     }
     def settings = [model: MODEL, segmenterModel: SEGMENTER_MODEL, importTiles: IMPORT_TILES,
-                    tileObjectType: TILE_OBJECT_TYPE, tumourClassNames: TUMOUR_CLASS_NAMES, mppUmPx: MPP_UM_PX]
+                    tileObjectType: TILE_OBJECT_TYPE, tumourClassNames: TUMOUR_CLASS_NAMES, mppUmPx: MPP_UM_PX,
+                    tileSizePx: TILE_SIZE_PX, tileSpacingUmPx: TILE_SPACING_UM_PX,
+                    minTissueFraction: MIN_TISSUE_FRACTION, tissueThreshold: TISSUE_THRESHOLD,
+                    windowOverlap: WINDOW_OVERLAP, minFocus: MIN_FOCUS, keepArtefacts: KEEP_ARTEFACTS,
+                    precision: PRECISION]
     def uri = HepatoQuantCore.singleImageUri(getCurrentServer().getURIs(), imageLabel)
     def slidePath = HepatoQuantCore.mapImagePath(uri, PATH_MAPPINGS)
     def api = new HepatoQuantCore.Api(SERVER_URL, TOKEN, TIMEOUT_SECONDS)
@@ -334,14 +347,24 @@ class HepatoQuantCore {
     // ------------------------------------------------------------------------------------------------------------
     // Jobs: submit, progress, result
 
+    /** Script setting -> AnalysisRequest field, for the numbers and words a pathologist may set (null = not
+     *  given: the server's or the pack's default). A value given, 0 included, is sent and checked there. */
+    static final Map<String, String> REQUEST_FIELDS = [
+            model: 'model', segmenterModel: 'segmenter_model', mppUmPx: 'mpp_um_px', tileSizePx: 'tile_size_px',
+            tileSpacingUmPx: 'tile_spacing_um_px', minTissueFraction: 'min_tissue_fraction',
+            tissueThreshold: 'tissue_threshold', windowOverlap: 'window_overlap', minFocus: 'min_focus',
+            tileObjectType: 'tile_object_type', precision: 'precision']
+
     /** The AnalysisRequest (proto3 JSON) for the slide at serverPath with the script's settings. */
     static Map analysisRequest(String serverPath, Map settings, String regionsGeoJson) {
         Map request = [slide: serverPath]
-        if (settings.model) request.model = settings.model
-        if (settings.segmenterModel) request.segmenter_model = settings.segmenterModel
-        if (settings.mppUmPx) request.mpp_um_px = settings.mppUmPx
-        if (settings.tileObjectType) request.tile_object_type = settings.tileObjectType
+        REQUEST_FIELDS.each { String setting, String field ->
+            def value = settings[setting]
+            if (value != null && value != '') request[field] = value
+        }
         if (settings.containsKey('importTiles') && !settings.importTiles) request.omit_tiles = true
+        if (settings.keepArtefacts) request.keep_artefacts = true
+        if (settings.includeEmbeddings) request.include_embeddings = true
         if (settings.tumourClassNames) request.tumour_class_names = settings.tumourClassNames as List
         if (regionsGeoJson) request.regions_geojson = regionsGeoJson
         return request

@@ -291,14 +291,24 @@ class HepatoQuantCore {
     // ------------------------------------------------------------------------------------------------------------
     // Jobs: submit, progress, result
 
+    /** Script setting -> AnalysisRequest field, for the numbers and words a pathologist may set (null = not
+     *  given: the server's or the pack's default). A value given, 0 included, is sent and checked there. */
+    static final Map<String, String> REQUEST_FIELDS = [
+            model: 'model', segmenterModel: 'segmenter_model', mppUmPx: 'mpp_um_px', tileSizePx: 'tile_size_px',
+            tileSpacingUmPx: 'tile_spacing_um_px', minTissueFraction: 'min_tissue_fraction',
+            tissueThreshold: 'tissue_threshold', windowOverlap: 'window_overlap', minFocus: 'min_focus',
+            tileObjectType: 'tile_object_type', precision: 'precision']
+
     /** The AnalysisRequest (proto3 JSON) for the slide at serverPath with the script's settings. */
     static Map analysisRequest(String serverPath, Map settings, String regionsGeoJson) {
         Map request = [slide: serverPath]
-        if (settings.model) request.model = settings.model
-        if (settings.segmenterModel) request.segmenter_model = settings.segmenterModel
-        if (settings.mppUmPx) request.mpp_um_px = settings.mppUmPx
-        if (settings.tileObjectType) request.tile_object_type = settings.tileObjectType
+        REQUEST_FIELDS.each { String setting, String field ->
+            def value = settings[setting]
+            if (value != null && value != '') request[field] = value
+        }
         if (settings.containsKey('importTiles') && !settings.importTiles) request.omit_tiles = true
+        if (settings.keepArtefacts) request.keep_artefacts = true
+        if (settings.includeEmbeddings) request.include_embeddings = true
         if (settings.tumourClassNames) request.tumour_class_names = settings.tumourClassNames as List
         if (regionsGeoJson) request.regions_geojson = regionsGeoJson
         return request

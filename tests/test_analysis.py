@@ -206,4 +206,13 @@ def test_unwritable_output_folder_is_a_clear_error(
     code = main(["analyze", str(synthetic_slide), "--model", str(tiny_pack.path), "--out", str(blocker / "out"),
                  "--no-progress"])
     assert code == 2
-    assert "could not write the outputs" in capsys.readouterr().err
+    assert "--out" in (err := capsys.readouterr().err) and "is a file" in err  # found before the slide is read
+    # written at the end too (a disk that fills during the run): the same clear error, nothing partial
+    from hepatoquant.analysis import AnalysisOptions, analyze_slide
+    from hepatoquant.errors import OutputWriteError
+    from hepatoquant.outputs import write_outputs
+
+    result = analyze_slide(synthetic_slide, tiny_pack, AnalysisOptions())
+    with pytest.raises(OutputWriteError, match="could not write the outputs"):
+        write_outputs(result, blocker / "out")
+    assert blocker.read_text() == "not a folder"

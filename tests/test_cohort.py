@@ -14,6 +14,7 @@ import pytest
 from hepatoquant.cli import EXIT_SOME_SLIDES_FAILED, main
 from hepatoquant.cohort.engines import run_cohort
 from hepatoquant.cohort.inputs import read_cohort
+from hepatoquant.analysis_request import AnalysisRequest
 from hepatoquant.cohort.runner import AnalysisSettings, is_complete, slide_folder
 from hepatoquant.model_pack import ensure_demo_pack
 
@@ -72,6 +73,20 @@ def test_local_engine_analyses_every_good_slide_and_records_the_corrupt_one(loca
     assert not list((local_run / "slides").glob(".*"))  # no temporary folder left behind
 
 
+def test_the_per_slide_csvs_and_cohort_csv_concatenate(local_run: Path) -> None:
+    """One row definition (the client's report_row): the per-slide <slide>.csv rows and cohort.csv share their
+    header, and a slide's row is the same in both but for its name (file stem vs cohort id)."""
+    cohort_text = (local_run / "cohort.csv").read_text()
+    header = cohort_text.splitlines()[0]
+    cohort_rows = {row["slide"]: row for row in csv.DictReader(cohort_text.splitlines())}
+    for slide_id in GOOD:
+        [per_slide] = slide_folder(local_run, slide_id).glob("*.csv")
+        lines = per_slide.read_text().splitlines()
+        assert lines[0] == header and len(lines) == 2
+        [row] = csv.DictReader(lines)
+        assert {**row, "slide": slide_id} == cohort_rows[slide_id]
+
+
 def test_ray_gives_the_same_results_and_a_second_run_skips_what_is_complete(
         local_run: Path, cohort: Path, models: Path, tmp_path: Path) -> None:
     out = tmp_path / "ray"
@@ -85,7 +100,7 @@ def test_ray_gives_the_same_results_and_a_second_run_skips_what_is_complete(
     shutil.rmtree(slide_folder(out, "gen-b"))
     (slide_folder(out, "gen-b")).mkdir()  # an incomplete folder (no report) never counts as complete
     seen = []
-    settings = AnalysisSettings(model="demo", segmenter=None, models_dir=str(models), tile_size_px=300)
+    settings = AnalysisSettings(AnalysisRequest(model="demo", segmenter_model="none", tile_size_px=300), models_dir=str(models))
     outcomes = run_cohort(read_cohort(cohort), settings, out, engine="ray", workers=2, on_outcome=seen.append)
     assert sorted(o.slide_id for o in seen if o.skipped) == ["cmu", "gen-a", "tcga"]
     assert outcomes["gen-b"].ok and not outcomes["gen-b"].skipped and is_complete(out, "gen-b")
@@ -112,7 +127,7 @@ def test_outputs_at_an_fsspec_url_count_only_once_complete(cohort: Path, models:
     """file:// stands in for s3:// and the like: uploaded files, then the marker; no marker, not complete."""
     items = [i for i in read_cohort(cohort) if i.slide_id in ("gen-a", "broken")]
     url = (tmp_path / "bucket").as_uri()
-    settings = AnalysisSettings(model="demo", segmenter=None, models_dir=str(models), tile_size_px=300)
+    settings = AnalysisSettings(AnalysisRequest(model="demo", segmenter_model="none", tile_size_px=300), models_dir=str(models))
     outcomes = run_cohort(items, settings, url, engine="local", workers=1)
     assert outcomes["gen-a"].ok and not outcomes["broken"].ok
     from hepatoquant.cohort.runner import write_tables

@@ -100,6 +100,8 @@ def test_meta_build_allocates_nothing(name: str) -> None:
     encoder = create_encoder(name, device="meta")
     assert all(p.device.type == "meta" for p in encoder.parameters())
     assert all(b.device.type == "meta" for b in encoder.buffers())
+    # the config says whether other input sizes work (segmenter packs rely on it) as the built model does
+    assert encoder_config(name).dynamic_img_size == bool(getattr(encoder.backbone, "dynamic_img_size", False))
 
 
 @pytest.mark.parametrize(

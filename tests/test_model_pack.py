@@ -26,8 +26,9 @@ from hepatoquant.model_pack import (
     ensure_demo_pack,
     list_model_packs,
     load_model_pack,
-    resolve_model_pack,
 )
+from hepatoquant import pack_lookup
+from hepatoquant.pack_lookup import resolve_model_pack
 
 TINY = "test_vit_micro"
 
@@ -271,7 +272,7 @@ def test_resolve_demo_makes_it_in_the_models_dir(tmp_path: Path, monkeypatch: py
         made.append(models_dir)
         return real(models_dir, encoder=TINY)
 
-    monkeypatch.setattr(model_pack, "ensure_demo_pack", tiny_demo)
+    monkeypatch.setattr(pack_lookup, "ensure_demo_pack", tiny_demo)
     pack = resolve_model_pack(DEMO_PACK_NAME, tmp_path)
     assert made == [tmp_path]
     assert pack.path == tmp_path / DEMO_PACK_NAME and pack.is_untrained_demo
@@ -569,3 +570,28 @@ def test_cli_models_add_bad_name_is_a_user_error(tmp_path: Path, make_tiny_check
     argv = ["--models-dir", str(models), "models", "add", str(make_tiny_checkpoint()), "--encoder", TINY]
     assert main([*argv, "--name", "bad name"]) == 2
     assert "'bad name'" in _one_line_error(capsys)
+
+
+@pytest.mark.parametrize(("encoder", "input_size", "loads"), [("uni", 256, True), ("uni", 250, False),
+                                                              ("demo_vit_tiny", 256, False)])
+def test_a_segmenter_pack_may_use_other_window_sizes_on_dynamic_encoders(tmp_path: Path, encoder: str,
+                                                                         input_size: int, loads: bool) -> None:
+    """PFM_Segmentation trains at 256 px on UNI; `import-pfmseg --input-size 256` wrote such a pack, which
+    loading then refused. Other sizes: whole patches, on encoders built with dynamic image sizes only."""
+    import json
+    import shutil
+
+    from hepatoquant.segmentation.pack import ensure_demo_segmentation_pack
+
+    demo = ensure_demo_segmentation_pack(tmp_path / "models")
+    copy = tmp_path / "other-size"
+    shutil.copytree(demo.path, copy)
+    manifest = json.loads((copy / "hepatoquant-model.json").read_text())
+    manifest["encoder"]["name"] = encoder
+    manifest["input_size_px"] = input_size
+    (copy / "hepatoquant-model.json").write_text(json.dumps(manifest))
+    if loads:
+        assert load_model_pack(copy).input_size_px == input_size
+    else:
+        with pytest.raises(ModelPackError, match=f"declares input {input_size} px"):
+            load_model_pack(copy)

@@ -218,6 +218,28 @@ def test_plain_logic_files_and_tables(groovy: list[str], tmp_path: Path) -> None
     assert "is not QuPath GeoJSON" in outcomes[10]["error"]["message"]
 
 
+def test_script_settings_reach_every_request_field(groovy: list[str], tmp_path: Path) -> None:
+    """The Analyze script's settings map onto AnalysisRequest (the one schema, issue 18): every field but the
+    embeddings (kept on the server; QuPath has no use for them) is reachable, and a 0 given is sent as 0."""
+    from google.protobuf import json_format
+
+    from hepatoquant_client.proto import pb
+
+    settings = {"model": "demo", "segmenterModel": "demo-seg", "mppUmPx": 0.25, "tileSizePx": 224,
+                "tileSpacingUmPx": 1.0, "minTissueFraction": 0, "tissueThreshold": 20, "windowOverlap": 0.5,
+                "minFocus": 0, "tileObjectType": "tile", "precision": "fp32", "importTiles": False,
+                "keepArtefacts": True, "includeEmbeddings": True, "tumourClassNames": ["HCC"]}
+    [made] = _core_calls(groovy, tmp_path, [{"static": "analysisRequest", "args": ["a.svs", settings, "{}"]}])
+    request = json_format.ParseDict(made["value"], pb.AnalysisRequest())
+    unset = [f.name for f in pb.AnalysisRequest.DESCRIPTOR.fields
+             if not (request.HasField(f.name) if f.has_presence else getattr(request, f.name))]
+    assert unset == [], (unset, made["value"])
+    assert request.min_focus == 0 and request.min_tissue_fraction == 0 and request.tile_size_px == 224
+    script = (SCRIPTS / "HepatoQuant_Analyze.groovy").read_text()
+    for key in set(settings) - {"includeEmbeddings"}:  # each one is a setting at the script's top
+        assert f"{key}:" in script, key
+
+
 def test_plain_logic_analyses_a_slide_through_the_gateway(groovy: list[str], tmp_path: Path, server) -> None:
     api = {"url": server["url"] + "/", "token": TOKEN}
     [info, outcome] = _core_calls(groovy, tmp_path, [

@@ -125,6 +125,14 @@ def test_a_result_counted_under_another_report_schema_is_not_reused(stub, monkey
         ({"slide": "synthetic.tiff", "regions_geojson": "{not json"}, grpc.StatusCode.INVALID_ARGUMENT, "regions_geojson"),
         ({"slide": "synthetic.tiff", "model": "nope"}, grpc.StatusCode.NOT_FOUND, "no model pack 'nope'"),
         ({"slide": "synthetic.tiff", "tile_size_px": 5}, grpc.StatusCode.INVALID_ARGUMENT, "tile size 5 px"),
+        # explicit 0 is validated, never read as "the pack's default"; every option is checked before a job exists
+        ({"slide": "synthetic.tiff", "tile_size_px": 0}, grpc.StatusCode.INVALID_ARGUMENT, "tile size 0 px"),
+        ({"slide": "synthetic.tiff", "tile_spacing_um_px": 0}, grpc.StatusCode.INVALID_ARGUMENT, "tile spacing 0.0"),
+        ({"slide": "synthetic.tiff", "mpp_um_px": 0}, grpc.StatusCode.INVALID_ARGUMENT, "mpp_um_px = 0.0"),
+        ({"slide": "synthetic.tiff", "min_focus": -1}, grpc.StatusCode.INVALID_ARGUMENT, "minimum focus -1"),
+        ({"slide": "synthetic.tiff", "window_overlap": 0.95}, grpc.StatusCode.INVALID_ARGUMENT, "window overlap 0.95"),
+        ({"slide": "synthetic.tiff", "tissue_threshold": 300}, grpc.StatusCode.INVALID_ARGUMENT, "saturation threshold 300"),
+        ({"slide": "synthetic.tiff", "precision": "fp8"}, grpc.StatusCode.INVALID_ARGUMENT, "precision 'fp8'"),
         ({"slide": ""}, grpc.StatusCode.INVALID_ARGUMENT, "names no slide"),
     ],
 )

@@ -50,20 +50,9 @@ __all__ = [
     "UnauthenticatedError",
 ]
 
-#: ``AnalysisRequest`` fields that ``Client.submit`` / ``Client.analyze`` take as keyword options.
-ANALYSIS_OPTIONS: tuple[str, ...] = (
-    "mpp_um_px",
-    "regions_geojson",
-    "model",
-    "segmenter_model",
-    "tile_size_px",
-    "tile_spacing_um_px",
-    "min_tissue_fraction",
-    "tumour_class_names",
-    "tile_object_type",
-    "omit_tiles",
-    "include_embeddings",
-)
+#: ``AnalysisRequest`` fields that ``Client.submit`` / ``Client.analyze`` take as keyword options: all of them
+#: but the slide, read from the proto so that a field added there is an option here at once.
+ANALYSIS_OPTIONS: tuple[str, ...] = tuple(f.name for f in pb.AnalysisRequest.DESCRIPTOR.fields if f.name != "slide")
 #: The most tiles one ``TileBatch`` message may hold (the server refuses more).
 MAX_TILES_PER_BATCH = 512
 
@@ -606,10 +595,9 @@ class Client:
 
     def submit(self, slide: str | os.PathLike[str], **options: Any) -> str:
         """Queue an analysis of ``slide`` (a path on the server: absolute, or relative to its first slide root)
-        and return the job id. Options are ``AnalysisRequest`` fields: ``mpp_um_px``, ``regions_geojson`` (GeoJSON
-        text, or a path to a ``.geojson`` file, read here and sent as text), ``model``, ``segmenter_model``,
-        ``tile_size_px``, ``tile_spacing_um_px``, ``min_tissue_fraction``, ``tumour_class_names``,
-        ``tile_object_type``, ``omit_tiles``, ``include_embeddings``. An identical earlier request is reused."""
+        and return the job id. Options are the ``AnalysisRequest`` fields (:data:`ANALYSIS_OPTIONS`; None = not
+        given), ``regions_geojson`` as GeoJSON text or a path to a ``.geojson`` file (read here and sent as text).
+        An identical earlier request is reused."""
         return self._submit(slide, **options).job_id
 
     def _submit(self, slide: str | os.PathLike[str], **options: Any) -> pb.Job:

@@ -33,6 +33,7 @@ __all__ = [
     "cohort_columns",
     "cohort_rows",
     "composition_columns",
+    "report_row",
     "summary_table",
     "write_cohort",
 ]
@@ -40,7 +41,8 @@ __all__ = [
 #: Region classes with columns of their own, in column order (``unassigned``: tiles outside every region).
 COHORT_REGION_CLASSES: tuple[str, ...] = ("tumour", "non_tumour", "tissue", "unassigned")
 
-_LEADING_COLUMNS = ("slide", "job_id", "model", "model_status", "segmenter", "segmenter_status", "tile_count")
+_LEADING_COLUMNS = ("slide", "job_id", "slide_path", "model", "model_status", "segmenter", "segmenter_status",
+                    "mpp_um_px", "tissue_area_mm2", "tile_count")
 
 
 class CohortError(HepatoQuantError, ValueError):
@@ -64,44 +66,49 @@ def composition_columns() -> list[str]:
     return columns
 
 
-def _row(slide_id: str, outcome: AnalysisOutcome) -> dict[str, Any]:
+def report_row(report: dict[str, Any], *, slide: str, job_id: str | None = None) -> dict[str, Any]:
+    """The cohort row of one slide, from its versioned report: the one definition of a row, used by the
+    server's per-slide ``<slide>.csv``, ``hepatoquant cohort run``'s ``cohort.csv`` and :func:`cohort_rows`, so
+    that any of their rows concatenate. Cells of region classes the slide lacks, percentages of region classes
+    without tiles (no data, not 0 %) and the job id of a run without a server stay ``None``."""
     row: dict[str, Any] = dict.fromkeys(cohort_columns())
-    report = outcome.report or {}
     model = report.get("model") or {}
     segmenter = report.get("segmenter") or {}
+    slide_info = report.get("slide") or {}
     row.update(
-        slide=slide_id,
-        job_id=outcome.job_id,
+        slide=slide,
+        job_id=job_id or None,
+        slide_path=slide_info.get("path"),
         model=model.get("name") or None,
-        model_status=outcome.model_status or report.get("model_status") or None,
+        model_status=report.get("model_status") or None,
         segmenter=segmenter.get("name") or None,
-        segmenter_status=segmenter.get("model_status") or report.get("segmenter_model_status") or None,
+        segmenter_status=segmenter.get("model_status") or None,
+        mpp_um_px=slide_info.get("mpp_um_px"),
+        tissue_area_mm2=(report.get("tissue") or {}).get("area_mm2"),
         tile_count=(report.get("tiles") or {}).get("count"),
     )
-    for entry in outcome.region_classes:
-        prefix = entry.region_class
+    composition = report.get("composition") or {}
+    for entry in composition.get("region_classes") or []:
+        prefix = entry["region_class"]
         if prefix not in COHORT_REGION_CLASSES:
             continue
-        if prefix != "unassigned":  # tiles outside every region have no polygon, so no region area
-            row[f"{prefix}_region_area_mm2"] = float(entry.region_area_mm2)
-        row[f"{prefix}_tiles"] = int(entry.tile_count)
-        row[f"{prefix}_tile_area_mm2"] = float(entry.tile_area_mm2)
-        for share in entry.classes:
-            column = f"{prefix}_{share.code}_pct"
-            if column in row and share.percent is not None:  # no tiles: empty cell, not 0 %
-                row[column] = float(share.percent)
-    for key, percent in outcome.headline_indicators.items():
-        region_class, _, code = key.partition("/")
-        column = f"headline_{region_class}_{code}_pct"
-        if column in row:
-            row[column] = float(percent)
-    if row["tile_count"] is None:
-        row["tile_count"] = sum(e.tile_count for e in outcome.region_classes)
+        if entry.get("region_area_mm2") is not None:  # tiles outside every region have no polygon, so no area
+            row[f"{prefix}_region_area_mm2"] = float(entry["region_area_mm2"])
+        row[f"{prefix}_tiles"] = int(entry["tile_count"])
+        row[f"{prefix}_tile_area_mm2"] = float(entry["tile_area_mm2"])
+        for code, percent in (entry.get("class_percent") or {}).items():  # null: no tiles, so empty cells
+            if f"{prefix}_{code}_pct" in row and percent is not None:
+                row[f"{prefix}_{code}_pct"] = float(percent)
+    for region_class, values in (composition.get("headline_indicators_percent") or {}).items():
+        for code, percent in values.items():
+            if f"headline_{region_class}_{code}_pct" in row and percent is not None:
+                row[f"headline_{region_class}_{code}_pct"] = float(percent)
     return row
 
 
-def cohort_rows(outcomes: Iterable[tuple[str, AnalysisOutcome]]) -> list[dict[str, Any]]:
-    """One row per ``(slide_id, outcome)``, keys in :func:`cohort_columns` order; a repeated slide id raises
+def cohort_rows(outcomes: Iterable[tuple[str, AnalysisOutcome | dict[str, Any]]]) -> list[dict[str, Any]]:
+    """One row per ``(slide_id, outcome)`` (an :class:`AnalysisOutcome`, or a report as a dict), keys in
+    :func:`cohort_columns` order (:func:`report_row`); a repeated slide id raises
     :class:`CohortError` (two rows for one slide would be counted twice in any statistic)."""
     rows: list[dict[str, Any]] = []
     seen: set[str] = set()
@@ -111,7 +118,10 @@ def cohort_rows(outcomes: Iterable[tuple[str, AnalysisOutcome]]) -> list[dict[st
         if slide_id in seen:
             raise CohortError(f"slide {slide_id!r} appears twice in the cohort; give each slide one outcome")
         seen.add(slide_id)
-        rows.append(_row(slide_id, outcome))
+        if isinstance(outcome, dict):  # a report read from an output folder (cohort run)
+            rows.append(report_row(outcome, slide=slide_id))
+        else:
+            rows.append(report_row(outcome.report, slide=slide_id, job_id=outcome.job_id))
     return rows
 
 

@@ -37,29 +37,10 @@ def _build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--regions", type=Path, help="QuPath GeoJSON of region annotations (e.g. tumour outlines)")
     analyze.add_argument("--mpp", type=float, help="pixel size in um/px, for slides without it in their metadata")
     analyze.add_argument("--out", type=Path, default=Path("hepatoquant-results"), help="output folder")
-    analyze.add_argument("--model", default="demo", help="classifier pack name or folder (default: the demo pack)")
-    analyze.add_argument(
-        "--seg-model", default=os.environ.get("HEPATOQUANT_SEG_MODEL", "none"),
-        help="segmenter pack for tumour / non-tumour regions, or 'none' for the whole tissue as one region "
-        "(default: $HEPATOQUANT_SEG_MODEL or none; 'demo-seg' is the untrained demo). --regions wins over it",
-    )
-    analyze.add_argument("--window-overlap", type=float, default=0.25, help="segmentation window overlap fraction")
-    analyze.add_argument("--tile-size", type=int, default=None, help="tile size in px at --tile-spacing (default: the pack's, 150)")
-    analyze.add_argument("--tile-spacing", type=float, default=None, help="tile resolution in um/px (default: the pack's, 0.5 = 20x)")
-    analyze.add_argument("--min-tissue-fraction", type=float, default=0.5, help="keep tiles with at least this tissue fraction")
-    analyze.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
-                         help="encoder precision (auto: bf16 on CPUs with AVX512-BF16/AMX and on GPUs, else fp32)")
-    analyze.add_argument("--tissue-threshold", type=int, default=None, help="fixed saturation threshold 0-255 (default: Otsu)")
-    analyze.add_argument("--tumour-classes", default=None, help="comma-separated QuPath class names that mark tumour regions")
-    analyze.add_argument("--tile-object", choices=("detection", "tile"), default="detection", help="QuPath object type of tiles")
-    analyze.add_argument("--min-focus", type=float, default=50.0,
-                         help="leave out tiles whose focus score (variance of the Laplacian) is below this; 0 keeps all")
-    analyze.add_argument("--keep-artefacts", action="store_true",
-                         help="also analyse tiles touching detected artefacts (pen ink, ...); by default they are left out")
+    _add_request_flags(analyze)
     analyze.add_argument("--batch-size", type=int, default=32)
     analyze.add_argument("--workers", type=int, default=2, help="parallel tile readers")
     analyze.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    analyze.add_argument("--save-embeddings", action="store_true", help="also write tile embeddings (.npz)")
     analyze.add_argument("--no-progress", action="store_true", help="no progress bar (for logs)")
 
     models = commands.add_parser("models", help="list or add model packs")
@@ -95,7 +76,10 @@ def _build_parser() -> argparse.ArgumentParser:
     pfm.add_argument("--input-size", type=int, help="window side in px (default: the encoder's, 224); a multiple "
                      "of the patch size")
     pfm.add_argument("--lora-scaling", choices=("alpha", "alpha/r"),
-                     help="their models/lora.py: self.scale = lora_alpha (first version) or lora_alpha / r (later)")
+                     help="how their LoRALinear scaled the LoRA path: alpha (self.scale = lora_alpha, as in "
+                     "PFM_Segmentation's models/lora.py at ca80211 and f83b1e9; the default unless the checkpoint's "
+                     "config names one) or alpha/r (a models/lora.py with self.scale = lora_alpha / r, as at their "
+                     "commit 4bf40a9 or in a fork)")
     pfm.add_argument("--lora-alpha", type=float, help="LoRA alpha (default: the checkpoint's config)")
     pfm.add_argument("--overwrite", action="store_true", help="replace an existing pack of that name")
     demo = commands.add_parser("demo", help="the main job through the server: start it, submit, watch, fetch, stop")
@@ -146,6 +130,60 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_request_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags of an ``AnalysisRequest`` that are the same for every slide (``analyze`` and ``cohort run``
+    share them; ``hepatoquant.analysis_request.CLI_FLAGS`` maps them to the request's fields). Defaults are
+    None: absent means "not given", resolved in one place (``analysis_request.resolve_options``)."""
+    parser.add_argument("--model", default="demo", help="classifier pack name or folder (default: the demo pack)")
+    parser.add_argument(
+        "--seg-model", default=os.environ.get("HEPATOQUANT_SEG_MODEL", "none"),
+        help="segmenter pack for tumour / non-tumour regions, or 'none' for the whole tissue as one region "
+        "(default: $HEPATOQUANT_SEG_MODEL or none; 'demo-seg' is the untrained demo). --regions wins over it",
+    )
+    parser.add_argument("--window-overlap", type=float, help="segmentation window overlap fraction (default 0.25)")
+    parser.add_argument("--tile-size", type=int, help="tile size in px at --tile-spacing (default: the pack's, 150)")
+    parser.add_argument("--tile-spacing", type=float, help="tile resolution in um/px (default: the pack's, 0.5 = 20x)")
+    parser.add_argument("--min-tissue-fraction", type=float,
+                        help="keep tiles with at least this tissue fraction (default 0.5)")
+    parser.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+                        help="encoder precision (auto: bf16 on CPUs with AVX512-BF16/AMX and on GPUs, else fp32)")
+    parser.add_argument("--tissue-threshold", type=int, help="fixed saturation threshold 0-255 (default: per slide)")
+    parser.add_argument("--tumour-classes", help="comma-separated QuPath class names that mark tumour regions")
+    parser.add_argument("--tile-object", choices=("detection", "tile"), default="detection",
+                        help="QuPath object type of tiles")
+    parser.add_argument("--omit-tiles", action="store_true",
+                        help="leave the tile objects out of the GeoJSON (region annotations only)")
+    parser.add_argument("--min-focus", type=float,
+                        help="leave out tiles whose focus score (variance of the Laplacian) is below this; 0 keeps "
+                        "all (default 50)")
+    parser.add_argument("--keep-artefacts", action="store_true",
+                        help="also analyse tiles touching detected artefacts (pen ink, ...); by default they are left out")
+    parser.add_argument("--save-embeddings", action="store_true", help="also write tile embeddings (.npz)")
+
+
+def _analysis_request(args: argparse.Namespace):
+    """The ``AnalysisRequest`` the flags ask for (slide, MPP and regions only for ``analyze``: a cohort's come
+    from its CSV, per slide). The regions file stays a path (``resolve_options(regions_path=...)``)."""
+    from hepatoquant_client._generated.hepatoquant.v1 import hepatoquant_pb2 as pb
+
+    request = pb.AnalysisRequest(
+        model=args.model, segmenter_model=args.seg_model, tile_object_type=args.tile_object,
+        omit_tiles=args.omit_tiles, include_embeddings=args.save_embeddings, keep_artefacts=args.keep_artefacts,
+        precision=args.precision,
+        tumour_class_names=[n.strip() for n in (args.tumour_classes or "").split(",") if n.strip()],
+    )
+    for field, value in (("tile_size_px", args.tile_size), ("tile_spacing_um_px", args.tile_spacing),
+                         ("min_tissue_fraction", args.min_tissue_fraction), ("tissue_threshold", args.tissue_threshold),
+                         ("window_overlap", args.window_overlap), ("min_focus", args.min_focus)):
+        if value is not None:
+            setattr(request, field, value)
+    if args.command == "analyze":
+        request.slide = str(args.slide)
+        if args.mpp is not None:
+            request.mpp_um_px = args.mpp
+    return request
+
+
 def _add_cohort_parser(commands) -> None:
     cohort = commands.add_parser("cohort", help="analyse many slides: on this machine or a Ray cluster")
     steps = cohort.add_subparsers(dest="cohort_command", required=True)
@@ -157,14 +195,10 @@ def _add_cohort_parser(commands) -> None:
     run.add_argument("--engine", choices=("local", "ray"), default="local")
     run.add_argument("--address", help="Ray cluster address (auto, ray://host:10001); default: Ray on this machine")
     run.add_argument("--workers", type=int, default=1, help="slides analysed at once (one model copy each)")
-    run.add_argument("--model", default="demo", help="classifier pack (default: the untrained demo)")
-    run.add_argument("--seg-model", default="none", help="segmenter pack, or none (whole tissue as one region)")
     run.add_argument("--device", default="cpu", help="cpu, cuda, or auto")
     run.add_argument("--batch-size", type=int, default=32)
     run.add_argument("--reader-workers", type=int, default=2, help="tile-reading threads per slide")
-    run.add_argument("--tile-size", type=int, default=None)
-    run.add_argument("--tumour-classes", default=None, help="comma-separated region classes that are tumour")
-    run.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto")
+    _add_request_flags(run)
 
 
 def _add_bench_parser(commands) -> None:
@@ -270,6 +304,7 @@ def _check_inputs(args: argparse.Namespace) -> None:
             raise InvalidParameterError(f"cohort {str(args.cohort)!r} does not exist; give a cohort CSV or a "
                                         "folder of slides")
         require_positive(args.tile_size, what="--tile-size", integer=True)
+        require_positive(args.tile_spacing, what="--tile-spacing")
         require_positive(args.batch_size, what="--batch-size", integer=True)
         require_positive(args.workers, what="--workers", integer=True)
         require_positive(args.reader_workers, what="--reader-workers", integer=True)
@@ -315,49 +350,24 @@ def _check_inputs(args: argparse.Namespace) -> None:
 def _analyze(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from hepatoquant.analysis import AnalysisOptions, analyze_slide, demo_model_warning
+    from hepatoquant.analysis import analyze_slide, demo_model_warning
+    from hepatoquant.analysis_request import Runtime, resolve_options
     from hepatoquant.cli_display import progress_bar, summary_table
-    from hepatoquant.model_pack import resolve_model_pack
+    from hepatoquant.pack_lookup import resolve_model_pack
     from hepatoquant.outputs import write_outputs
-    from hepatoquant.regions import DEFAULT_TUMOUR_CLASS_NAMES
-    from hepatoquant.segmentation.inference import SlidingWindowParams
-    from hepatoquant.tiling import TileSpec
-    from hepatoquant.tissue import TissueDetectionParams
 
     console = Console(stderr=True)
-    pack = resolve_model_pack(args.model, args.models_dir)
-    segmenter = None if args.seg_model == "none" else resolve_model_pack(args.seg_model, args.models_dir)
+    request = _analysis_request(args)
+    pack = resolve_model_pack(request.model, args.models_dir)
+    segmenter = None if request.segmenter_model == "none" else resolve_model_pack(request.segmenter_model, args.models_dir)
     shown_first = [demo_model_warning(p) for p in (pack, segmenter) if p is not None and p.is_untrained_demo]
     for warning in shown_first:
         console.print(f"[bold yellow]warning:[/] {warning}")
-    tumour_classes = (
-        tuple(n.strip() for n in args.tumour_classes.split(",") if n.strip())
-        if args.tumour_classes
-        else DEFAULT_TUMOUR_CLASS_NAMES
-    )
-    options = AnalysisOptions(
-        tile=TileSpec(
-            tile_size_px=pack.tile_size_px if args.tile_size is None else args.tile_size,
-            spacing_um_px=pack.spacing_um_px if args.tile_spacing is None else args.tile_spacing,
-            min_tissue_fraction=args.min_tissue_fraction,
-        ),
-        tissue=TissueDetectionParams(saturation_threshold=args.tissue_threshold),
-        mpp_override_um_px=args.mpp,
-        regions_path=args.regions,
-        tumour_class_names=tumour_classes,
-        batch_size=args.batch_size,
-        num_workers=args.workers,
-        device=args.device,
-        keep_embeddings=args.save_embeddings,
-        tile_object_type=args.tile_object,
-        windows=SlidingWindowParams(overlap=args.window_overlap, num_workers=args.workers),
-        precision=args.precision,
-        min_focus=args.min_focus,
-        keep_artefacts=args.keep_artefacts,
-    )
+    runtime = Runtime(device=args.device, batch_size=args.batch_size, num_workers=args.workers)
+    options = resolve_options(request, pack, runtime, regions_path=args.regions)
     with progress_bar(console, disabled=args.no_progress) as on_progress:
         result = analyze_slide(args.slide, pack, options, segmenter=segmenter, progress=on_progress)
-    paths = write_outputs(result, args.out)
+    paths = write_outputs(result, args.out, include_tiles=not request.omit_tiles)
     for warning in result.warnings:
         if warning not in shown_first:
             console.print(f"[yellow]warning:[/] {warning}")
@@ -504,7 +514,7 @@ def _seg_train(args: argparse.Namespace) -> int:
 def _seg_eval(args: argparse.Namespace) -> int:
     from hepatoquant.classify import choose_device
     from hepatoquant.errors import InvalidParameterError
-    from hepatoquant.model_pack import resolve_model_pack
+    from hepatoquant.pack_lookup import resolve_model_pack
     from hepatoquant.segmentation.evaluate import write_evaluation
     from hepatoquant.segmentation.evaluation_runs import evaluate_on_pairs, evaluate_on_slides
     from hepatoquant.segmentation.metrics import scores_markdown
@@ -547,7 +557,7 @@ def _bench(args: argparse.Namespace) -> int:
         return 0
     from hepatoquant.bench.probe import ProbeConfig
     from hepatoquant.classify import choose_device
-    from hepatoquant.model_pack import resolve_model_pack
+    from hepatoquant.pack_lookup import resolve_model_pack
 
     from rich.progress import Progress
 
@@ -590,21 +600,21 @@ def _cohort_run(args: argparse.Namespace) -> int:
 
     from hepatoquant.cohort.engines import run_cohort
     from hepatoquant.cohort.inputs import read_cohort
+    from hepatoquant.analysis_request import Runtime
     from hepatoquant.cohort.runner import AnalysisSettings, write_tables
-    from hepatoquant.model_pack import ensure_demo_pack, resolve_model_pack
+    from hepatoquant.model_pack import ensure_demo_pack
+    from hepatoquant.pack_lookup import resolve_model_pack
 
     items = read_cohort(args.cohort)
-    if args.model == "demo":
+    request = _analysis_request(args)
+    if request.model == "demo":
         ensure_demo_pack(args.models_dir)  # made once here, not by every worker at the same time
-    resolve_model_pack(args.model, args.models_dir)  # a wrong pack name fails before anything runs
-    if args.seg_model != "none":
-        resolve_model_pack(args.seg_model, args.models_dir)
+    resolve_model_pack(request.model, args.models_dir)  # a wrong pack name fails before anything runs
+    if request.segmenter_model != "none":
+        resolve_model_pack(request.segmenter_model, args.models_dir)
     settings = AnalysisSettings(
-        model=args.model, segmenter=None if args.seg_model == "none" else args.seg_model,
-        models_dir=str(args.models_dir) if args.models_dir else None, device=args.device, batch_size=args.batch_size,
-        reader_workers=args.reader_workers, tile_size_px=args.tile_size, precision=args.precision,
-        tumour_class_names=tuple(n.strip() for n in args.tumour_classes.split(",") if n.strip())
-        if args.tumour_classes else (),
+        request=request, models_dir=str(args.models_dir) if args.models_dir else None,
+        runtime=Runtime(device=args.device, batch_size=args.batch_size, num_workers=args.reader_workers),
     )
     console = Console(stderr=True)
     counts = {"done": 0, "failed": 0, "skipped": 0, "tiles": 0}

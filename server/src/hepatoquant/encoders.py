@@ -54,6 +54,7 @@ class EncoderConfig:
     recommended_dtype: str = "bfloat16"
     licence_note: str = ""
     weights_source: str = ""
+    dynamic_img_size: bool = False  # built to take other input sizes (whole patches): segmenter windows
 
 
 class Encoder(nn.Module):
@@ -107,6 +108,7 @@ def _register(config: EncoderConfig) -> Callable[[_Builder], _Builder]:
         pooling="cls",
         licence_note="CC BY-NC-ND 4.0, research use only; weights from the gated MahmoodLab/UNI repository",
         weights_source="hf_hub: MahmoodLab/UNI (pytorch_model.bin)",
+        dynamic_img_size=True,
     )
 )
 def uni() -> nn.Module:
@@ -128,6 +130,7 @@ def uni() -> nn.Module:
         recommended_dtype="float16",
         licence_note="CC BY-NC-ND 4.0, research use only; weights from the gated paige-ai/Virchow2 repository",
         weights_source="hf_hub: paige-ai/Virchow2 (pytorch_model.bin)",
+        dynamic_img_size=True,
     )
 )
 def virchow2() -> nn.Module:
@@ -149,6 +152,7 @@ def virchow2() -> nn.Module:
         pooling="cls",
         licence_note="Prov-GigaPath licence (research use only); weights from the gated prov-gigapath repository",
         weights_source="hf_hub: prov-gigapath/prov-gigapath (pytorch_model.bin)",
+        dynamic_img_size=True,
     )
 )
 def gigapath() -> nn.Module:

@@ -24,6 +24,14 @@ __all__ = [
     "WeightsNotFoundError",
     "RegionsError",
     "OutputWriteError",
+    "QueueFullError",
+    "JobCancelledError",
+    "ExecutorStoppedError",
+    "JobNotReadyError",
+    "JobNotFoundError",
+    "JobStoreSchemaError",
+    "SlideAccessDeniedError",
+    "UnauthenticatedError",
 ]
 
 
@@ -87,3 +95,41 @@ class OutputWriteError(HepatoQuantError, OSError):
 
 class RegionsError(InvalidGeoJSONError):
     """A regions file that is valid GeoJSON but does not give usable regions for this slide."""
+
+
+# -- the server's own: jobs, queue, access (mapped to status codes in hepatoquant.service.status) --------------
+
+
+class QueueFullError(HepatoQuantError, RuntimeError):
+    """The job queue is at its limit; the client should try again later."""
+
+
+class JobCancelledError(HepatoQuantError, RuntimeError):
+    """Raised inside a running job (by its progress callback) once the job has been cancelled."""
+
+
+class ExecutorStoppedError(HepatoQuantError, RuntimeError):
+    """A job submitted while the server is shutting down."""
+
+
+class JobNotReadyError(HepatoQuantError, RuntimeError):
+    """A result asked for before the job succeeded."""
+
+
+class JobNotFoundError(HepatoQuantError, KeyError):
+    """No job with that id in this server's state directory."""
+
+    # KeyError would show the message in quotes, as if it were a key; ours is a sentence.
+    __str__ = BaseException.__str__
+
+
+class JobStoreSchemaError(HepatoQuantError, RuntimeError):
+    """A job database written by a newer HepatoQuant, whose layout this version cannot read."""
+
+
+class SlideAccessDeniedError(HepatoQuantError, PermissionError):
+    """A slide reference that resolves outside every slide root."""
+
+
+class UnauthenticatedError(HepatoQuantError, PermissionError):
+    """A request without the server's bearer token."""

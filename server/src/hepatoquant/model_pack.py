@@ -173,7 +173,11 @@ def load_model_pack(path: str | Path) -> ModelPack:
         config = encoder_config(pack.encoder_name)
     except InvalidParameterError as exc:
         raise ModelPackError(f"model pack {str(path)!r}: {exc}") from exc
-    if pack.input_size_px != config.input_size_px:
+    # A segmenter may run its windows at another size than the encoder's (PFM_Segmentation checkpoints trained
+    # at 256 px on UNI): whole patches, on an encoder built with dynamic image sizes (checked when imported).
+    other_window = (pack.kind == "segmenter" and config.dynamic_img_size
+                    and pack.input_size_px % config.patch_size_px == 0 and pack.input_size_px >= config.patch_size_px)
+    if pack.input_size_px != config.input_size_px and not other_window:
         raise ModelPackError(
             f"model pack {str(path)!r} declares input {pack.input_size_px} px but encoder {config.name!r} takes "
             f"{config.input_size_px} px; fix input_size_px in {MANIFEST_NAME}"
@@ -182,27 +186,6 @@ def load_model_pack(path: str | Path) -> ModelPack:
         if weights is not None and not weights.is_file():
             raise ModelPackError(f"model pack {str(path)!r} lacks its weight file {weights.name!r}; recreate the pack")
     return pack
-
-
-def resolve_model_pack(name_or_path: str, models_dir: Path | None = None) -> ModelPack:
-    """A pack by directory path, or by name in ``models_dir``; the demo pack is created when first asked for."""
-    models_dir = models_dir or default_models_dir()
-    candidate = Path(name_or_path)
-    if candidate.is_dir():
-        return load_model_pack(candidate)
-    if name_or_path == DEMO_PACK_NAME:
-        return ensure_demo_pack(models_dir)
-    if name_or_path == DEMO_SEGMENTER_PACK_NAME:
-        from hepatoquant.segmentation.pack import ensure_demo_segmentation_pack
-
-        return ensure_demo_segmentation_pack(models_dir)
-    if (models_dir / name_or_path).is_dir():
-        return load_model_pack(models_dir / name_or_path)
-    known = ", ".join(sorted(p.name for p in _pack_dirs(models_dir))) or "none"
-    raise ModelPackNotFoundError(
-        f"no model pack {name_or_path!r} in {str(models_dir)!r} (packs there: {known}); give a pack directory, "
-        f"add one with `hepatoquant models add`, or use --model {DEMO_PACK_NAME}"
-    )
 
 
 def _pack_dirs(models_dir: Path) -> list[Path]:

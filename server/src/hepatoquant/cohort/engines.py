@@ -106,10 +106,10 @@ def _run_ray(items, settings, out, workers, address, record) -> None:
         if address:
             ray.init(address=address, log_to_driver=False)
         else:  # a Ray instance on this machine, sized to the workers asked for
-            ray.init(num_cpus=workers, num_gpus=0 if settings.device == "cpu" else None,
+            ray.init(num_cpus=workers, num_gpus=0 if settings.runtime.device == "cpu" else None,
                      object_store_memory=256 * 1024 * 1024, include_dashboard=False, log_to_driver=False)
     try:
-        gpus = int(ray.cluster_resources().get("GPU", 0)) if settings.device != "cpu" else 0
+        gpus = int(ray.cluster_resources().get("GPU", 0)) if settings.runtime.device != "cpu" else 0
         count = min(len(items), gpus if gpus else workers)
         actor_class = ray.remote(num_gpus=1 if gpus else 0, num_cpus=1)(_RayWorker)
         idle = [actor_class.remote(settings, out) for _ in range(count)]

@@ -12,6 +12,7 @@ failed slide with its error.
 from __future__ import annotations
 
 import csv
+import json
 import shutil
 import tempfile
 import time
@@ -19,6 +20,7 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hepatoquant.analysis_request import AnalysisRequest, Runtime
 from hepatoquant.cohort.inputs import CohortItem
 from hepatoquant.cohort.storage import OutputStore
 
@@ -27,19 +29,22 @@ __all__ = ["AnalysisSettings", "SlideOutcome", "analyze_item", "is_complete", "s
 
 @dataclass(frozen=True)
 class AnalysisSettings:
-    """What every slide of the cohort is analysed with (plain values: it travels to worker processes)."""
+    """What every slide of the cohort is analysed with: the ``AnalysisRequest`` the ``cohort run`` flags ask
+    for (its slide, MPP and regions come from each CSV row) and this machine's :class:`Runtime`. Plain,
+    picklable values: it travels to worker processes."""
 
-    model: str
-    segmenter: str | None
-    models_dir: str | None
-    device: str = "cpu"
-    batch_size: int = 32
-    reader_workers: int = 2
-    tile_size_px: int | None = None
-    tile_spacing_um_px: float | None = None
-    min_tissue_fraction: float = 0.5
-    tumour_class_names: tuple[str, ...] = ()
-    precision: str = "auto"
+    request: AnalysisRequest
+    models_dir: str | None = None
+    runtime: Runtime = field(default_factory=lambda: Runtime(device="cpu"))
+
+    def for_item(self, item: CohortItem) -> AnalysisRequest:
+        """The request for one slide of the cohort."""
+        request = AnalysisRequest()
+        request.CopyFrom(self.request)
+        request.slide = str(item.slide)
+        if item.mpp_um_px is not None:
+            request.mpp_um_px = item.mpp_um_px
+        return request
 
 
 @dataclass(frozen=True)
@@ -68,11 +73,10 @@ def analyze_item(item: CohortItem, settings: AnalysisSettings, out: str | Path, 
     """Analyses one slide into its output folder; our errors and any other exception become a failed outcome
     (one slide never stops the cohort). ``models`` (an :class:`hepatoquant.analysis.ModelCache`) keeps the
     models loaded between slides."""
-    from hepatoquant.analysis import AnalysisOptions, ModelCache, analyze_slide
-    from hepatoquant.model_pack import resolve_model_pack
+    from hepatoquant.analysis import ModelCache, analyze_slide
+    from hepatoquant.analysis_request import resolve_options
+    from hepatoquant.pack_lookup import resolve_model_pack
     from hepatoquant.outputs import write_outputs
-    from hepatoquant.regions import DEFAULT_TUMOUR_CLASS_NAMES
-    from hepatoquant.tiling import TileSpec
 
     store = OutputStore(out)
     if store.is_complete(item.slide_id):
@@ -81,25 +85,13 @@ def analyze_item(item: CohortItem, settings: AnalysisSettings, out: str | Path, 
     staging = None
     try:
         models_dir = Path(settings.models_dir) if settings.models_dir else None
-        pack = resolve_model_pack(settings.model, models_dir)
-        segmenter = resolve_model_pack(settings.segmenter, models_dir) if settings.segmenter else None
-        options = AnalysisOptions(
-            tile=TileSpec(
-                tile_size_px=pack.tile_size_px if settings.tile_size_px is None else settings.tile_size_px,
-                spacing_um_px=pack.spacing_um_px if settings.tile_spacing_um_px is None else settings.tile_spacing_um_px,
-                min_tissue_fraction=settings.min_tissue_fraction,
-            ),
-            mpp_override_um_px=item.mpp_um_px,
-            regions_path=item.regions,
-            tumour_class_names=settings.tumour_class_names or DEFAULT_TUMOUR_CLASS_NAMES,
-            batch_size=settings.batch_size,
-            num_workers=settings.reader_workers,
-            device=settings.device,
-            precision=settings.precision,
-        )
+        request = settings.for_item(item)
+        pack = resolve_model_pack(request.model, models_dir)
+        segmenter = None if request.segmenter_model in ("", "none") else resolve_model_pack(request.segmenter_model, models_dir)
+        options = resolve_options(request, pack, settings.runtime, regions_path=item.regions)
         result = analyze_slide(item.slide, pack, options, segmenter=segmenter, models=models or ModelCache())
         staging = store.staging_folder(item.slide_id)
-        write_outputs(result, staging)
+        write_outputs(result, staging, include_tiles=not request.omit_tiles)
         store.publish(staging, item.slide_id)  # replaces only an incomplete earlier attempt
         staging = None
         return SlideOutcome(item.slide_id, str(item.slide), ok=True, tiles=len(result.grid),
@@ -127,24 +119,22 @@ FAILURE_COLUMNS = ["slide_id", "slide", "error_type", "error"]
 
 def write_tables(items: list[CohortItem], outcomes: dict[str, SlideOutcome], out: str | Path) -> dict[str, str]:
     """``cohort.csv`` (the client's cohort table, completed slides in cohort order) and ``failures.csv``."""
-    from hepatoquant_client import AnalysisOutcome
     from hepatoquant_client.cohort import cohort_rows, write_cohort
-
-    from hepatoquant.service.convert import result_to_proto
 
     store = OutputStore(out)
     complete = [item.slide_id for item in items if store.is_complete(item.slide_id)]
 
-    def outcomes_one_at_a_time():  # a slide's GeoJSON and overlay can be large: never all of them in memory
+    def reports_one_at_a_time():  # only each slide's report is read (its GeoJSON and overlay can be large)
         for slide_id in complete:
             with store.local_copy(slide_id) as folder:
-                yield slide_id, AnalysisOutcome.from_proto(result_to_proto("", folder))
+                [report] = folder.glob("*.report.json")
+                yield slide_id, json.loads(report.read_text())
 
     written: dict[str, str] = {}
     with tempfile.TemporaryDirectory(prefix="hepatoquant-tables-") as temporary:
         local = Path(temporary)
         if complete:
-            for file in write_cohort(cohort_rows(outcomes_one_at_a_time()), local / "cohort.csv").written:
+            for file in write_cohort(cohort_rows(reports_one_at_a_time()), local / "cohort.csv").written:
                 written.setdefault("cohort", store.put(file, file.name))
         with (local / "failures.csv").open("w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=FAILURE_COLUMNS)

@@ -12,7 +12,11 @@ from pathlib import Path
 from hepatoquant import RESEARCH_USE_NOTICE, __version__
 from hepatoquant.analysis import AnalysisResult
 
-__all__ = ["REPORT_SCHEMA_VERSION", "build_report", "write_report"]
+__all__ = ["REPORT_SCHEMA_PATH", "REPORT_SCHEMA_VERSION", "build_report", "validate_report", "write_report"]
+
+# The report's JSON Schema, shipped with the package: what programs reading reports may rely on (checked in tests
+# on every kind of report the suite writes).
+REPORT_SCHEMA_PATH = Path(__file__).resolve().parents[1] / "schemas" / "report.schema.json"
 
 # Bump the major number when a field changes meaning or disappears; the minor when fields are added.
 # 2.0: tiles counted in the region containing their centre (QuPath's rule; was: largest overlap); a region without
@@ -101,6 +105,14 @@ def _artefacts(result: AnalysisResult) -> dict:
         kind: {"area_mm2": geometry.area * mm2_per_px, "share_of_slide": geometry.area / slide_px if slide_px else 0.0}
         for kind, geometry in result.tissue.artefacts.items()
     }
+
+
+def validate_report(report: dict) -> None:
+    """Raise ``jsonschema.ValidationError`` (naming the field) if ``report`` does not follow the report schema."""
+    import jsonschema
+
+    schema = json.loads(REPORT_SCHEMA_PATH.read_text())
+    jsonschema.validate(report, schema, format_checker=jsonschema.FormatChecker())
 
 
 def write_report(report: dict, path: Path) -> None:

@@ -113,7 +113,9 @@ class SegmentationModel(nn.Module):
                 f"use a window size that is a multiple of {patch}"
             )
         tokens = self.encoder.forward_tokens(pixels)[:, self.encoder.num_prefix_tokens :]
-        grid = tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], height // patch, width // patch)
+        # contiguous, as PFM_Segmentation lays its grid out: the decoder's convolutions then add up in the same
+        # order and an imported checkpoint gives their logits bit for bit (a strided view differed by ~5e-5)
+        grid = tokens.transpose(1, 2).contiguous().view(tokens.shape[0], tokens.shape[2], height // patch, width // patch)
         return self.decoder(grid, (height, width))
 
 

@@ -11,12 +11,19 @@ Their trainer (github.com/lingxitong/PFM_Segmentation, ``utils/trainer.py``) sav
 - ``full``: every backbone tensor fine-tuned: refused (HepatoQuant packs keep the foundation model frozen). A
   whole-model file of their first trainer in frozen mode is told apart by its recorded ``finetune_mode``.
 
-Their LoRA layer computes ``linear(x) + ((x @ lora_a) @ lora_b) * scale`` with ``lora_a`` [in, r] and ``lora_b``
-[r, out]; ``scale`` is ``lora_alpha`` in their first ``models/lora.py`` and ``lora_alpha / r`` in later ones, which a
-checkpoint does not record, so the caller says which. peft computes ``base(x) + lora_B(lora_A(x)) * lora_alpha / r``
-with ``lora_A.weight`` [r, in] and ``lora_B.weight`` [out, r]: the tensors are transposed and peft's alpha is
-``scale * r``. Every tensor of the checkpoint is used exactly once; anything missing, unexpected or of the wrong
-shape is an error naming the key.
+Their LoRA layer (``LoRALinear`` in ``models/lora.py``) computes ``linear(x) + ((x @ lora_a) @ lora_b) * scale``
+with ``lora_a`` [in, r] and ``lora_b`` [r, out]. Their code sets ``self.scale = lora_alpha`` (commits ca80211 and
+f83b1e9 of ``models/lora.py``), so that is the default: ``scale`` is the config's ``model.finetune_mode.alpha``. A
+checkpoint does not record the formula; a copy of ``models/lora.py`` that sets ``self.scale = lora_alpha / r``
+instead (commit 4bf40a9 has that line; so may a fork) needs ``lora_scaling="alpha/r"``. A config that names its
+scaling (``model.finetune_mode.lora_scaling`` or ``.scaling``, or ``model.lora_scaling``: ``alpha`` or
+``alpha/r``) is followed; an explicit ``lora_scaling`` wins over both. peft computes
+``base(x) + lora_B(lora_A(x)) * lora_alpha / r`` with ``lora_A.weight`` [r, in] and ``lora_B.weight`` [out, r]: the
+tensors are transposed and peft's alpha is ``scale * r``. Every tensor of the checkpoint is used exactly once;
+anything missing, unexpected or of the wrong shape is an error naming the key (a lacking LoRA tensor is named as
+such; LoRA of other shapes or on other blocks means another backbone). Only tensors and plain data are unpickled: a
+file in neither of ``torch.save``'s formats, a truncated one or one holding pickled code is refused in our words,
+never with torch's advice to load it with ``weights_only=False``.
 """
 
 from __future__ import annotations
@@ -66,7 +73,10 @@ def import_pfmseg(
 
     ``classes`` names the checkpoint's output channels in order (background, non_tumour, tumour); windows are
     read at ``spacing_um_px`` and ``input_size_px`` (default: the encoder's), which must be a multiple of the
-    patch size. ``lora_scaling`` and ``lora_alpha`` (default: the checkpoint's config) give the LoRA scale.
+    patch size. The LoRA scale is ``lora_alpha`` (default: the config's ``model.finetune_mode.alpha``) times 1 for
+    ``lora_scaling="alpha"`` (their ``self.scale = lora_alpha``) or 1 / r for ``"alpha/r"`` (a copy of their
+    ``models/lora.py`` that divides by the rank); ``lora_scaling`` defaults to what the checkpoint's config says, if
+    it says, else ``"alpha"``.
     """
     from hepatoquant.segmentation.pack import write_segmentation_pack
 
@@ -82,6 +92,11 @@ def import_pfmseg(
     if not 0.1 <= spacing_um_px <= 32:
         raise InvalidParameterError(f"window spacing {spacing_um_px} um/px is outside 0.1..32 um/px")
     check_source_classes(classes)
+    if lora_scaling is not None and lora_scaling not in LORA_SCALINGS:
+        raise InvalidParameterError(
+            f"LoRA scaling {lora_scaling!r} is not one of {', '.join(LORA_SCALINGS)}: alpha if their models/lora.py "
+            "has self.scale = lora_alpha (their code), alpha/r if it has self.scale = lora_alpha / r"
+        )
     source = _read_checkpoint(Path(checkpoint))
     _check_backbone_name(source, backbone, Path(checkpoint))
     head = source.tensors.get("segmentation_head.0.weight")
@@ -94,10 +109,11 @@ def import_pfmseg(
     backbone_tensors = {k: v for k, v in source.tensors.items() if k.startswith("pfm.") and k not in lora_tensors}
     mode = _finetune_mode(source, lora_tensors, backbone_tensors, Path(checkpoint))
 
-    settings = None
+    settings, scaling = None, None
     if mode == "lora":
         rank = _lora_rank(lora_tensors, Path(checkpoint))
-        scale = _lora_scale(source, rank, lora_scaling, lora_alpha, Path(checkpoint))
+        scaling = _lora_scaling(source, lora_scaling, Path(checkpoint))
+        scale = _lora_scale(source, rank, scaling[0], lora_alpha, Path(checkpoint))
         settings = LoRASettings(rank=rank, alpha=scale * rank, dropout=0.0)
     model = build_segmentation_model(backbone, encoder_weights=backbone_weights, lora=settings, pfmseg_classes=classes)
     model.input_size_px = input_size_px
@@ -122,6 +138,8 @@ def import_pfmseg(
             "format": "PFM_Segmentation", "checkpoint": Path(checkpoint).name,
             "checkpoint_sha256": file_sha256(Path(checkpoint)), "finetune_mode": mode,
             "lora_scale": None if settings is None else settings.alpha / settings.rank,
+            "lora_scaling": None if scaling is None else scaling[0],
+            "lora_scaling_from": None if scaling is None else scaling[1],
             "source_classes": list(classes), "pfm_name": source.config_model.get("pfm_name"),
         }
     }
@@ -140,13 +158,11 @@ def _read_checkpoint(path: Path) -> _Checkpoint:
         from hepatoquant.encoders import load_state_dict_file
 
         return _Checkpoint(_strip_module_prefix(load_state_dict_file(path)), None, {})
+    _check_torch_file(path)
     try:
         raw = _torch_load_plain(path)
-    except Exception as exc:  # torch raises many types for a non-checkpoint file
-        raise WeightsMismatchError(
-            f"checkpoint {str(path)!r} is not a readable PyTorch checkpoint ({exc}); give the .pth file that "
-            "PFM_Segmentation's trainer saved (best_lora_and_decoder_head.pth or best_decoder_head.pth)"
-        ) from exc
+    except Exception as exc:  # torch raises many types for a damaged file; its text suggests unsafe loading
+        raise WeightsMismatchError(f"checkpoint {str(path)!r} {_load_failure(exc)}; {_GIVE_THEIR_FILE}") from None
     if not isinstance(raw, dict):
         raise WeightsMismatchError(f"checkpoint {str(path)!r} does not hold a dictionary of tensors")
     if "lora_dora_state_dict" in raw:
@@ -170,6 +186,55 @@ def _read_checkpoint(path: Path) -> _Checkpoint:
     if mode is None and isinstance(model_config.get("finetune_mode"), dict):
         mode = model_config["finetune_mode"].get("type")
     return _Checkpoint(_strip_module_prefix(state), mode if isinstance(mode, str) else None, model_config)
+
+
+_GIVE_THEIR_FILE = ("give the .pth file that PFM_Segmentation's trainer saved (best_lora_and_decoder_head.pth or "
+                    "best_decoder_head.pth), as it wrote it")
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format since PyTorch 1.6
+# The older format starts with the pickled magic number 0x1950a86a20f9469cfc6c (here at pickle protocol 2).
+_LEGACY_MAGIC = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19"
+
+
+def _check_torch_file(path: Path) -> None:
+    """Refuse, before unpickling anything, a file that is not in either of torch.save's formats or whose zip
+    archive ends early (a truncated download or copy)."""
+    import zipfile
+
+    with path.open("rb") as file:
+        head = file.read(len(_LEGACY_MAGIC))
+    if not head:
+        raise WeightsMismatchError(f"checkpoint {str(path)!r} is empty, not a PyTorch checkpoint of PFM_Segmentation; "
+                                   f"{_GIVE_THEIR_FILE}")
+    if head.startswith(_ZIP_MAGIC):
+        if not zipfile.is_zipfile(path):
+            raise WeightsMismatchError(
+                f"checkpoint {str(path)!r} is not a complete PyTorch checkpoint of PFM_Segmentation: it is truncated "
+                f"(its zip archive ends after {path.stat().st_size} bytes, before its directory); copy it again "
+                "from where PFM_Segmentation saved it"
+            )
+        return
+    if not (head[:1] == _LEGACY_MAGIC[:1] and head[2:] == _LEGACY_MAGIC[2:]):  # any pickle protocol
+        raise WeightsMismatchError(
+            f"checkpoint {str(path)!r} is not a PyTorch checkpoint of PFM_Segmentation (it is in neither of "
+            f"torch.save's formats); {_GIVE_THEIR_FILE}"
+        )
+
+
+def _load_failure(exc: Exception) -> str:
+    """What went wrong, in our words: torch's own messages recommend unpickling with weights_only=False, which runs
+    whatever code the file names, and that is never done here."""
+    import pickle
+
+    text = str(exc)
+    if isinstance(exc, pickle.UnpicklingError) and "Weights only load failed" in text:
+        found = re.search(r"GLOBAL ([\w.]+)", text)
+        what = f" ({found.group(1)})" if found else ""
+        return (f"is not a PyTorch checkpoint of PFM_Segmentation's trainer: it holds Python objects{what} besides "
+                "tensors and plain data (e.g. a whole pickled model), and HepatoQuant never unpickles code")
+    if "central directory" in text or "failed finding" in text or isinstance(exc, EOFError):
+        return "is not a complete PyTorch checkpoint of PFM_Segmentation: it is truncated or damaged"
+    return (f"is not a PyTorch checkpoint of PFM_Segmentation: torch cannot read it ({type(exc).__name__}); it may be "
+            "damaged or another kind of file")
 
 
 def _torch_load_plain(path: Path):
@@ -243,7 +308,34 @@ def _lora_rank(lora: dict[str, torch.Tensor], path: Path) -> int:
     return ranks.pop()
 
 
-def _lora_scale(source: _Checkpoint, rank: int, scaling: str | None, alpha: float | None, path: Path) -> float:
+# Where a config may name its LoRA formula (their code writes none of these; a fork may): key path -> value.
+_SCALING_KEYS = (("finetune_mode", "lora_scaling"), ("finetune_mode", "scaling"), ("lora_scaling",))
+_SCALING_SPELLINGS = {"alpha": "alpha", "lora_alpha": "alpha", "alpha/r": "alpha/r", "lora_alpha/r": "alpha/r",
+                      "alpha/rank": "alpha/r", "lora_alpha/rank": "alpha/r"}
+
+
+def _lora_scaling(source: _Checkpoint, scaling: str | None, path: Path) -> tuple[str, str]:
+    """(``alpha`` or ``alpha/r``, where it came from): the caller's, else the checkpoint config's, else their code's."""
+    if scaling is not None:
+        return scaling, "argument"
+    for keys in _SCALING_KEYS:
+        value = source.config_model
+        for key in keys:
+            value = value.get(key) if isinstance(value, dict) else None
+        if value is None:
+            continue
+        recorded = _SCALING_SPELLINGS.get(str(value).replace(" ", "").lower())
+        if recorded is None:
+            raise WeightsMismatchError(
+                f"checkpoint {str(path)!r}: its config's model.{'.'.join(keys)} is {value!r}, not a LoRA scaling "
+                f"HepatoQuant knows ({', '.join(LORA_SCALINGS)}); pass --lora-scaling alpha (self.scale = lora_alpha) "
+                "or alpha/r (self.scale = lora_alpha / r), as the models/lora.py it was trained with computes"
+            )
+        return recorded, f"checkpoint config model.{'.'.join(keys)}"
+    return "alpha", "default (PFM_Segmentation's models/lora.py: self.scale = lora_alpha)"
+
+
+def _lora_scale(source: _Checkpoint, rank: int, scaling: str, alpha: float | None, path: Path) -> float:
     configured = source.config_model.get("finetune_mode")
     if alpha is None and isinstance(configured, dict) and isinstance(configured.get("alpha"), (int, float)):
         alpha = float(configured["alpha"])
@@ -252,43 +344,54 @@ def _lora_scale(source: _Checkpoint, rank: int, scaling: str | None, alpha: floa
             f"checkpoint {str(path)!r} does not record its LoRA alpha; pass --lora-alpha (model.finetune_mode.alpha "
             "of the config it was trained with)"
         )
-    if scaling not in LORA_SCALINGS:
-        raise InvalidParameterError(
-            f"say how the LoRA of {str(path)!r} was scaled: --lora-scaling alpha (PFM_Segmentation's first "
-            "models/lora.py: self.scale = lora_alpha) or --lora-scaling alpha/r (later versions: self.scale = "
-            f"lora_alpha / r); the checkpoint does not record it (alpha {alpha:g}, rank {rank})"
-        )
     return alpha if scaling == "alpha" else alpha / rank
 
 
 def _load_lora(model: SegmentationModel, lora: dict[str, torch.Tensor], path: Path) -> set[str]:
-    """Their lora_a / lora_b, transposed, into peft's lora_A / lora_B of the same attention layers."""
+    """Their lora_a / lora_b, transposed, into peft's lora_A / lora_B of the same attention layers.
+
+    LoRA on layers or blocks the backbone does not have, or of other shapes, means another backbone; a layer of the
+    backbone with one of its two tensors (or both) absent, in a checkpoint that otherwise fits, means an incomplete
+    file, and the error names the absent tensors."""
     from peft.tuners.lora import LoraLayer
 
     layers = {name: module for name, module in model.encoder.backbone.named_modules() if isinstance(module, LoraLayer)}
-    expected = {f"pfm.{name}.{which}" for name in layers for which in ("lora_a", "lora_b")}
-    missing, unexpected = sorted(expected - set(lora)), sorted(set(lora) - expected)
-    if missing or unexpected:
-        blocks = len({m.group("module").split(".attn")[0] for m in map(_LORA_KEY.match, lora)})
-        raise WeightsMismatchError(
-            f"checkpoint {str(path)!r} has LoRA on {blocks} attention block(s); the backbone has {len(layers) // 2}: "
-            + (f"missing {', '.join(missing[:3])}; " if missing else "")
-            + (f"unexpected {', '.join(unexpected[:3])}; " if unexpected else "")
-            + "it was trained on another backbone"
-        )
+    needed: dict[str, torch.Tensor] = {}  # their key -> peft's weight
     for name, layer in layers.items():
-        a, b = lora[f"pfm.{name}.lora_a"], lora[f"pfm.{name}.lora_b"]
-        peft_a, peft_b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
-        for key, theirs, ours in ((f"pfm.{name}.lora_a", a, peft_a), (f"pfm.{name}.lora_b", b, peft_b)):
-            if tuple(theirs.shape[::-1]) != tuple(ours.shape):
-                raise WeightsMismatchError(
-                    f"checkpoint {str(path)!r}: {key} is {tuple(theirs.shape)}, the backbone's layer needs "
-                    f"{tuple(ours.shape[::-1])}; it was trained on another backbone"
-                )
-        with torch.no_grad():
-            peft_a.copy_(a.t())
-            peft_b.copy_(b.t())
-    return set(expected)
+        needed[f"pfm.{name}.lora_a"] = layer.lora_A["default"].weight
+        needed[f"pfm.{name}.lora_b"] = layer.lora_B["default"].weight
+    missing, unexpected = sorted(set(needed) - set(lora)), sorted(set(lora) - set(needed))
+    wrong = sorted(k for k in set(needed) & set(lora) if tuple(lora[k].shape[::-1]) != tuple(needed[k].shape))
+
+    def block(key: str) -> str:  # blocks.{i}
+        module = _LORA_KEY.match(key).group("module")
+        found = re.match(r"(.*?\bblocks\.\d+)\.", module)
+        return found.group(1) if found else module
+
+    theirs, ours = {block(k) for k in lora}, {block(k) for k in needed}
+    if unexpected or wrong or theirs != ours:
+        if wrong:
+            needs = tuple(needed[wrong[0]].shape[::-1])
+            detail = f": {wrong[0]} is {tuple(lora[wrong[0]].shape)}, the backbone's layer needs {needs}"
+        elif unexpected:
+            detail = f": unexpected {', '.join(unexpected[:3])}"
+        else:
+            detail = f": no LoRA on {', '.join(sorted(ours - theirs)[:3])}" if ours - theirs else ""
+        raise WeightsMismatchError(
+            f"checkpoint {str(path)!r} has LoRA on {len(theirs)} attention block(s); the backbone has {len(ours)}"
+            f"{detail}; it was trained on another backbone"
+        )
+    if missing:
+        raise WeightsMismatchError(
+            f"checkpoint {str(path)!r} is missing LoRA tensor(s) {', '.join(missing[:6])}"
+            f"{f' and {len(missing) - 6} more' if len(missing) > 6 else ''} ({len(missing)} of the {len(needed)} that "
+            f"the backbone's {len(layers)} LoRA layers need, a lora_a and a lora_b each); the file is incomplete or "
+            "was edited: give the checkpoint their trainer saved"
+        )
+    with torch.no_grad():
+        for key, weight in needed.items():
+            weight.copy_(lora[key].t())
+    return set(needed)
 
 
 def _check_backbone_copy(model: SegmentationModel, tensors: dict[str, torch.Tensor], path: Path,

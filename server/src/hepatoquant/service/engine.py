@@ -27,15 +27,16 @@ from hepatoquant_client.proto import pb
 from hepatoquant_client.qupath_geojson import parse_qupath_geojson
 
 from hepatoquant import RESEARCH_USE_NOTICE, __version__
-from hepatoquant.analysis import AnalysisOptions, analyze_slide
+from hepatoquant.analysis import analyze_slide
+from hepatoquant.analysis_request import Runtime, resolve_options
 from hepatoquant.classify import PatchClassifier, choose_device, load_classifier, predict_batches
 from hepatoquant.encoders import encoder_config
-from hepatoquant.errors import HepatoQuantError, InvalidParameterError, MissingMPPError, ModelPackError
+from hepatoquant.errors import HepatoQuantError, InvalidParameterError, JobNotReadyError, MissingMPPError, ModelPackError
 from hepatoquant.precision import resolve_precision
-from hepatoquant.model_pack import MANIFEST_NAME, ModelPack, default_models_dir, list_model_packs, resolve_model_pack
+from hepatoquant.model_pack import MANIFEST_NAME, ModelPack, default_models_dir, list_model_packs
+from hepatoquant.pack_lookup import resolve_model_pack
 from hepatoquant.outputs import write_outputs
 from hepatoquant.outputs.report import REPORT_SCHEMA_VERSION
-from hepatoquant.regions import DEFAULT_TUMOUR_CLASS_NAMES
 from hepatoquant.service.convert import (
     class_to_proto,
     job_to_proto,
@@ -49,16 +50,11 @@ from hepatoquant.service.jobs import FINAL_STATES, JobRecord, JobState, JobStore
 from hepatoquant.service.security import resolve_slide_reference
 from hepatoquant.slide import Slide, validate_mpp
 from hepatoquant.tile_reader import TileBatch as ReaderBatch
-from hepatoquant.tiling import TileSpec
 
 __all__ = ["ServerConfig", "ServerEngine", "JobNotReadyError"]
 
 MAX_TILES_PER_BATCH = 512
 log = logging.getLogger("hepatoquant.server")
-
-
-class JobNotReadyError(HepatoQuantError, RuntimeError):
-    """A result asked for before the job succeeded."""
 
 
 @dataclass(frozen=True)
@@ -160,9 +156,10 @@ class ServerEngine:
 
     def _validate(self, request: pb.AnalysisRequest) -> tuple[Path, ModelPack, ModelPack | None]:
         slide = resolve_slide_reference(request.slide, self.config.slide_roots)
-        if request.mpp_um_px:
-            validate_mpp(request.mpp_um_px, what="mpp_um_px")
-        with Slide(slide, mpp_override_um_px=request.mpp_um_px or None) as opened:
+        mpp = request.mpp_um_px if request.HasField("mpp_um_px") else None
+        if mpp is not None:
+            validate_mpp(mpp, what="mpp_um_px")
+        with Slide(slide, mpp_override_um_px=mpp) as opened:
             try:
                 opened.mpp_um_px  # unsupported, corrupt or MPP-less slides are refused now, not as a failed job
             except MissingMPPError as exc:
@@ -173,16 +170,12 @@ class ServerEngine:
         if request.tile_object_type not in ("", "detection", "tile"):
             raise InvalidParameterError(f"tile_object_type {request.tile_object_type!r} must be 'detection' or 'tile'")
         classifier, segmenter = self._packs(request)
-        self._tile_spec(request, classifier)  # range checks
+        resolve_options(request, classifier, self._runtime())  # every field's range, before a job exists
         return slide, classifier, segmenter
 
-    @staticmethod
-    def _tile_spec(request: pb.AnalysisRequest, pack: ModelPack) -> TileSpec:
-        return TileSpec(
-            tile_size_px=request.tile_size_px or pack.tile_size_px,
-            spacing_um_px=request.tile_spacing_um_px or pack.spacing_um_px,
-            min_tissue_fraction=request.min_tissue_fraction or 0.5,
-        )
+    def _runtime(self) -> Runtime:
+        return Runtime(device=str(self.device), batch_size=self.config.batch_size,
+                       num_workers=self.config.reader_workers, precision=self.config.precision)
 
     def _request_key(self, request: pb.AnalysisRequest, slide: Path, packs: list[ModelPack | None]) -> str:
         """Same request, same slide file (path, size, modification time), same model manifests, same report
@@ -221,18 +214,7 @@ class ServerEngine:
             if request.regions_geojson:
                 regions_path = work / "regions.geojson"
                 regions_path.write_text(request.regions_geojson)
-            options = AnalysisOptions(
-                tile=self._tile_spec(request, classifier),
-                mpp_override_um_px=request.mpp_um_px or None,
-                regions_path=regions_path,
-                tumour_class_names=tuple(request.tumour_class_names) or DEFAULT_TUMOUR_CLASS_NAMES,
-                batch_size=self.config.batch_size,
-                num_workers=self.config.reader_workers,
-                device=str(self.device),
-                keep_embeddings=request.include_embeddings,
-                tile_object_type=request.tile_object_type or "detection",
-                precision=self.config.precision,
-            )
+            options = resolve_options(request, classifier, self._runtime(), regions_path=regions_path)
             result = analyze_slide(slide, classifier, options, segmenter=segmenter, progress=progress)
             progress("outputs", 0, 1)
             write_outputs(result, work / "out", include_tiles=not request.omit_tiles)

@@ -18,7 +18,13 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from hepatoquant.errors import HepatoQuantError, InvalidParameterError
+from hepatoquant.errors import (  # the executor's errors live with the others
+    ExecutorStoppedError,
+    HepatoQuantError,
+    InvalidParameterError,
+    JobCancelledError,
+    QueueFullError,
+)
 from hepatoquant.service.jobs import INTERRUPTED_CODE, JobRecord, JobState, JobStore
 from hepatoquant.service.status import INTERNAL, status_name_for
 
@@ -42,18 +48,6 @@ _BY_REQUEST = "cancel"  # why a running job was told to stop: a client asked ...
 _BY_SHUTDOWN = "shutdown"  # ... or the server is stopping (the job ends INTERRUPTED, to be submitted again)
 CANCELLED_MESSAGE = "the job was cancelled at a client's request"
 SHUTDOWN_MESSAGE = "the server shut down while this job was running; submit the same request again to rerun it"
-
-
-class QueueFullError(HepatoQuantError, RuntimeError):
-    """The job queue is at its limit; the client should try again later."""
-
-
-class JobCancelledError(HepatoQuantError, RuntimeError):
-    """Raised inside a running job (by its progress callback) once the job has been cancelled."""
-
-
-class ExecutorStoppedError(HepatoQuantError, RuntimeError):
-    """A job submitted while the server is shutting down."""
 
 
 @dataclass(frozen=True)

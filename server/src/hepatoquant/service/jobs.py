@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from hepatoquant.errors import HepatoQuantError, InvalidParameterError
+from hepatoquant.errors import HepatoQuantError, InvalidParameterError, JobNotFoundError, JobStoreSchemaError
 
 __all__ = [
     "DATABASE_NAME",
@@ -88,17 +88,6 @@ class JobRecord:
     def is_final(self) -> bool:
         """True once the job will never change state again."""
         return self.state in FINAL_STATES
-
-
-class JobNotFoundError(HepatoQuantError, KeyError):
-    """No job with that id in this server's state directory."""
-
-    # KeyError would show the message in quotes, as if it were a key; ours is a sentence.
-    __str__ = BaseException.__str__
-
-
-class JobStoreSchemaError(HepatoQuantError, RuntimeError):
-    """A job database written by a newer HepatoQuant, whose layout this version cannot read."""
 
 
 _COLUMNS = (

@@ -11,17 +11,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-from hepatoquant.errors import HepatoQuantError, InvalidParameterError, SlideNotFoundError
+from hepatoquant.errors import (
+    HepatoQuantError,
+    InvalidParameterError,
+    SlideAccessDeniedError,
+    SlideNotFoundError,
+    UnauthenticatedError,
+)
 
 __all__ = ["SlideAccessDeniedError", "UnauthenticatedError", "resolve_slide_reference", "check_bearer_token"]
-
-
-class SlideAccessDeniedError(HepatoQuantError, PermissionError):
-    """A slide reference that resolves outside every slide root."""
-
-
-class UnauthenticatedError(HepatoQuantError, PermissionError):
-    """A request without the server's bearer token."""
 
 
 def resolve_slide_reference(reference: str, roots: Sequence[Path]) -> Path:

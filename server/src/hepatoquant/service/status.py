@@ -7,23 +7,27 @@ is a bug, not bad input, and is INTERNAL.
 
 from __future__ import annotations
 
-from functools import cache
-
 from hepatoquant.errors import (
     CorruptSlideError,
+    ExecutorStoppedError,
     HepatoQuantError,
     InvalidGeoJSONError,
     InvalidParameterError,
+    JobCancelledError,
+    JobNotFoundError,
+    JobNotReadyError,
+    JobStoreSchemaError,
     MissingMPPError,
     ModelPackError,
     ModelPackNotFoundError,
     NoTissueError,
+    QueueFullError,
     RegionsError,
     SlideNotFoundError,
+    UnauthenticatedError,
     UnsupportedSlideError,
     WeightsMismatchError,
 )
-from hepatoquant.service.jobs import JobNotFoundError, JobStoreSchemaError
 
 __all__ = [
     "CANCELLED",
@@ -66,8 +70,14 @@ _STATUS_BY_ERROR: dict[type[BaseException], str] = {
     ModelPackError: FAILED_PRECONDITION,
     WeightsMismatchError: FAILED_PRECONDITION,
     JobStoreSchemaError: FAILED_PRECONDITION,
-    # Ours and PermissionError (e.g. a slide outside the configured roots).
+    JobNotReadyError: FAILED_PRECONDITION,
+    # Ours and PermissionError (e.g. a slide outside the configured roots); a missing or wrong token.
     PermissionError: PERMISSION_DENIED,
+    UnauthenticatedError: "UNAUTHENTICATED",
+    # The server's state: its queue is full, the job was cancelled, the server is stopping.
+    QueueFullError: RESOURCE_EXHAUSTED,
+    JobCancelledError: CANCELLED,
+    ExecutorStoppedError: UNAVAILABLE,
 }
 
 
@@ -75,26 +85,7 @@ def status_name_for(exc: BaseException) -> str:
     """The status name for ``exc``: its most specific class in the table, INTERNAL for anything else."""
     if not isinstance(exc, HepatoQuantError):
         return INTERNAL  # a builtin PermissionError, say, is a server bug, not the client's doing
-    table = _status_table()
     for cls in type(exc).__mro__:
-        if cls in table:
-            return table[cls]
+        if cls in _STATUS_BY_ERROR:
+            return _STATUS_BY_ERROR[cls]
     return INTERNAL
-
-
-@cache
-def _status_table() -> dict[type[BaseException], str]:
-    """The table plus the executor's errors, imported here on first use because the executor imports this
-    module (for the codes of failed jobs)."""
-    from hepatoquant.service.engine import JobNotReadyError
-    from hepatoquant.service.executor import ExecutorStoppedError, JobCancelledError, QueueFullError
-    from hepatoquant.service.security import UnauthenticatedError
-
-    return {
-        **_STATUS_BY_ERROR,
-        UnauthenticatedError: "UNAUTHENTICATED",
-        JobNotReadyError: FAILED_PRECONDITION,
-        QueueFullError: RESOURCE_EXHAUSTED,
-        JobCancelledError: CANCELLED,
-        ExecutorStoppedError: UNAVAILABLE,
-    }

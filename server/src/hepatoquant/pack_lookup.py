@@ -1,0 +1,43 @@
+"""A model pack by name or folder, the demo packs made when first asked for.
+
+Apart from the pack format (``hepatoquant.model_pack``) because the demo segmenter is built by
+``hepatoquant.segmentation.pack``, which itself writes packs in that format: here both are known without an
+import circle.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from hepatoquant.errors import ModelPackNotFoundError
+from hepatoquant.model_pack import (
+    DEMO_PACK_NAME,
+    DEMO_SEGMENTER_PACK_NAME,
+    ModelPack,
+    _pack_dirs,
+    default_models_dir,
+    ensure_demo_pack,
+    load_model_pack,
+)
+from hepatoquant.segmentation.pack import ensure_demo_segmentation_pack
+
+__all__ = ["resolve_model_pack"]
+
+
+def resolve_model_pack(name_or_path: str, models_dir: Path | None = None) -> ModelPack:
+    """A pack by directory path, or by name in ``models_dir``; the demo pack is created when first asked for."""
+    models_dir = models_dir or default_models_dir()
+    candidate = Path(name_or_path)
+    if candidate.is_dir():
+        return load_model_pack(candidate)
+    if name_or_path == DEMO_PACK_NAME:
+        return ensure_demo_pack(models_dir)
+    if name_or_path == DEMO_SEGMENTER_PACK_NAME:
+        return ensure_demo_segmentation_pack(models_dir)
+    if (models_dir / name_or_path).is_dir():
+        return load_model_pack(models_dir / name_or_path)
+    known = ", ".join(sorted(p.name for p in _pack_dirs(models_dir))) or "none"
+    raise ModelPackNotFoundError(
+        f"no model pack {name_or_path!r} in {str(models_dir)!r} (packs there: {known}); give a pack directory, "
+        f"add one with `hepatoquant models add`, or use --model {DEMO_PACK_NAME}"
+    )
