@@ -18,7 +18,7 @@ from pathlib import Path
 from hepatoquant.cohort.engines import run_cohort
 from hepatoquant.cohort.inputs import read_cohort
 from hepatoquant.analysis_request import AnalysisRequest
-from hepatoquant.cohort.runner import AnalysisSettings
+from hepatoquant.cohort.runner import CohortSettings
 from hepatoquant.model_pack import ensure_demo_pack
 from hepatoquant.synthetic import Ellipse, SyntheticSlideSpec, write_synthetic_slide
 
@@ -38,7 +38,7 @@ def main() -> None:
             (base / "slides" / f"slide-{i:02d}.tiff").write_bytes(first.read_bytes())
         ensure_demo_pack(base / "models")
         items = read_cohort(base / "slides")
-        settings = AnalysisSettings(AnalysisRequest(model="demo", segmenter_model="none"), models_dir=str(base / "models"))
+        settings = CohortSettings(AnalysisRequest(model="demo", segmenter_model="none"), models_dir=str(base / "models"))
         times = {}
         for label, engine, workers in (("local, 1 worker", "local", 1), ("local, 2 workers", "local", 2),
                                        ("ray, 2 workers", "ray", 2)):

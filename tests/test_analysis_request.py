@@ -15,7 +15,7 @@ from google.protobuf import json_format
 from hepatoquant.analysis_request import CLI_FLAGS, COHORT_SOURCES, AnalysisRequest, Runtime, resolve_options
 from hepatoquant.cli import _analysis_request, _build_parser
 from hepatoquant.cohort.inputs import read_cohort
-from hepatoquant.cohort.runner import AnalysisSettings
+from hepatoquant.cohort.runner import CohortSettings
 from hepatoquant.errors import InvalidParameterError
 from hepatoquant.model_pack import ensure_demo_pack
 from hepatoquant.service.convert import request_from_json
@@ -67,7 +67,7 @@ def test_every_field_is_reachable_from_a_cohort(tmp_path: Path) -> None:
     flags = [item for flag, values in FLAG_VALUES.items() if flag not in ("--mpp", "--regions")
              for item in (flag, *values)]
     args = _build_parser().parse_args(["cohort", "run", str(tmp_path / "cohort.csv"), "--out", "o", *flags])
-    request = AnalysisSettings(_analysis_request(args)).for_item(item)
+    request = CohortSettings(_analysis_request(args)).for_item(item)
     for name in FIELDS:
         if name == "regions_geojson":
             assert item.regions.name == GIVEN[name]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import csv
 import dataclasses
 import importlib.util
@@ -76,7 +77,7 @@ def outcomes(server, synthetic_regions_geojson: str) -> dict[str, AnalysisOutcom
 def test_cohort_rows_hold_the_outcomes_numbers_in_the_fixed_column_order(outcomes) -> None:
     rows = cohort_rows([("S-001", outcomes["whole"]), ("S-002", outcomes["regions"])])
     columns = cohort_columns()
-    assert len(columns) == len(set(columns)) and columns[:4] == ["slide", "job_id", "model", "model_status"]
+    assert len(columns) == len(set(columns)) and columns[:5] == ["slide", "job_id", "slide_path", "model", "model_status"]
     assert all(list(row) == columns for row in rows)
     whole_row, regions_row = rows
     whole = outcomes["whole"]
@@ -114,15 +115,18 @@ def test_cohort_rows_hold_the_outcomes_numbers_in_the_fixed_column_order(outcome
 
 
 def test_cohort_rows_unassigned_tiles_have_no_region_area(outcomes) -> None:
+    """Rows come from the report (one definition for every table): tiles outside every region have no polygon,
+    so no region area; a region class without columns of its own is left out."""
     regions = outcomes["regions"]
-    tumour = next(r for r in regions.region_classes if r.region_class == "tumour")
-    unassigned = dataclasses.replace(tumour, name="unassigned", region_class="unassigned", source="aggregate",
-                                     region_area_mm2=0.0, tile_count=3)
-    other = dataclasses.replace(tumour, region_class="stroma-like")  # a region class without columns: ignored
-    outcome = dataclasses.replace(regions, region_classes=(*regions.region_classes, unassigned, other))
-    [row] = cohort_rows([("S-9", outcome)])
+    report = copy.deepcopy(regions.report)
+    tumour = next(r for r in report["composition"]["region_classes"] if r["region_class"] == "tumour")
+    unassigned = dict(tumour, name="unassigned", region_class="unassigned", source="aggregate", region_area_mm2=None,
+                      tile_count=3)
+    other = dict(tumour, region_class="stroma-like")
+    report["composition"]["region_classes"] += [unassigned, other]
+    [row] = cohort_rows([("S-9", dataclasses.replace(regions, report=report))])
     assert row["unassigned_tiles"] == 3 and row["unassigned_region_area_mm2"] is None
-    assert row["unassigned_TUM_pct"] == pytest.approx(tumour.percent("TUM"))
+    assert row["unassigned_TUM_pct"] == pytest.approx(tumour["class_percent"]["TUM"])
     assert list(row) == cohort_columns()
 
 

@@ -15,7 +15,7 @@ from hepatoquant.cli import EXIT_SOME_SLIDES_FAILED, main
 from hepatoquant.cohort.engines import run_cohort
 from hepatoquant.cohort.inputs import read_cohort
 from hepatoquant.analysis_request import AnalysisRequest
-from hepatoquant.cohort.runner import AnalysisSettings, is_complete, slide_folder
+from hepatoquant.cohort.runner import CohortSettings, is_complete, slide_folder
 from hepatoquant.model_pack import ensure_demo_pack
 
 GOOD = ["gen-a", "gen-b", "cmu", "tcga"]
@@ -100,7 +100,7 @@ def test_ray_gives_the_same_results_and_a_second_run_skips_what_is_complete(
     shutil.rmtree(slide_folder(out, "gen-b"))
     (slide_folder(out, "gen-b")).mkdir()  # an incomplete folder (no report) never counts as complete
     seen = []
-    settings = AnalysisSettings(AnalysisRequest(model="demo", segmenter_model="none", tile_size_px=300), models_dir=str(models))
+    settings = CohortSettings(AnalysisRequest(model="demo", segmenter_model="none", tile_size_px=300), models_dir=str(models))
     outcomes = run_cohort(read_cohort(cohort), settings, out, engine="ray", workers=2, on_outcome=seen.append)
     assert sorted(o.slide_id for o in seen if o.skipped) == ["cmu", "gen-a", "tcga"]
     assert outcomes["gen-b"].ok and not outcomes["gen-b"].skipped and is_complete(out, "gen-b")
@@ -127,7 +127,7 @@ def test_outputs_at_an_fsspec_url_count_only_once_complete(cohort: Path, models:
     """file:// stands in for s3:// and the like: uploaded files, then the marker; no marker, not complete."""
     items = [i for i in read_cohort(cohort) if i.slide_id in ("gen-a", "broken")]
     url = (tmp_path / "bucket").as_uri()
-    settings = AnalysisSettings(AnalysisRequest(model="demo", segmenter_model="none", tile_size_px=300), models_dir=str(models))
+    settings = CohortSettings(AnalysisRequest(model="demo", segmenter_model="none", tile_size_px=300), models_dir=str(models))
     outcomes = run_cohort(items, settings, url, engine="local", workers=1)
     assert outcomes["gen-a"].ok and not outcomes["broken"].ok
     from hepatoquant.cohort.runner import write_tables

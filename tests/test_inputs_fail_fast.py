@@ -188,9 +188,9 @@ def test_a_dicom_openslide_cannot_read_is_not_called_damaged(tmp_path: Path) -> 
 def test_a_slide_without_mpp_in_a_cohort_is_told_about_the_csv_column(tcga_slide: Path, tmp_path: Path) -> None:
     from hepatoquant.cohort.inputs import CohortItem
     from hepatoquant.analysis_request import AnalysisRequest
-    from hepatoquant.cohort.runner import AnalysisSettings, analyze_item
+    from hepatoquant.cohort.runner import CohortSettings, analyze_item
 
-    settings = AnalysisSettings(AnalysisRequest(model="demo", segmenter_model="none"))
+    settings = CohortSettings(AnalysisRequest(model="demo", segmenter_model="none"))
     outcome = analyze_item(CohortItem(slide_id="tcga", slide=tcga_slide), settings, tmp_path)
     assert not outcome.ok and outcome.error_type == "MissingMPPError"
     assert "mpp column of the cohort CSV" in outcome.error and "--mpp" not in outcome.error, outcome.error

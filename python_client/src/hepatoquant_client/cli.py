@@ -202,16 +202,16 @@ def _composition_table(outcome) -> str:
     return "\n".join([title, *lines])
 
 
+def _request_options(args: argparse.Namespace) -> dict[str, object]:
+    """The AnalysisRequest fields both commands take: only those given (the server's defaults otherwise)."""
+    given = {"mpp_um_px": args.mpp, "model": args.model or None, "segmenter_model": args.seg_model or None}
+    return {name: value for name, value in given.items() if value is not None}
+
+
 def _run_analyze(client, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    options: dict[str, object] = {}
+    options = _request_options(args)
     if args.regions is not None:
         options["regions_geojson"] = args.regions  # a Path: read here, sent as text
-    if args.mpp is not None:
-        options["mpp_um_px"] = args.mpp
-    if args.model:
-        options["model"] = args.model
-    if args.seg_model:
-        options["segmenter_model"] = args.seg_model
     outcome = client.analyze(args.slide, on_progress=_ProgressPrinter(err), **options)
     for path in outcome.write(args.out):
         print(f"wrote {path}", file=err)
@@ -226,13 +226,7 @@ def _run_project(client, args: argparse.Namespace, out: TextIO, err: TextIO) -> 
     from .paquo_project import analyze_project
     from .project_plan import parse_mappings
 
-    options: dict[str, object] = {}
-    if args.mpp is not None:
-        options["mpp_um_px"] = args.mpp
-    if args.model:
-        options["model"] = args.model
-    if args.seg_model:
-        options["segmenter_model"] = args.seg_model
+    options = _request_options(args)
     if args.tumour_class:
         options["tumour_class_names"] = args.tumour_class
     results = analyze_project(args.qupath_project, client, mappings=parse_mappings(args.map), images=args.image,

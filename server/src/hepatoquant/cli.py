@@ -352,7 +352,7 @@ def _analyze(args: argparse.Namespace) -> int:
 
     from hepatoquant.analysis import analyze_slide, demo_model_warning
     from hepatoquant.analysis_request import Runtime, resolve_options
-    from hepatoquant.cli_display import progress_bar, summary_table
+    from hepatoquant.cli_display import composition_table, progress_bar
     from hepatoquant.pack_lookup import resolve_model_pack
     from hepatoquant.outputs import write_outputs
 
@@ -371,7 +371,7 @@ def _analyze(args: argparse.Namespace) -> int:
     for warning in result.warnings:
         if warning not in shown_first:
             console.print(f"[yellow]warning:[/] {warning}")
-    console.print(summary_table(result))
+    console.print(composition_table(result))
     console.print(f"Outputs in {args.out}/: {paths.geojson.name}, {paths.report.name}, {paths.cohort_csv.name}, {paths.overlay_png.name}"
                   + (f", {paths.embeddings.name}" if paths.embeddings else ""))
     console.print(f"[dim]{RESEARCH_USE_NOTICE}[/]")
@@ -601,7 +601,7 @@ def _cohort_run(args: argparse.Namespace) -> int:
     from hepatoquant.cohort.engines import run_cohort
     from hepatoquant.cohort.inputs import read_cohort
     from hepatoquant.analysis_request import Runtime
-    from hepatoquant.cohort.runner import AnalysisSettings, write_tables
+    from hepatoquant.cohort.runner import CohortSettings, write_tables
     from hepatoquant.model_pack import ensure_demo_pack
     from hepatoquant.pack_lookup import resolve_model_pack
 
@@ -612,7 +612,7 @@ def _cohort_run(args: argparse.Namespace) -> int:
     resolve_model_pack(request.model, args.models_dir)  # a wrong pack name fails before anything runs
     if request.segmenter_model != "none":
         resolve_model_pack(request.segmenter_model, args.models_dir)
-    settings = AnalysisSettings(
+    settings = CohortSettings(
         request=request, models_dir=str(args.models_dir) if args.models_dir else None,
         runtime=Runtime(device=args.device, batch_size=args.batch_size, num_workers=args.reader_workers),
     )

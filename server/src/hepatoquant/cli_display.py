@@ -12,7 +12,7 @@ from rich.table import Table
 
 from hepatoquant.analysis import AnalysisResult, ProgressCallback
 
-__all__ = ["progress_bar", "summary_table"]
+__all__ = ["progress_bar", "composition_table"]
 
 
 @contextlib.contextmanager
@@ -44,7 +44,7 @@ def progress_bar(console: Console, *, disabled: bool = False) -> Iterator[Progre
         yield on_progress
 
 
-def summary_table(result: AnalysisResult) -> Table:
+def composition_table(result: AnalysisResult) -> Table:
     """Composition per region class (rows) and tissue class (columns, % of the region's tiles)."""
     status = " (UNTRAINED DEMO MODEL)" if result.model["model_status"] == "untrained-demo" else ""
     table = Table(

@@ -21,7 +21,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 from hepatoquant.cohort.inputs import CohortItem
-from hepatoquant.cohort.runner import AnalysisSettings, SlideOutcome, analyze_item, is_complete
+from hepatoquant.cohort.runner import CohortSettings, SlideOutcome, analyze_item, is_complete
 from hepatoquant.errors import InvalidParameterError
 
 __all__ = ["ENGINES", "run_cohort"]
@@ -32,7 +32,7 @@ OnOutcome = Callable[[SlideOutcome], object]
 _worker_models = None  # the ModelCache of a local worker process
 
 
-def run_cohort(items: Sequence[CohortItem], settings: AnalysisSettings, out: str | Path, *, engine: str = "local",
+def run_cohort(items: Sequence[CohortItem], settings: CohortSettings, out: str | Path, *, engine: str = "local",
                workers: int = 1, address: str | None = None, on_outcome: OnOutcome | None = None,
                ) -> dict[str, SlideOutcome]:
     """Every slide's outcome by slide id; slides already complete come back as ``skipped``."""
@@ -71,7 +71,7 @@ def _init_local_worker(threads: int) -> None:
     _worker_models = ModelCache()
 
 
-def _local_task(item: CohortItem, settings: AnalysisSettings, out: str) -> SlideOutcome:
+def _local_task(item: CohortItem, settings: CohortSettings, out: str) -> SlideOutcome:
     return analyze_item(item, settings, out, _worker_models)
 
 
@@ -136,7 +136,7 @@ def _run_ray(items, settings, out, workers, address, record) -> None:
 class _RayWorker:
     """One model copy per actor, kept for all the slides the actor is given."""
 
-    def __init__(self, settings: AnalysisSettings, out: str) -> None:
+    def __init__(self, settings: CohortSettings, out: str) -> None:
         from hepatoquant.analysis import ModelCache
 
         self.settings, self.out, self.models = settings, out, ModelCache()

@@ -24,11 +24,11 @@ from hepatoquant.analysis_request import AnalysisRequest, Runtime
 from hepatoquant.cohort.inputs import CohortItem
 from hepatoquant.cohort.storage import OutputStore
 
-__all__ = ["AnalysisSettings", "SlideOutcome", "analyze_item", "is_complete", "slide_folder", "write_tables"]
+__all__ = ["CohortSettings", "SlideOutcome", "analyze_item", "is_complete", "slide_folder", "write_tables"]
 
 
 @dataclass(frozen=True)
-class AnalysisSettings:
+class CohortSettings:
     """What every slide of the cohort is analysed with: the ``AnalysisRequest`` the ``cohort run`` flags ask
     for (its slide, MPP and regions come from each CSV row) and this machine's :class:`Runtime`. Plain,
     picklable values: it travels to worker processes."""
@@ -69,7 +69,7 @@ def is_complete(out: str | Path, slide_id: str) -> bool:
     return OutputStore(out).is_complete(slide_id)
 
 
-def analyze_item(item: CohortItem, settings: AnalysisSettings, out: str | Path, models=None) -> SlideOutcome:
+def analyze_item(item: CohortItem, settings: CohortSettings, out: str | Path, models=None) -> SlideOutcome:
     """Analyses one slide into its output folder; our errors and any other exception become a failed outcome
     (one slide never stops the cohort). ``models`` (an :class:`hepatoquant.analysis.ModelCache`) keeps the
     models loaded between slides."""

@@ -18,7 +18,7 @@ import numpy as np
 
 from hepatoquant.analysis import AnalysisResult
 from hepatoquant.errors import OutputWriteError
-from hepatoquant.outputs.cohort import write_cohort_row
+from hepatoquant.outputs.slide_row import write_cohort_row
 from hepatoquant.outputs.geojson import write_qupath_geojson
 from hepatoquant.outputs.overlay import write_overlay
 from hepatoquant.outputs.report import build_report, write_report
