@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from hepatoquant.geometry import pixel_edge_polygons
 from hepatoquant.qc_slides import QCSlideSpec, score_detection, write_qc_slide
 from hepatoquant.slide import Slide
 from hepatoquant.tiling import build_tile_grid
@@ -99,8 +100,8 @@ def main(argv: list[str] | None = None) -> int:
             started = time.perf_counter()
             mask, _, artefacts = after.tissue_and_artefacts_from_rgb(big, 8.0, after.TissueDetectionParams())
             masks.append(time.perf_counter() - started)
-            after.pixel_edge_polygons(mask, 16.0)
-            after.pixel_edge_polygons(artefacts["pen"], 16.0)
+            pixel_edge_polygons(mask, 16.0)
+            pixel_edge_polygons(artefacts["pen"], 16.0)
             polygons.append(time.perf_counter() - started - masks[-1])
         results["detect_40k_overview_s"] = {"masks": round(statistics.median(masks), 3),
                                             "polygons": round(statistics.median(polygons), 3)}

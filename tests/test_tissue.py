@@ -14,7 +14,8 @@ from shapely.geometry import MultiPolygon, Point
 from hepatoquant.errors import InvalidParameterError
 from hepatoquant.slide import Slide
 from hepatoquant.synthetic import Ellipse, SyntheticSlideSpec, write_synthetic_slide
-from hepatoquant.tissue import TissueDetectionParams, TissueMask, detect_tissue, mask_to_polygons, tissue_mask_from_rgb
+from hepatoquant.geometry import mask_to_polygons
+from hepatoquant.tissue import TissueDetectionParams, TissueMask, detect_tissue, tissue_mask_from_rgb
 
 SYNTHETIC_SPEC = SyntheticSlideSpec(width_px=2048, height_px=2048)  # the conftest slide's tissue shapes
 TALL_TISSUE = (Ellipse(500, 2650, 300, 250), Ellipse(450, 700, 250, 400))
@@ -275,7 +276,7 @@ def test_pixel_edge_polygons_of_a_ragged_mask_are_valid_and_exactly_its_pixels(s
     whole collection, which was three times slower on a 2,500 px overview)."""
     import shapely
 
-    from hepatoquant.tissue import pixel_edge_polygons
+    from hepatoquant.geometry import pixel_edge_polygons
 
     rng = np.random.default_rng(seed)
     mask = rng.random((120, 90)) > 0.45

@@ -17,7 +17,6 @@ import itertools
 import json
 import os
 import socket
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
+from .atomic_files import replace_atomically
 from .classes import HepatoClass
 from .errors import HepatoQuantError
 from .proto import pb, pb_grpc
@@ -325,21 +325,12 @@ class AnalysisOutcome:
 
 
 def _write_atomically(target: Path, data: bytes) -> None:
-    descriptor, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)
     try:
-        with os.fdopen(descriptor, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, target)
+        replace_atomically(target, lambda temporary: temporary.write_bytes(data))
     except OSError as exc:
-        Path(temporary).unlink(missing_ok=True)
         raise HepatoQuantClientError.for_code(
             "FAILED_PRECONDITION", f"cannot write {target}: {exc.strerror or exc}; check the folder and free space"
         ) from None
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 @dataclass(frozen=True)

@@ -14,12 +14,12 @@ from __future__ import annotations
 import csv
 import io
 import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .atomic_files import replace_atomically
 from .classes import HEADLINE_INDICATORS, TISSUE_CLASS_CODES
 from .errors import HepatoQuantError
 
@@ -143,23 +143,6 @@ def _checked(rows: Sequence[dict[str, Any]]) -> list[str]:
     return columns
 
 
-def _temporary_next_to(target: Path) -> Path:
-    descriptor, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)
-    os.close(descriptor)
-    return Path(name)
-
-
-def _publish(target: Path, write: Any) -> None:
-    """Write through ``write(temporary_path)`` and rename onto ``target``: a reader never sees half a file."""
-    temporary = _temporary_next_to(target)
-    try:
-        write(temporary)
-        os.replace(temporary, target)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-
-
 def write_cohort(rows: Sequence[dict[str, Any]], path: str | os.PathLike[str]) -> CohortFiles:
     """Write ``rows`` as CSV at ``path`` (header = :func:`cohort_columns`) and as Parquet at ``path`` with the
     suffix ``.parquet`` when pyarrow is importable. Both are written atomically (temporary file, then rename).
@@ -178,13 +161,7 @@ def write_cohort(rows: Sequence[dict[str, Any]], path: str | os.PathLike[str]) -
         for row in rows:
             writer.writerow({c: row.get(c) for c in columns})
 
-        def write_csv(temporary: Path) -> None:
-            with temporary.open("w", encoding="utf-8", newline="") as handle:
-                handle.write(text.getvalue())
-                handle.flush()
-                os.fsync(handle.fileno())
-
-        _publish(target, write_csv)
+        replace_atomically(target, lambda temporary: temporary.write_text(text.getvalue(), encoding="utf-8"))
     except OSError as exc:
         raise CohortError(f"cannot write {target}: {exc.strerror or exc}; check the folder and free space") from None
     written = [target]
@@ -199,7 +176,7 @@ def write_cohort(rows: Sequence[dict[str, Any]], path: str | os.PathLike[str]) -
         table = pyarrow.Table.from_pylist([{c: row.get(c) for c in columns} for row in rows],
                                           schema=_arrow_schema(pyarrow, columns))
         try:
-            _publish(parquet, lambda temporary: pq.write_table(table, str(temporary)))
+            replace_atomically(parquet, lambda temporary: pq.write_table(table, str(temporary)))
         except OSError as exc:
             raise CohortError(f"cannot write {parquet}: {exc.strerror or exc}; check the folder and free space") from None
         written.append(parquet)

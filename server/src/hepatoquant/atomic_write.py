@@ -1,36 +1,25 @@
-"""Writing one output file so that a reader never sees it half-written and a failure leaves nothing behind."""
+"""Writing outputs so that a reader never sees them half-written and a failure leaves nothing behind.
+
+One file: :func:`write_file_atomic` (on the client's ``replace_atomically``: the one file writer of the
+project). Several files that belong together (a slide's outputs, a curation): :func:`staged_files`. Files and
+folders get the modes a plain ``open`` / ``mkdir`` would give them under the umask (:func:`open_up_like_umask`).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import IO
 
+from hepatoquant_client.atomic_files import new_file_mode, replace_atomically
+
 from hepatoquant.errors import OutputWriteError
 
-__all__ = ["write_file_atomic", "new_file_mode", "open_up_like_umask"]
-
-
-def _umask() -> int:
-    """This process's umask, read without changing it (``os.umask`` sets it, racing other threads)."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as status:
-            for line in status:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def new_file_mode(*, directory: bool = False) -> int:
-    """The mode ``open()`` / ``mkdir()`` would give a new file or folder here: 0666 / 0777 less the umask.
-    Temporary files and folders are made private (0600 / 0700); what is renamed into place gets this."""
-    return (0o777 if directory else 0o666) & ~_umask()
+__all__ = ["write_file_atomic", "new_file_mode", "open_up_like_umask", "staged_files"]
 
 
 def open_up_like_umask(folder: Path) -> None:
@@ -46,28 +35,33 @@ def open_up_like_umask(folder: Path) -> None:
 
 
 def write_file_atomic(path: Path, write: Callable[[IO[bytes]], object], *, what: str) -> None:
-    """Write ``path`` through ``write(handle)`` into a temporary file beside it, then rename it into place.
+    """Write ``path`` through ``write(handle)``, atomically; the parent folder is created. A failure leaves
+    nothing and raises :class:`OutputWriteError` naming ``what`` and the path."""
 
-    The parent folder is created; a failure removes the temporary file and raises :class:`OutputWriteError`
-    naming ``what`` and the path.
-    """
+    def through_handle(temporary: Path) -> None:
+        with temporary.open("wb") as handle:
+            write(handle)
+
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        handle = tempfile.NamedTemporaryFile(  # noqa: SIM115 - closed below, renamed or removed
-            "wb", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False
-        )
-        try:
-            with handle:
-                write(handle)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.chmod(handle.name, new_file_mode())  # NamedTemporaryFile is private; results are shared
-            os.replace(handle.name, path)
-        except BaseException:
-            Path(handle.name).unlink(missing_ok=True)
-            raise
+        replace_atomically(path, through_handle)
     except OSError as exc:
         raise OutputWriteError(
             f"could not write the {what} {str(path)!r} ({exc}); check that the folder is writable and the disk "
             "has space, or choose another output folder"
         ) from exc
+
+
+@contextlib.contextmanager
+def staged_files(out_dir: Path, names: Iterable[str], *, prefix: str) -> Iterator[Path]:
+    """A private folder inside ``out_dir`` (created if needed) to write the files ``names`` into. When the block
+    ends without an error each is renamed into ``out_dir`` (a reader finds the old files or the new ones, never
+    half-written ones); the folder is removed either way, so a failure leaves nothing."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=prefix, dir=out_dir))
+    try:
+        yield staging
+        for name in names:
+            os.replace(staging / name, out_dir / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

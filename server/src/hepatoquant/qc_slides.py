@@ -474,7 +474,8 @@ class QCScore:
 def score_detection(truth: QCSlideTruth, tissue) -> QCScore:
     """Score a ``TissueMask`` (new or old detector) against the ground truth."""
     from hepatoquant.tiling import TileSpec, build_tile_grid, without_artefacts
-    from hepatoquant.tissue import TissueMask, pixel_edge_polygons
+    from hepatoquant.geometry import pixel_edge_polygons
+    from hepatoquant.tissue import TissueMask
 
     def tiles(mask, artefacts):
         grid = build_tile_grid((truth.width_px, truth.height_px), truth.mpp_um_px, mask, TileSpec(), mask.polygons)

@@ -21,6 +21,7 @@ from shapely.geometry.base import BaseGeometry
 from shapely.validation import explain_validity
 
 from hepatoquant.errors import RegionsError
+from hepatoquant.geometry import as_multipolygon
 
 __all__ = [
     "Region",
@@ -239,11 +240,4 @@ def artefacts_from_objects(objects: Sequence[QuPathObject], slide_size_px: tuple
         if geometry is not None:
             kind = obj.class_names[1] if len(obj.class_names) > 1 else "artefact"
             parts.setdefault(kind, []).append(geometry)
-    return {kind: _as_multipolygon(shapely.union_all(geometries)) for kind, geometries in parts.items()}
-
-
-def _as_multipolygon(geometry) -> MultiPolygon:
-    part = polygonal_part(geometry)
-    if part is None:
-        return MultiPolygon()
-    return part if isinstance(part, MultiPolygon) else MultiPolygon([part])
+    return {kind: as_multipolygon(shapely.union_all(geometries)) for kind, geometries in parts.items()}

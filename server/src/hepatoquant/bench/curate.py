@@ -38,8 +38,6 @@ import itertools
 import json
 import math
 import os
-import shutil
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -54,6 +52,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from hepatoquant import __version__
+from hepatoquant.atomic_write import staged_files
 from hepatoquant.bench.dataset import Patch, PatchDataset, load_dataset, write_index
 from hepatoquant.errors import InvalidParameterError, OutputWriteError
 
@@ -381,9 +380,7 @@ class CurationResult:
         out_dir = Path(out_dir)
         names = {"clean_index": CLEAN_INDEX_NAME, "removed": REMOVED_NAME, "report": REPORT_NAME}
         try:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            staging = Path(tempfile.mkdtemp(prefix=".curation.", dir=out_dir))
-            try:
+            with staged_files(out_dir, names.values(), prefix=".curation.") as staging:
                 write_index(staging / CLEAN_INDEX_NAME, self.kept)
                 with (staging / REMOVED_NAME).open("w", newline="") as handle:
                     writer = csv.writer(handle)
@@ -391,10 +388,6 @@ class CurationResult:
                     for removal in self.removed:
                         writer.writerows((removal.patch.relpath, removal.patch.label, r.text) for r in removal.reasons)
                 (staging / REPORT_NAME).write_text(json.dumps(self.report(), indent=2) + "\n")
-                for name in names.values():
-                    os.replace(staging / name, out_dir / name)
-            finally:
-                shutil.rmtree(staging, ignore_errors=True)
         except OSError as exc:
             raise OutputWriteError(
                 f"could not write the curation outputs into {str(out_dir)!r} ({exc}); check that the folder is "

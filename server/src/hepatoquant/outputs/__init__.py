@@ -8,14 +8,12 @@ only when every one is complete, so a failed run leaves no partial output.
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from hepatoquant.atomic_write import staged_files
 from hepatoquant.analysis import AnalysisResult
 from hepatoquant.errors import OutputWriteError
 from hepatoquant.outputs.slide_row import write_cohort_row
@@ -51,7 +49,6 @@ def write_outputs(result: AnalysisResult, out_dir: str | Path, *, include_tiles:
 
 
 def _write_all(result: AnalysisResult, out_dir: Path, include_tiles: bool) -> OutputPaths:
-    out_dir.mkdir(parents=True, exist_ok=True)
     stem = Path(result.slide.path).stem
     names = {
         "geojson": f"{stem}.geojson",
@@ -61,8 +58,7 @@ def _write_all(result: AnalysisResult, out_dir: Path, include_tiles: bool) -> Ou
     }
     if result.embeddings is not None:
         names["embeddings"] = f"{stem}.embeddings.npz"
-    staging = Path(tempfile.mkdtemp(prefix=f".{stem}.", dir=out_dir))
-    try:
+    with staged_files(out_dir, names.values(), prefix=f".{stem}.") as staging:
         write_qupath_geojson(result, staging / names["geojson"], include_tiles=include_tiles)
         write_overlay(result, staging / names["overlay_png"])
         if result.embeddings is not None:
@@ -79,11 +75,7 @@ def _write_all(result: AnalysisResult, out_dir: Path, include_tiles: bool) -> Ou
         report = build_report(result, outputs=names)
         write_cohort_row(report, staging / names["cohort_csv"])
         write_report(report, staging / names["report"])
-        for name in names.values():
-            os.replace(staging / name, out_dir / name)
-        if "embeddings" not in names:  # an earlier run's embeddings would not match these results
-            (out_dir / f"{stem}.embeddings.npz").unlink(missing_ok=True)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    if "embeddings" not in names:  # an earlier run's embeddings would not match these results
+        (out_dir / f"{stem}.embeddings.npz").unlink(missing_ok=True)
     paths = {key: out_dir / name for key, name in names.items()}
     return OutputPaths(embeddings=paths.pop("embeddings", None), **paths)

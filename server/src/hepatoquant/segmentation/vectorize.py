@@ -20,13 +20,12 @@ import cv2
 import numpy as np
 import shapely
 from hepatoquant_client.classes import NON_TUMOUR_REGION, TUMOUR_REGION
-from hepatoquant_client.qupath_geojson import polygonal_part
 from shapely.geometry import MultiPolygon, Polygon
 
 from hepatoquant.errors import InvalidParameterError
+from hepatoquant.geometry import as_multipolygon, pixel_edge_polygons
 from hepatoquant.regions import Region
 from hepatoquant.segmentation import NON_TUMOUR, TUMOUR
-from hepatoquant.tissue import pixel_edge_polygons
 
 __all__ = ["VectorizeParams", "mask_to_region_polygons", "regions_from_label_mask"]
 
@@ -82,7 +81,7 @@ def mask_to_region_polygons(
     # Tolerance 0 still drops the collinear vertices left along straight pixel edges.
     tolerance_px = params.simplify_tolerance_um / mpp_um_px
     polygons = shapely.simplify(polygons, tolerance_px, preserve_topology=True)
-    return _as_multipolygon(polygonal_part(shapely.make_valid(polygons)))
+    return as_multipolygon(shapely.make_valid(polygons))
 
 
 def regions_from_label_mask(
@@ -139,9 +138,3 @@ def _small_components(mask: np.ndarray, max_area_px: float, *, holes_only: bool 
     if holes_only:
         small[np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))] = False
     return small[labels]
-
-
-def _as_multipolygon(geometry: Polygon | MultiPolygon | None) -> MultiPolygon:
-    if geometry is None:
-        return MultiPolygon()
-    return geometry if isinstance(geometry, MultiPolygon) else MultiPolygon([geometry])
