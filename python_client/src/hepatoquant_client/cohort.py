@@ -24,7 +24,7 @@ from .classes import HEADLINE_INDICATORS, TISSUE_CLASS_CODES
 from .errors import HepatoQuantError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .client import AnalysisOutcome
+    from .results import AnalysisOutcome
 
 __all__ = [
     "COHORT_REGION_CLASSES",

@@ -29,7 +29,8 @@ from typing import TYPE_CHECKING, Any
 from .errors import HepatoQuantError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .client import AnalysisOutcome, Client
+    from .client import Client
+    from .results import AnalysisOutcome
     from .project_plan import UriMapping
 
 __all__ = [
@@ -191,7 +192,7 @@ def export_annotations(
     the QuPath GeoJSON that ``analyze --regions`` and QuPath read; ``class_names`` keeps only annotations of
     these classes (``"Tumor"``, or ``"Tumor: Positive"`` for a derived class). Images without any such
     annotation get no file. Each file is written atomically. Returns the files written."""
-    from .client import _write_atomically
+    from .results import write_atomically
     from .hepatoquant_objects import is_hepatoquant_object
     from .qupath_geojson import dumps_feature_collection
 
@@ -213,7 +214,7 @@ def export_annotations(
                     and (wanted is None or ": ".join(o.class_names) in wanted)]
             if keep:
                 path = target / f"{stem}.geojson"
-                _write_atomically(path, dumps_feature_collection(keep).encode("utf-8"))
+                write_atomically(path, dumps_feature_collection(keep).encode("utf-8"))
                 written.append(path)
     return written
 

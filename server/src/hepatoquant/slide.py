@@ -6,7 +6,6 @@ are (width, height). Reads never touch more than the requested region, so nothin
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass

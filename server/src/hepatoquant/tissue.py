@@ -33,7 +33,7 @@ import numpy as np
 from shapely.geometry import MultiPolygon
 
 from hepatoquant.errors import InvalidParameterError
-from hepatoquant.geometry import mask_to_polygons, pixel_edge_polygons
+from hepatoquant.geometry import pixel_edge_polygons
 from hepatoquant.slide import Slide
 
 __all__ = [

@@ -20,7 +20,7 @@ import cv2
 import numpy as np
 import shapely
 from hepatoquant_client.classes import NON_TUMOUR_REGION, TUMOUR_REGION
-from shapely.geometry import MultiPolygon, Polygon
+from shapely.geometry import MultiPolygon
 
 from hepatoquant.errors import InvalidParameterError
 from hepatoquant.geometry import as_multipolygon, pixel_edge_polygons

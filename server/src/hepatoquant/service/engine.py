@@ -31,7 +31,7 @@ from hepatoquant.analysis import analyze_slide
 from hepatoquant.analysis_request import Runtime, resolve_options
 from hepatoquant.classify import PatchClassifier, choose_device, load_classifier, predict_batches
 from hepatoquant.encoders import encoder_config
-from hepatoquant.errors import HepatoQuantError, InvalidParameterError, JobNotReadyError, MissingMPPError, ModelPackError
+from hepatoquant.errors import InvalidParameterError, JobNotReadyError, MissingMPPError, ModelPackError
 from hepatoquant.precision import resolve_precision
 from hepatoquant.model_pack import MANIFEST_NAME, ModelPack, default_models_dir, list_model_packs
 from hepatoquant.pack_lookup import resolve_model_pack

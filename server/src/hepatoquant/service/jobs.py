@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from hepatoquant.errors import HepatoQuantError, InvalidParameterError, JobNotFoundError, JobStoreSchemaError
+from hepatoquant.errors import InvalidParameterError, JobNotFoundError, JobStoreSchemaError
 
 __all__ = [
     "DATABASE_NAME",

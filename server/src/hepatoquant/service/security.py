@@ -12,7 +12,6 @@ from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 from hepatoquant.errors import (
-    HepatoQuantError,
     InvalidParameterError,
     SlideAccessDeniedError,
     SlideNotFoundError,
