@@ -177,7 +177,7 @@ def tiny_classifier_pack(tmp_path_factory: pytest.TempPathFactory):
     """
     from safetensors.torch import save_file
 
-    from hepatoquant.model_pack import add_model_pack
+    from hepatoquant.pack_import import add_model_pack
 
     source = tmp_path_factory.mktemp("tiny_pack_source")
     checkpoint = source / "encoder.safetensors"

@@ -20,7 +20,8 @@ from hepatoquant.bench.probe import ProbeConfig, train_probe
 from hepatoquant.bench.split import make_partition, read_groups, read_partition, write_partition
 from hepatoquant.bench.synthetic import write_synthetic_patch_dataset
 from hepatoquant.cli import main
-from hepatoquant.model_pack import add_model_pack, file_sha256, load_model_pack
+from hepatoquant.model_pack import file_sha256, load_model_pack
+from hepatoquant.pack_import import add_model_pack
 
 CRC_CLASSES = ["ADI", "DEB", "LYM", "MUC", "MUS", "NORM", "STR", "TUM"]
 

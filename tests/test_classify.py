@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 from hepatoquant.classify import BatchPrediction, PatchClassifier, choose_device, load_classifier, predict_batches
 from hepatoquant.encoders import create_encoder
 from hepatoquant.errors import InvalidParameterError, ModelPackError
-from hepatoquant.model_pack import MANIFEST_NAME, ModelPack, add_model_pack, load_head_weights, load_model_pack
+from hepatoquant.model_pack import MANIFEST_NAME, ModelPack, load_head_weights, load_model_pack
+from hepatoquant.pack_import import add_model_pack
 
 CPU = torch.device("cpu")
 

@@ -215,7 +215,7 @@ def test_a_bow_tie_region_is_repaired_with_a_warning_naming_it(tmp_path: Path) -
 @pytest.mark.parametrize(("umask", "file_mode", "dir_mode"), [(0o022, 0o644, 0o755), (0o027, 0o640, 0o750)])
 def test_pack_files_follow_the_umask(tmp_path: Path, make_tiny_checkpoint, make_linear_head, umask: int,
                                      file_mode: int, dir_mode: int) -> None:
-    from hepatoquant.model_pack import add_model_pack
+    from hepatoquant.pack_import import add_model_pack
 
     checkpoint, head = make_tiny_checkpoint(), make_linear_head(dim=32)
     previous = os.umask(umask)

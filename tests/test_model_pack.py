@@ -21,12 +21,12 @@ from hepatoquant.model_pack import (
     DEMO_PACK_NAME,
     MANIFEST_NAME,
     ModelPack,
-    add_model_pack,
     default_models_dir,
     ensure_demo_pack,
     list_model_packs,
     load_model_pack,
 )
+from hepatoquant.pack_import import add_model_pack
 from hepatoquant import pack_lookup
 from hepatoquant.pack_lookup import resolve_model_pack
 

@@ -515,7 +515,7 @@ def test_analyze_refuses_a_pack_whose_classes_are_not_hepatoquants(tiny_classifi
     """A HepatoBench probe on another dataset's classes is for benchmarks; `analyze` says so before reading tiles."""
     from hepatoquant.analysis import analyze_slide
     from hepatoquant.errors import ModelPackError
-    from hepatoquant.model_pack import write_probe_pack
+    from hepatoquant.pack_import import write_probe_pack
 
     crc = ("ADI", "DEB", "LYM")
     pack = write_probe_pack(tiny_classifier_pack, {"weight": torch.zeros(3, 32), "bias": torch.zeros(3)}, name="crc",
@@ -528,7 +528,7 @@ def test_analyze_refuses_a_pack_whose_classes_are_not_hepatoquants(tiny_classifi
 def test_import_head_finds_the_linear_layer_under_the_usual_prefixes(tiny_classifier_pack, tmp_path: Path,
                                                                      prefix: str) -> None:
     from hepatoquant.classify import load_classifier
-    from hepatoquant.model_pack import add_model_pack
+    from hepatoquant.pack_import import add_model_pack
 
     weight, bias = torch.randn(3, 32), torch.randn(3)
     save_file({f"{prefix}weight": weight, f"{prefix}bias": bias}, str(tmp_path / "head.safetensors"))
@@ -539,7 +539,7 @@ def test_import_head_finds_the_linear_layer_under_the_usual_prefixes(tiny_classi
 
 
 def test_import_head_refuses_files_that_are_not_one_linear_layer(tiny_classifier_pack, tmp_path: Path) -> None:
-    from hepatoquant.model_pack import add_model_pack
+    from hepatoquant.pack_import import add_model_pack
 
     def attempt(tensors: dict, classes=("TUM", "NOR", "FIB")):
         save_file(tensors, str(tmp_path / "head.safetensors"))

@@ -411,7 +411,7 @@ def _models_list(args: argparse.Namespace) -> int:
 
 
 def _models_add(args: argparse.Namespace) -> int:
-    from hepatoquant.model_pack import add_model_pack
+    from hepatoquant.pack_import import add_model_pack
 
     if args.classes and args.head is None:
         from hepatoquant.errors import InvalidParameterError
@@ -433,7 +433,7 @@ def _class_names(given: list[str]) -> tuple[str, ...]:
 
 
 def _models_import_head(args: argparse.Namespace) -> int:
-    from hepatoquant.model_pack import add_model_pack
+    from hepatoquant.pack_import import add_model_pack
 
     pack = add_model_pack(
         args.encoder_weights, encoder=args.encoder, name=args.name, models_dir=args.models_dir, head=args.head,

@@ -32,7 +32,8 @@ from hepatoquant.bench.split import (
     read_partition,
     write_partition,
 )
-from hepatoquant.model_pack import ModelPack, write_probe_pack
+from hepatoquant.model_pack import ModelPack
+from hepatoquant.pack_import import write_probe_pack
 
 __all__ = ["ProbeOutcome", "curated_dataset", "run_compare", "run_curate", "run_extract", "run_probe", "run_split",
            "work_partition"]
