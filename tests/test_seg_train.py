@@ -64,9 +64,13 @@ def test_training_learns_the_tumour_texture(training_run: dict) -> None:
     history = result.history
     assert len(history) == 4
     assert history[-1]["train_loss"] < 0.7 * history[0]["train_loss"]
-    # Held-out slide: chance for three classes is about 0.33 mean Dice; the trained model is far above.
-    assert result.best_val_dice > 0.6
-    assert max(h["val_dice"]["tumour"] or 0 for h in history) > 0.5
+    # Held-out slide: chance for three classes is about 0.33 mean Dice. Windows are sampled on tissue, so the
+    # background class is nearly absent from them and its Dice stays near 0 (measured 0.0 / 0.006), which holds
+    # the three-class mean near 0.6 (0.621 before the faint-tissue threshold moved from glass + 10 to + 8,
+    # 0.597 after): the tissue classes themselves are what the model must learn, and it does (0.87-0.95).
+    assert result.best_val_dice > 0.5
+    assert max(h["val_dice"]["tumour"] or 0 for h in history) > 0.8
+    assert max(h["val_dice"]["non_tumour"] or 0 for h in history) > 0.8
     assert any("trainable parameters" in line and "%" in line for line in training_run["log"])
     assert result.trainable_parameters < result.total_parameters
 
