@@ -48,7 +48,7 @@ def training_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
             "windows_per_slide": 96,
             "val_windows_per_slide": 32,
         },
-        "train": {"epochs": 4, "batch_size": 16, "lr": 0.005, "warmup_steps": 2, "seed": 0, "device": "cpu"},
+        "train": {"epochs": 6, "batch_size": 16, "lr": 0.005, "warmup_steps": 2, "seed": 0, "device": "cpu"},
         "output": {"dir": "run", "pack_name": "seg-test", "models_dir": "models"},
     }
     config_path = folder / "train.json"
@@ -62,13 +62,13 @@ def training_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
 def test_training_learns_the_tumour_texture(training_run: dict) -> None:
     result = training_run["result"]
     history = result.history
-    assert len(history) == 4
+    assert len(history) == 6
     assert history[-1]["train_loss"] < 0.7 * history[0]["train_loss"]
-    # Held-out slide: chance for three classes is about 0.33 mean Dice. Windows are sampled on tissue, so the
-    # background class is nearly absent from them and its Dice stays near 0 (measured 0.0 / 0.006), which holds
-    # the three-class mean near 0.6 (0.621 before the faint-tissue threshold moved from glass + 10 to + 8,
-    # 0.597 after): the tissue classes themselves are what the model must learn, and it does (0.87-0.95).
-    assert result.best_val_dice > 0.5
+    # Held-out slide: chance for three classes is about 0.33 mean Dice; the trained model is far above. Windows
+    # are sampled on tissue, so background is nearly absent from them and its Dice stays near 0, which holds the
+    # three-class mean down: measured 0.643 best mean after 6 epochs (tumour 0.99, non-tumour 0.94). With 4
+    # epochs it was 0.621, and 0.597 once the faint-tissue threshold moved from glass + 10 to + 8.
+    assert result.best_val_dice > 0.6
     assert max(h["val_dice"]["tumour"] or 0 for h in history) > 0.8
     assert max(h["val_dice"]["non_tumour"] or 0 for h in history) > 0.8
     assert any("trainable parameters" in line and "%" in line for line in training_run["log"])
@@ -120,12 +120,12 @@ def test_a_new_run_never_replaces_an_existing_pack(training_run: dict) -> None:
 def test_resume_continues_from_the_last_checkpoint(training_run: dict) -> None:
     config_path: Path = training_run["config"]
     raw = json.loads(config_path.read_text())
-    raw["train"]["epochs"] = 5
+    raw["train"]["epochs"] = 7
     config_path.write_text(json.dumps(raw))
     log: list[str] = []
     result = train_segmenter(load_training_config(config_path), resume=True, log=log.append)
-    assert any("resumed after epoch 4" in line for line in log)
-    assert [h["epoch"] for h in result.history] == [1, 2, 3, 4, 5]
+    assert any("resumed after epoch 6" in line for line in log)
+    assert [h["epoch"] for h in result.history] == [1, 2, 3, 4, 5, 6, 7]
 
 
 @pytest.mark.parametrize(

@@ -183,7 +183,8 @@ class Client:
         """Versions, model packs (with their status), classes, limits and slide roots of the server."""
         return ServerInfo.from_proto(self._unary("GetServerInfo", pb.GetServerInfoRequest()))
 
-    def analysis_request(self, slide: str | os.PathLike[str], **options: Any) -> pb.AnalysisRequest:
+    @staticmethod
+    def analysis_request(slide: str | os.PathLike[str], **options: Any) -> pb.AnalysisRequest:
         """The ``AnalysisRequest`` that :meth:`submit` sends (TypeError names an unknown option)."""
         unknown = sorted(set(options) - set(ANALYSIS_OPTIONS))
         if unknown:

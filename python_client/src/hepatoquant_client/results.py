@@ -21,15 +21,15 @@ if TYPE_CHECKING:  # shapely (and so numpy) is imported only when objects are pa
 __all__ = ["AnalysisOutcome", "ClassShare", "FINAL_STATES", "JobProgress", "ModelInfo", "RegionShare", "ServerInfo",
            "TilePrediction"]
 
-_STATE_NAMES = {
-    pb.JOB_STATE_UNSPECIFIED: "unspecified",
-    pb.JOB_STATE_QUEUED: "queued",
-    pb.JOB_STATE_RUNNING: "running",
-    pb.JOB_STATE_SUCCEEDED: "succeeded",
-    pb.JOB_STATE_FAILED: "failed",
-    pb.JOB_STATE_CANCELLED: "cancelled",
-    pb.JOB_STATE_INTERRUPTED: "interrupted",
-}
+def _state_name(state: int) -> str:
+    """``queued``, ``running``, ... from the proto's ``JOB_STATE_QUEUED``, ...; ``unspecified`` for an unknown value
+    (a newer server's state)."""
+    try:
+        return pb.JobState.Name(state).removeprefix("JOB_STATE_").lower()
+    except ValueError:
+        return "unspecified"
+
+
 FINAL_STATES = frozenset({"succeeded", "failed", "cancelled", "interrupted"})
 # Codes of a job that did not succeed but carries no error code (older servers): the closest status name.
 _FALLBACK_JOB_CODES = {"failed": "UNKNOWN", "cancelled": "CANCELLED", "interrupted": "UNAVAILABLE"}
@@ -252,7 +252,7 @@ class JobProgress:
     def from_proto(cls, job: pb.Job) -> JobProgress:
         return cls(
             job_id=job.job_id,
-            state=_STATE_NAMES.get(job.state, "unspecified"),
+            state=_state_name(job.state),
             stage=job.progress.stage,
             done=int(job.progress.done),
             total=int(job.progress.total),

@@ -115,6 +115,6 @@ def resolve_options(
             overlap=SlidingWindowParams.overlap if overlap is None else overlap, num_workers=runtime.num_workers
         ),
         precision=precision,
-        **({} if min_focus is None else {"min_focus": min_focus}),
+        min_focus=AnalysisOptions.min_focus if min_focus is None else min_focus,
         keep_artefacts=request.keep_artefacts,
     )

@@ -34,6 +34,8 @@ import tifffile
 from shapely import affinity
 from shapely.geometry import LineString, Point, Polygon
 
+from hepatoquant.geometry import mask_to_polygons, pixel_edge_polygons
+
 __all__ = ["QCSlideSpec", "QCSlideTruth", "write_qc_slide", "INK_RGB", "default_testdata"]
 
 MPP_UM_PX = 0.5
@@ -213,21 +215,8 @@ def _look(od: np.ndarray, look: str, rng: np.random.Generator) -> np.ndarray:
 
 
 def _mask_to_polygons(mask: np.ndarray, x0: int, y0: int) -> shapely.Geometry:
-    contours, hierarchy = cv2.findContours(mask.astype(np.uint8), cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
-    if hierarchy is None:
-        return Polygon()
-    polygons = []
-    for i, (_, _, child, parent) in enumerate(hierarchy[0]):
-        if parent != -1 or len(contours[i]) < 3:
-            continue
-        holes = []
-        while child != -1:
-            if len(contours[child]) >= 3:
-                holes.append(contours[child][:, 0, :] + 0.5)
-            child = hierarchy[0][child][0]
-        polygons.append(Polygon(contours[i][:, 0, :] + 0.5, holes))
-    merged = shapely.make_valid(shapely.union_all(polygons)) if polygons else Polygon()
-    return affinity.translate(merged, x0, y0)
+    """``mask`` traced through its pixel centres (``geometry.mask_to_polygons``), placed at level-0 (x0, y0)."""
+    return affinity.translate(mask_to_polygons(mask, 1.0), x0, y0)
 
 
 def _plan(spec: QCSlideSpec, rng: np.random.Generator):
@@ -474,7 +463,6 @@ class QCScore:
 def score_detection(truth: QCSlideTruth, tissue) -> QCScore:
     """Score a ``TissueMask`` (new or old detector) against the ground truth."""
     from hepatoquant.tiling import TileSpec, build_tile_grid, without_artefacts
-    from hepatoquant.geometry import pixel_edge_polygons
     from hepatoquant.tissue import TissueMask
 
     def tiles(mask, artefacts):

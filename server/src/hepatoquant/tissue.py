@@ -155,10 +155,7 @@ def _in_hsv(hsv: np.ndarray, hues: tuple[tuple[int, int], ...], sat: tuple[int, 
 
 def pen_mask_from_rgb(rgb: np.ndarray, spacing_um_px: float, params: TissueDetectionParams) -> np.ndarray:
     """Pen ink of any common colour (blue, green, red, black) on an overview: boolean, same height and width."""
-    return _pen_mask(cv2.cvtColor(cv2.medianBlur(rgb, 3), cv2.COLOR_RGB2HSV), spacing_um_px, params)
-
-
-def _pen_mask(hsv: np.ndarray, spacing_um_px: float, params: TissueDetectionParams) -> np.ndarray:
+    hsv = cv2.cvtColor(cv2.medianBlur(rgb, 3), cv2.COLOR_RGB2HSV)
     ink = np.zeros(hsv.shape[:2], dtype=bool)
     for colour, hues in _INK_HUES.items():
         core = _in_hsv(hsv, hues, (_CORE_SATURATION[colour], 255))

@@ -12,7 +12,6 @@ failed slide with its error.
 from __future__ import annotations
 
 import csv
-import json
 import shutil
 import tempfile
 import time
@@ -124,17 +123,12 @@ def write_tables(items: list[CohortItem], outcomes: dict[str, SlideOutcome], out
     store = OutputStore(out)
     complete = [item.slide_id for item in items if store.is_complete(item.slide_id)]
 
-    def reports_one_at_a_time():  # only each slide's report is read (its GeoJSON and overlay can be large)
-        for slide_id in complete:
-            with store.local_copy(slide_id) as folder:
-                [report] = folder.glob("*.report.json")
-                yield slide_id, json.loads(report.read_text())
-
     written: dict[str, str] = {}
     with tempfile.TemporaryDirectory(prefix="hepatoquant-tables-") as temporary:
         local = Path(temporary)
         if complete:
-            for file in write_cohort(cohort_rows(reports_one_at_a_time()), local / "cohort.csv").written:
+            rows = cohort_rows((slide_id, store.report(slide_id)) for slide_id in complete)  # one report at a time
+            for file in write_cohort(rows, local / "cohort.csv").written:
                 written.setdefault("cohort", store.put(file, file.name))
         with (local / "failures.csv").open("w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=FAILURE_COLUMNS)

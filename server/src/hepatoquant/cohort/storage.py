@@ -8,12 +8,10 @@ and a ``.complete`` marker last, and only the marker makes them count.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 __all__ = ["OutputStore"]
@@ -87,20 +85,14 @@ class OutputStore:
         shutil.rmtree(target, ignore_errors=True)
         os.replace(staging, target)
 
-    @contextlib.contextmanager
-    def local_copy(self, slide_id: str) -> Iterator[Path]:
-        """The slide's outputs as a local folder (downloaded from a URL; the folder itself otherwise)."""
-        if not self.is_url:
-            yield self.path / "slides" / slide_id
-            return
-        with tempfile.TemporaryDirectory(prefix="hepatoquant-") as temporary:
-            local = Path(temporary) / slide_id
-            local.mkdir()
-            for remote in self.fs.ls(f"{self.root}/slides/{slide_id}", detail=False):
-                name = remote.rstrip("/").rsplit("/", 1)[-1]
-                if name != COMPLETE_MARKER:
-                    self.fs.get_file(remote, str(local / name))
-            yield local
+    def report(self, slide_id: str) -> dict:
+        """A complete slide's report, read on its own (its GeoJSON and overlay can be large and are not needed
+        for the cohort table)."""
+        if self.is_url:
+            [path] = self.fs.glob(f"{self.root}/slides/{slide_id}/*.report.json")
+            return json.loads(self.fs.cat_file(path))
+        [path] = (self.path / "slides" / slide_id).glob("*.report.json")
+        return json.loads(path.read_text())
 
     def put(self, local_file: Path, name: str) -> str:
         """Stores a finished top-level file (cohort.csv, failures.csv) and returns where it went."""
