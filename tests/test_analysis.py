@@ -15,7 +15,7 @@ from hepatoquant.cli import main
 from hepatoquant.errors import OutputWriteError
 from hepatoquant.model_pack import ModelPack, ensure_demo_pack
 from hepatoquant.outputs import write_outputs
-from hepatoquant.outputs.slide_row import cohort_columns
+from hepatoquant_client.slide_report import cohort_columns
 from hepatoquant.synthetic import SyntheticSlideSpec, write_synthetic_slide
 from hepatoquant_client.qupath_geojson import read_qupath_geojson
 

@@ -74,7 +74,7 @@ def test_local_engine_analyses_every_good_slide_and_records_the_corrupt_one(loca
 
 
 def test_the_per_slide_csvs_and_cohort_csv_concatenate(local_run: Path) -> None:
-    """One row definition (the client's report_row): the per-slide <slide>.csv rows and cohort.csv share their
+    """One row definition (the client's SlideReport.to_row): the per-slide <slide>.csv rows and cohort.csv share their
     header, and a slide's row is the same in both but for its name (file stem vs cohort id)."""
     cohort_text = (local_run / "cohort.csv").read_text()
     header = cohort_text.splitlines()[0]

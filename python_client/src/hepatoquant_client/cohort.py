@@ -20,8 +20,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .atomic_files import replace_atomically
-from .classes import HEADLINE_INDICATORS, TISSUE_CLASS_CODES
+from .classes import HEADLINE_INDICATORS
 from .errors import HepatoQuantError
+from .slide_report import COHORT_REGION_CLASSES, TEXT_COLUMNS, SlideReport, cohort_columns, composition_columns
 
 if TYPE_CHECKING:  # pragma: no cover
     from .results import AnalysisOutcome
@@ -33,83 +34,19 @@ __all__ = [
     "cohort_columns",
     "cohort_rows",
     "composition_columns",
-    "report_row",
     "summary_table",
     "write_cohort",
 ]
-
-#: Region classes with columns of their own, in column order (``unassigned``: tiles outside every region).
-COHORT_REGION_CLASSES: tuple[str, ...] = ("tumour", "non_tumour", "tissue", "unassigned")
-
-_LEADING_COLUMNS = ("slide", "job_id", "slide_path", "model", "model_status", "segmenter", "segmenter_status",
-                    "mpp_um_px", "tissue_area_mm2", "tile_count")
 
 
 class CohortError(HepatoQuantError, ValueError):
     """Rows that cannot make a cohort table (a duplicate slide id, an unknown column), or a file not written."""
 
 
-def cohort_columns() -> list[str]:
-    """The column names, the same for every cohort: slide and models, then :func:`composition_columns`."""
-    return [*_LEADING_COLUMNS, *composition_columns()]
-
-
-def composition_columns() -> list[str]:
-    """Per region class its area, tile count, tile area and the percent of each tissue class, then the headline
-    indicators: the part of a cohort row shared by this table and the server's per-slide ``<slide>.csv``."""
-    columns: list[str] = []
-    for region_class in COHORT_REGION_CLASSES:
-        columns += [f"{region_class}_region_area_mm2", f"{region_class}_tiles", f"{region_class}_tile_area_mm2"]
-        columns += [f"{region_class}_{code}_pct" for code in TISSUE_CLASS_CODES]
-    for region_class, codes in HEADLINE_INDICATORS.items():
-        columns += [f"headline_{region_class}_{code}_pct" for code in codes]
-    return columns
-
-
-def report_row(report: dict[str, Any], *, slide: str, job_id: str | None = None) -> dict[str, Any]:
-    """The cohort row of one slide, from its versioned report: the one definition of a row, used by the
-    server's per-slide ``<slide>.csv``, ``hepatoquant cohort run``'s ``cohort.csv`` and :func:`cohort_rows`, so
-    that any of their rows concatenate. Cells of region classes the slide lacks, percentages of region classes
-    without tiles (no data, not 0 %) and the job id of a run without a server stay ``None``."""
-    row: dict[str, Any] = dict.fromkeys(cohort_columns())
-    model = report.get("model") or {}
-    segmenter = report.get("segmenter") or {}
-    slide_info = report.get("slide") or {}
-    row.update(
-        slide=slide,
-        job_id=job_id or None,
-        slide_path=slide_info.get("path"),
-        model=model.get("name") or None,
-        model_status=report.get("model_status") or None,
-        segmenter=segmenter.get("name") or None,
-        segmenter_status=segmenter.get("model_status") or None,
-        mpp_um_px=slide_info.get("mpp_um_px"),
-        tissue_area_mm2=(report.get("tissue") or {}).get("area_mm2"),
-        tile_count=(report.get("tiles") or {}).get("count"),
-    )
-    composition = report.get("composition") or {}
-    for entry in composition.get("region_classes") or []:
-        prefix = entry["region_class"]
-        if prefix not in COHORT_REGION_CLASSES:
-            continue
-        if entry.get("region_area_mm2") is not None:  # tiles outside every region have no polygon, so no area
-            row[f"{prefix}_region_area_mm2"] = float(entry["region_area_mm2"])
-        row[f"{prefix}_tiles"] = int(entry["tile_count"])
-        row[f"{prefix}_tile_area_mm2"] = float(entry["tile_area_mm2"])
-        for code, percent in (entry.get("class_percent") or {}).items():  # null: no tiles, so empty cells
-            if f"{prefix}_{code}_pct" in row and percent is not None:
-                row[f"{prefix}_{code}_pct"] = float(percent)
-    for region_class, values in (composition.get("headline_indicators_percent") or {}).items():
-        for code, percent in values.items():
-            if f"headline_{region_class}_{code}_pct" in row and percent is not None:
-                row[f"headline_{region_class}_{code}_pct"] = float(percent)
-    return row
-
-
-def cohort_rows(outcomes: Iterable[tuple[str, AnalysisOutcome | dict[str, Any]]]) -> list[dict[str, Any]]:
-    """One row per ``(slide_id, outcome)`` (an :class:`AnalysisOutcome`, or a report as a dict), keys in
-    :func:`cohort_columns` order (:func:`report_row`); a repeated slide id raises
-    :class:`CohortError` (two rows for one slide would be counted twice in any statistic)."""
+def cohort_rows(outcomes: Iterable[tuple[str, AnalysisOutcome | SlideReport]]) -> list[dict[str, Any]]:
+    """One row per ``(slide_id, outcome)`` (an :class:`AnalysisOutcome`, or a :class:`SlideReport` read from an
+    output folder), keys in :func:`cohort_columns` order (:meth:`SlideReport.to_row`); a repeated slide id
+    raises :class:`CohortError` (two rows for one slide would be counted twice in any statistic)."""
     rows: list[dict[str, Any]] = []
     seen: set[str] = set()
     for slide_id, outcome in outcomes:
@@ -118,10 +55,7 @@ def cohort_rows(outcomes: Iterable[tuple[str, AnalysisOutcome | dict[str, Any]]]
         if slide_id in seen:
             raise CohortError(f"slide {slide_id!r} appears twice in the cohort; give each slide one outcome")
         seen.add(slide_id)
-        if isinstance(outcome, dict):  # a report read from an output folder (cohort run)
-            rows.append(report_row(outcome, slide=slide_id))
-        else:
-            rows.append(report_row(outcome.report, slide=slide_id, job_id=outcome.job_id))
+        rows.append(outcome.to_row(slide=slide_id))
     return rows
 
 
@@ -185,10 +119,8 @@ def write_cohort(rows: Sequence[dict[str, Any]], path: str | os.PathLike[str]) -
 
 def _arrow_schema(pyarrow: Any, columns: list[str]) -> Any:
     """Fixed column types, so that a column that is null in every row still has its type."""
-    text = {"slide", "job_id", "model", "model_status", "segmenter", "segmenter_status"}
-
     def kind(column: str) -> Any:
-        if column in text:
+        if column in TEXT_COLUMNS:
             return pyarrow.string()
         if column == "tile_count" or column.endswith("_tiles"):
             return pyarrow.int64()

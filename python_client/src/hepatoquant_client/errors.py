@@ -13,6 +13,7 @@ __all__ = [
     "InvalidGeoJSONError",
     "NotFoundError",
     "PermissionDeniedError",
+    "ReportFormatError",
     "ServerUnavailableError",
     "UnauthenticatedError",
 ]
@@ -25,6 +26,10 @@ class HepatoQuantError(Exception):
 class InvalidGeoJSONError(HepatoQuantError, ValueError):
     """A GeoJSON input (file or bytes) that cannot be read as QuPath objects, or an object that QuPath would
     reject on import."""
+
+
+class ReportFormatError(HepatoQuantError, ValueError):
+    """A stored report that is not a HepatoQuant report (not JSON, or a field missing or of the wrong kind)."""
 
 
 class HepatoQuantClientError(HepatoQuantError):

@@ -14,6 +14,7 @@ from .atomic_files import replace_atomically
 from .classes import HepatoClass
 from .errors import HepatoQuantClientError
 from .proto import pb
+from .slide_report import ClassShare, RegionShare, SlideReport
 
 if TYPE_CHECKING:  # shapely (and so numpy) is imported only when objects are parsed
     from .qupath_geojson import QuPathObject
@@ -33,89 +34,6 @@ def _state_name(state: int) -> str:
 FINAL_STATES = frozenset({"succeeded", "failed", "cancelled", "interrupted"})
 # Codes of a job that did not succeed but carries no error code (older servers): the closest status name.
 _FALLBACK_JOB_CODES = {"failed": "UNKNOWN", "cancelled": "CANCELLED", "interrupted": "UNAVAILABLE"}
-
-
-@dataclass(frozen=True)
-class ClassShare:
-    """One tissue class within a region: tile count, tile area (mm^2) and percent of the region's tiles.
-
-    ``percent`` is ``None`` when the region has no tiles: no data, which is not 0 %."""
-
-    code: str
-    tiles: int
-    area_mm2: float
-    percent: float | None
-
-    @classmethod
-    def from_proto(cls, message: pb.ClassComposition) -> ClassShare:
-        percent = message.percent if message.HasField("percent") else None
-        return cls(message.code, int(message.tiles), message.area_mm2, percent)
-
-
-@dataclass(frozen=True)
-class RegionShare:
-    """The composition of one region (or of all regions of one region class).
-
-    ``region_class`` is tumour, non_tumour, tissue or unassigned; ``source`` is user, segmenter, tissue or
-    aggregate; ``region_area_mm2`` is the polygon area (0 for unassigned); ``tile_area_mm2`` the area of the
-    classified tiles in it.
-    """
-
-    name: str
-    region_class: str
-    source: str
-    region_area_mm2: float
-    tile_count: int
-    tile_area_mm2: float
-    classes: tuple[ClassShare, ...]
-
-    @classmethod
-    def from_proto(cls, message: pb.RegionComposition) -> RegionShare:
-        return cls(
-            name=message.name,
-            region_class=message.region_class,
-            source=message.source,
-            region_area_mm2=message.region_area_mm2,
-            tile_count=int(message.tile_count),
-            tile_area_mm2=message.tile_area_mm2,
-            classes=tuple(ClassShare.from_proto(c) for c in message.classes),
-        )
-
-    def _region_fields(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "region_class": self.region_class,
-            "source": self.source,
-            "region_area_mm2": self.region_area_mm2,
-            "tile_count": self.tile_count,
-            "tile_area_mm2": self.tile_area_mm2,
-        }
-
-    def records(self) -> list[dict[str, Any]]:
-        """Long form, one flat dict per tissue class (``pandas.DataFrame(region.records())``)."""
-        base = self._region_fields()
-        return [
-            {**base, "code": c.code, "tiles": c.tiles, "area_mm2": c.area_mm2, "percent": c.percent}
-            for c in self.classes
-        ]
-
-    def as_dict(self) -> dict[str, Any]:
-        """Wide form, one flat dict: the region's fields, then ``<CODE>_tiles``, ``<CODE>_area_mm2`` and
-        ``<CODE>_percent`` for each class (one row of a cohort-style table)."""
-        row = self._region_fields()
-        for c in self.classes:
-            row[f"{c.code}_tiles"] = c.tiles
-            row[f"{c.code}_area_mm2"] = c.area_mm2
-            row[f"{c.code}_percent"] = c.percent
-        return row
-
-    def percent(self, code: str) -> float | None:
-        """Percent of this region's tiles in class ``code`` (``None``: the region has no tiles); KeyError names
-        the codes present."""
-        for c in self.classes:
-            if c.code == code:
-                return c.percent
-        raise KeyError(f"no class {code!r} in region {self.name!r}; it has {', '.join(c.code for c in self.classes)}")
 
 
 # Output files of an analysis, in the order written: suffix after the slide stem, and the outcome's attribute.
@@ -203,6 +121,14 @@ class AnalysisOutcome:
             write_atomically(target, data)
             written.append(target)
         return written
+
+    def slide_report(self) -> SlideReport:
+        """The report as the typed :class:`SlideReport`; :class:`ReportFormatError` when it is not a report."""
+        return SlideReport.from_report(self.report, source=f"the report of job {self.job_id}")
+
+    def to_row(self, *, slide: str | None = None) -> dict[str, Any]:
+        """This slide's cohort row (:meth:`SlideReport.to_row`), named ``slide`` (default: the slide's stem)."""
+        return self.slide_report().to_row(slide=slide or self.stem, job_id=self.job_id)
 
     def qupath_objects(self) -> list[QuPathObject]:
         """The result's QuPath objects (regions as annotations, tiles as detections or tiles) as Python values."""

@@ -1,8 +1,10 @@
 """Writing outputs so that a reader never sees them half-written and a failure leaves nothing behind.
 
 One file: :func:`write_file_atomic` (on the client's ``replace_atomically``: the one file writer of the
-project). Several files that belong together (a slide's outputs, a curation): :func:`staged_files`. Files and
-folders get the modes a plain ``open`` / ``mkdir`` would give them under the umask (:func:`open_up_like_umask`).
+project). Several files that belong together in a folder others also write to (a slide's outputs, a curation):
+:func:`staged_files`. A whole folder (a model pack, a job's results, a cohort slide's outputs):
+:func:`staged_folder`. Files and folders get the modes a plain ``open`` / ``mkdir`` would give them under the
+umask (:func:`open_up_like_umask`).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from hepatoquant_client.atomic_files import new_file_mode, replace_atomically
 
 from hepatoquant.errors import OutputWriteError
 
-__all__ = ["write_file_atomic", "new_file_mode", "open_up_like_umask", "staged_files"]
+__all__ = ["write_file_atomic", "new_file_mode", "open_up_like_umask", "staged_files", "staged_folder"]
 
 
 def open_up_like_umask(folder: Path) -> None:
@@ -65,3 +67,26 @@ def staged_files(out_dir: Path, names: Iterable[str], *, prefix: str) -> Iterato
             os.replace(staging / name, out_dir / name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def staged_folder(dest: Path, *, replace: bool = False) -> Iterator[Path]:
+    """A new folder beside ``dest`` to fill; when the block ends without an error it gets the umask's modes and
+    is renamed to ``dest`` (a reader finds the old folder or the new one, never half of one). With ``replace`` an
+    existing ``dest`` is swapped out only then, and put back if the rename fails; without it an existing
+    non-empty ``dest`` makes the rename fail (``OSError``). Any failure removes the new folder and is raised."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    old = dest.parent / f"{staging.name}.old"
+    try:
+        yield staging
+        open_up_like_umask(staging)  # mkdtemp (and safetensors) make private files; results are shared
+        if replace and dest.exists():
+            os.replace(dest, old)
+        os.replace(staging, dest)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        if old.exists() and not dest.exists():
+            os.replace(old, dest)  # put the previous folder back
+        raise
+    shutil.rmtree(old, ignore_errors=True)

@@ -7,11 +7,12 @@ non-zero exit code; the server (later) maps them to gRPC status codes by class.
 
 from __future__ import annotations
 
-from hepatoquant_client.errors import HepatoQuantError, InvalidGeoJSONError
+from hepatoquant_client.errors import HepatoQuantError, InvalidGeoJSONError, ReportFormatError
 
 __all__ = [
     "HepatoQuantError",
     "InvalidGeoJSONError",
+    "ReportFormatError",
     "SlideNotFoundError",
     "UnsupportedSlideError",
     "CorruptSlideError",

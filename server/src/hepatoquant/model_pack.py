@@ -13,8 +13,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
@@ -27,7 +25,7 @@ from hepatoquant_client.classes import TISSUE_CLASS_CODES
 from safetensors.torch import load_file, save_file
 
 from hepatoquant import __version__
-from hepatoquant.atomic_write import open_up_like_umask
+from hepatoquant.atomic_write import staged_folder
 from hepatoquant.encoders import create_encoder, encoder_config
 from hepatoquant.errors import InvalidParameterError, ModelPackError, ModelPackNotFoundError
 
@@ -219,33 +217,21 @@ def write_pack(
     (a peft adapter folder). ``manifest`` may name ``{sha256:<file>}`` placeholders: see :func:`file_sha256`.
     With ``replace``, an existing pack at ``dest`` is swapped out only after the new one is complete.
     """
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    old = dest.parent / f"{tmp.name}.old"
     try:
-        for filename, state_dict in tensors.items():
-            save_file({k: v.contiguous() for k, v in state_dict.items()}, str(tmp / filename))
-        if write_extra is not None:
-            write_extra(tmp)
-        encoder_entry = manifest["encoder"]
-        if encoder_entry.get("sha256") == "":
-            encoder_entry["sha256"] = file_sha256(tmp / encoder_entry["weights"])
-        jsonschema.validate(manifest, _manifest_schema())
-        (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
-        open_up_like_umask(tmp)  # mkdtemp and safetensors make private files; models are shared with servers
-        if replace and dest.exists():
-            os.replace(dest, old)
-        os.replace(tmp, dest)
-    except BaseException as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old.exists() and not dest.exists():
-            os.replace(old, dest)  # put the previous pack back
-        if not isinstance(exc, OSError):
-            raise
+        with staged_folder(dest, replace=replace) as staging:
+            for filename, state_dict in tensors.items():
+                save_file({k: v.contiguous() for k, v in state_dict.items()}, str(staging / filename))
+            if write_extra is not None:
+                write_extra(staging)
+            encoder_entry = manifest["encoder"]
+            if encoder_entry.get("sha256") == "":
+                encoder_entry["sha256"] = file_sha256(staging / encoder_entry["weights"])
+            jsonschema.validate(manifest, _manifest_schema())
+            (staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
+    except OSError as exc:
         if dest.is_dir() and (dest / MANIFEST_NAME).is_file() and not replace:  # another process won the race
             return load_model_pack(dest)
         raise ModelPackError(f"could not write model pack {str(dest)!r}: {exc}") from exc
-    shutil.rmtree(old, ignore_errors=True)
     return load_model_pack(dest)
 
 

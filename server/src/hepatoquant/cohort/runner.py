@@ -12,7 +12,6 @@ failed slide with its error.
 from __future__ import annotations
 
 import csv
-import shutil
 import tempfile
 import time
 import traceback
@@ -81,7 +80,6 @@ def analyze_item(item: CohortItem, settings: CohortSettings, out: str | Path, mo
     if store.is_complete(item.slide_id):
         return SlideOutcome(item.slide_id, str(item.slide), ok=True, skipped=True)
     started = time.perf_counter()
-    staging = None
     try:
         models_dir = Path(settings.models_dir) if settings.models_dir else None
         request = settings.for_item(item)
@@ -89,10 +87,8 @@ def analyze_item(item: CohortItem, settings: CohortSettings, out: str | Path, mo
         segmenter = None if request.segmenter_model in ("", "none") else resolve_model_pack(request.segmenter_model, models_dir)
         options = resolve_options(request, pack, settings.runtime, regions_path=item.regions)
         result = analyze_slide(item.slide, pack, options, segmenter=segmenter, models=models or ModelCache())
-        staging = store.staging_folder(item.slide_id)
-        write_outputs(result, staging, include_tiles=not request.omit_tiles)
-        store.publish(staging, item.slide_id)  # replaces only an incomplete earlier attempt
-        staging = None
+        with store.slide_outputs(item.slide_id) as staging:  # replaces only an incomplete earlier attempt
+            write_outputs(result, staging, include_tiles=not request.omit_tiles)
         return SlideOutcome(item.slide_id, str(item.slide), ok=True, tiles=len(result.grid),
                             seconds=time.perf_counter() - started)
     except Exception as exc:  # noqa: BLE001 - recorded in the failures table; the cohort goes on
@@ -108,9 +104,6 @@ def analyze_item(item: CohortItem, settings: CohortSettings, out: str | Path, mo
             error=str(exc) if isinstance(exc, HepatoQuantError) else f"{type(exc).__name__}: {exc}",
             details={} if isinstance(exc, HepatoQuantError) else {"traceback": traceback.format_exc(limit=8)},
         )
-    finally:
-        if staging is not None:
-            shutil.rmtree(staging, ignore_errors=True)
 
 
 FAILURE_COLUMNS = ["slide_id", "slide", "error_type", "error"]

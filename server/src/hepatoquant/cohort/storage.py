@@ -8,11 +8,17 @@ and a ``.complete`` marker last, and only the marker makes them count.
 
 from __future__ import annotations
 
+import contextlib
 import json
-import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+
+from hepatoquant_client.atomic_files import replace_atomically
+from hepatoquant_client.slide_report import SlideReport
+
+from hepatoquant.atomic_write import staged_folder
 
 __all__ = ["OutputStore"]
 
@@ -61,38 +67,36 @@ class OutputStore:
         except (OSError, ValueError):
             return False
 
-    def staging_folder(self, slide_id: str) -> Path:
-        """A new local folder to write a slide's outputs into (next to its final place for a folder store)."""
-        if self.is_url:
-            return Path(tempfile.mkdtemp(prefix=f"hepatoquant-{slide_id}-"))
-        parent = self.path / "slides"
-        parent.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(prefix=f".{slide_id}.", dir=parent))
-
-    def publish(self, staging: Path, slide_id: str) -> None:
-        """Moves a complete staging folder into place; an incomplete earlier attempt is replaced."""
-        if self.is_url:
-            target = f"{self.root}/slides/{slide_id}"
-            if self.fs.exists(target):
-                self.fs.rm(target, recursive=True)
-            self.fs.makedirs(target, exist_ok=True)  # a folder on file systems; nothing on object stores
-            for file in sorted(staging.iterdir()):
-                self.fs.put_file(str(file), f"{target}/{file.name}")
-            self.fs.pipe_file(f"{target}/{COMPLETE_MARKER}", f"complete\n{_schema_line()}\n".encode())
-            shutil.rmtree(staging, ignore_errors=True)
+    @contextlib.contextmanager
+    def slide_outputs(self, slide_id: str) -> Iterator[Path]:
+        """A local folder to write a slide's outputs into. When the block ends without an error they are
+        published (in a folder: renamed into place, replacing an incomplete earlier attempt; at a URL: uploaded,
+        then the marker); an error publishes nothing and removes the folder."""
+        if not self.is_url:
+            with staged_folder(self.path / "slides" / slide_id, replace=True) as staging:
+                yield staging
             return
-        target = self.path / "slides" / slide_id
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(staging, target)
+        with tempfile.TemporaryDirectory(prefix=f"hepatoquant-{slide_id}-") as staging:
+            yield Path(staging)
+            self._upload(Path(staging), slide_id)
 
-    def report(self, slide_id: str) -> dict:
+    def _upload(self, staging: Path, slide_id: str) -> None:
+        target = f"{self.root}/slides/{slide_id}"
+        if self.fs.exists(target):
+            self.fs.rm(target, recursive=True)
+        self.fs.makedirs(target, exist_ok=True)  # a folder on file systems; nothing on object stores
+        for file in sorted(staging.iterdir()):
+            self.fs.put_file(str(file), f"{target}/{file.name}")
+        self.fs.pipe_file(f"{target}/{COMPLETE_MARKER}", f"complete\n{_schema_line()}\n".encode())
+
+    def report(self, slide_id: str) -> SlideReport:
         """A complete slide's report, read on its own (its GeoJSON and overlay can be large and are not needed
         for the cohort table)."""
         if self.is_url:
             [path] = self.fs.glob(f"{self.root}/slides/{slide_id}/*.report.json")
-            return json.loads(self.fs.cat_file(path))
+            return SlideReport.from_json(self.fs.cat_file(path), source=path)
         [path] = (self.path / "slides" / slide_id).glob("*.report.json")
-        return json.loads(path.read_text())
+        return SlideReport.from_json(path.read_text(), source=str(path))
 
     def put(self, local_file: Path, name: str) -> str:
         """Stores a finished top-level file (cohort.csv, failures.csv) and returns where it went."""
@@ -100,6 +104,6 @@ class OutputStore:
             self.fs.makedirs(self.root, exist_ok=True)
             self.fs.put_file(str(local_file), f"{self.root}/{name}")
             return f"{self.location.rstrip('/')}/{name}"
-        self.path.mkdir(parents=True, exist_ok=True)
-        os.replace(local_file, self.path / name)
+        self.path.mkdir(parents=True, exist_ok=True)  # copied, not renamed: the temporary file may be on another disk
+        replace_atomically(self.path / name, lambda temporary: shutil.copyfile(local_file, temporary))
         return str(self.path / name)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from hepatoquant_client.slide_report import SlideReport
 
 from hepatoquant.atomic_write import staged_files
 from hepatoquant.analysis import AnalysisResult
@@ -73,7 +74,7 @@ def _write_all(result: AnalysisResult, out_dir: Path, include_tiles: bool) -> Ou
                 encoder=np.array(result.model["encoder"]),
             )
         report = build_report(result, outputs=names)
-        write_cohort_row(report, staging / names["cohort_csv"])
+        write_cohort_row(SlideReport.from_report(report), staging / names["cohort_csv"])
         write_report(report, staging / names["report"])
     if "embeddings" not in names:  # an earlier run's embeddings would not match these results
         (out_dir / f"{stem}.embeddings.npz").unlink(missing_ok=True)

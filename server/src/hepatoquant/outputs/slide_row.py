@@ -1,23 +1,20 @@
-"""The per-slide ``<slide>.csv``: one row with the client's cohort columns (:func:`hepatoquant_client.cohort.report_row`),
-so that the rows of many slides, ``cohort run``'s ``cohort.csv`` and the client's tables concatenate."""
+"""The per-slide ``<slide>.csv``: the slide's cohort row (:meth:`hepatoquant_client.slide_report.SlideReport.to_row`,
+the one row definition), so that the rows of many slides, ``cohort run``'s ``cohort.csv`` and the client's tables
+concatenate."""
 
 from __future__ import annotations
 
 import csv
 from pathlib import Path
 
-from hepatoquant_client.cohort import COHORT_REGION_CLASSES, cohort_columns, report_row
+from hepatoquant_client.slide_report import SlideReport, cohort_columns
 
-__all__ = ["COHORT_REGION_CLASSES", "cohort_columns", "cohort_row", "write_cohort_row"]
-
-
-def cohort_row(report: dict) -> dict[str, object]:
-    """The cohort row of one report, named by the slide file's stem (no job id: written by the analysis)."""
-    return report_row(report, slide=Path(report["slide"]["path"]).stem)
+__all__ = ["write_cohort_row"]
 
 
-def write_cohort_row(report: dict, path: Path) -> None:
+def write_cohort_row(report: SlideReport, path: Path) -> None:
+    """One header line and one row, named by the slide file's stem (no job id: written by the analysis)."""
     with path.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=cohort_columns(), lineterminator="\n")
         writer.writeheader()
-        writer.writerow(cohort_row(report))
+        writer.writerow(report.to_row(slide=Path(report.report["slide"]["path"]).stem))

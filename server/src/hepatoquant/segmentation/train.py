@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
@@ -23,6 +22,7 @@ import torch
 from torch import nn
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
+from hepatoquant.atomic_write import write_file_atomic
 from hepatoquant.classify import choose_device
 from hepatoquant.errors import InvalidParameterError
 from hepatoquant.model_pack import ModelPack, default_models_dir
@@ -253,14 +253,11 @@ def train_segmenter(
                 replace=True,
             )
             log(f"  best so far: wrote segmenter pack {pack.path}")
-        partial = run_dir / f".{_CHECKPOINT}.partial"  # renamed into place: a crash never leaves half a checkpoint
-        torch.save(
-            {"trainable": _trainable_state(model), "optimizer": optimizer.state_dict(),
-             "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "best_dice": best_dice,
-             "history": json.dumps(history)},
-            partial,
-        )
-        os.replace(partial, run_dir / _CHECKPOINT)
+        checkpoint = {"trainable": _trainable_state(model), "optimizer": optimizer.state_dict(),
+                      "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "best_dice": best_dice,
+                      "history": json.dumps(history)}
+        # atomic: a crash never leaves half a checkpoint
+        write_file_atomic(run_dir / _CHECKPOINT, lambda handle: torch.save(checkpoint, handle), what="training checkpoint")
     (run_dir / "history.json").write_text(json.dumps(history, indent=2) + "\n")
     if pack is None:  # resumed after the last epoch
         from hepatoquant.model_pack import load_model_pack

@@ -9,6 +9,7 @@ from google.protobuf import json_format
 from google.protobuf.timestamp_pb2 import Timestamp
 from hepatoquant_client.classes import HepatoClass
 from hepatoquant_client.proto import pb
+from hepatoquant_client.slide_report import SlideReport
 
 from hepatoquant.model_pack import ModelPack
 from hepatoquant.service.jobs import JobRecord, JobState
@@ -65,44 +66,15 @@ def job_to_proto(record: JobRecord) -> pb.Job:
     )
 
 
-def _region_to_proto(entry: dict) -> pb.RegionComposition:
-    return pb.RegionComposition(
-        name=entry["name"],
-        region_class=entry["region_class"],
-        source=entry["source"],
-        region_area_mm2=entry["region_area_mm2"] or 0.0,
-        tile_count=entry["tile_count"],
-        tile_area_mm2=entry["tile_area_mm2"],
-        classes=[
-            pb.ClassComposition(
-                code=code, tiles=entry["class_tiles"][code], area_mm2=entry["class_area_mm2"][code],
-                percent=None if entry["class_percent"] is None else entry["class_percent"][code],  # unset: no tiles
-            )
-            for code in entry["class_tiles"]
-        ],
-    )
-
-
 def result_to_proto(job_id: str, result_dir: Path) -> pb.AnalysisResult:
-    """The stored outputs of a job (report, GeoJSON, CSV) as the API's result message."""
+    """The stored outputs of a job (report, GeoJSON, CSV, overlay) as the API's result message."""
     report_path = next(result_dir.glob("*.report.json"))
-    report = json.loads(report_path.read_text())
+    report_json = report_path.read_text()
     stem = report_path.name.removesuffix(".report.json")
-    composition = report["composition"]
-    return pb.AnalysisResult(
+    return SlideReport.from_json(report_json, source=f"the report of job {job_id}").to_proto(
         job_id=job_id,
-        model_status=report["model_status"],
-        regions=[_region_to_proto(r) for r in composition["regions"]],
-        region_classes=[_region_to_proto(r) for r in composition["region_classes"]],
-        headline_indicators_percent={
-            f"{region_class}/{code}": value
-            for region_class, values in composition["headline_indicators_percent"].items()
-            for code, value in values.items()
-            if value is not None  # a region class without tiles has no indicators
-        },
-        report_json=report_path.read_text(),
+        report_json=report_json,
         qupath_geojson=(result_dir / f"{stem}.geojson").read_bytes(),
-        warnings=report["warnings"],
         cohort_csv=(result_dir / f"{stem}.csv").read_bytes(),
         overlay_png=(result_dir / f"{stem}.overlay.png").read_bytes(),
         slide_stem=stem,

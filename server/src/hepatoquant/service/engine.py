@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
 import tempfile
 import threading
@@ -29,6 +28,7 @@ from hepatoquant_client.qupath_geojson import parse_qupath_geojson
 from hepatoquant import RESEARCH_USE_NOTICE, __version__
 from hepatoquant.analysis import analyze_slide
 from hepatoquant.analysis_request import Runtime, resolve_options
+from hepatoquant.atomic_write import staged_folder
 from hepatoquant.classify import PatchClassifier, choose_device, load_classifier, predict_batches
 from hepatoquant.encoders import encoder_config
 from hepatoquant.errors import InvalidParameterError, JobNotReadyError, MissingMPPError, ModelPackError
@@ -208,22 +208,19 @@ class ServerEngine:
     def _run_job(self, record: JobRecord, progress) -> str:
         request = request_from_json(record.request_json)
         slide, classifier, segmenter = self._validate(request)
-        work = Path(tempfile.mkdtemp(prefix=f".{record.job_id}.", dir=self.results_dir))
-        try:
+        final = self.results_dir / record.job_id
+        with tempfile.TemporaryDirectory(prefix=f".{record.job_id}.", dir=self.results_dir) as inputs:
             regions_path = None
             if request.regions_geojson:
-                regions_path = work / "regions.geojson"
+                regions_path = Path(inputs) / "regions.geojson"
                 regions_path.write_text(request.regions_geojson)
             options = resolve_options(request, classifier, self._runtime(), regions_path=regions_path)
             result = analyze_slide(slide, classifier, options, segmenter=segmenter, progress=progress)
-            progress("outputs", 0, 1)
-            write_outputs(result, work / "out", include_tiles=not request.omit_tiles)
-            progress("outputs", 1, 1)
-            final = self.results_dir / record.job_id
-            os.replace(work / "out", final)
-            return str(final)
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
+        progress("outputs", 0, 1)
+        with staged_folder(final) as outputs:
+            write_outputs(result, outputs, include_tiles=not request.omit_tiles)
+        progress("outputs", 1, 1)
+        return str(final)
 
     def get(self, job_id: str) -> JobRecord:
         return self.store.get(job_id)

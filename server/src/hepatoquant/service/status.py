@@ -23,6 +23,7 @@ from hepatoquant.errors import (
     NoTissueError,
     QueueFullError,
     RegionsError,
+    ReportFormatError,
     SlideNotFoundError,
     UnauthenticatedError,
     UnsupportedSlideError,
@@ -31,6 +32,7 @@ from hepatoquant.errors import (
 
 __all__ = [
     "CANCELLED",
+    "DATA_LOSS",
     "FAILED_PRECONDITION",
     "INTERNAL",
     "INVALID_ARGUMENT",
@@ -50,6 +52,7 @@ RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
 CANCELLED = "CANCELLED"
 UNAVAILABLE = "UNAVAILABLE"
 INTERNAL = "INTERNAL"
+DATA_LOSS = "DATA_LOSS"
 
 _STATUS_BY_ERROR: dict[type[BaseException], str] = {
     # What the client named does not exist.
@@ -78,6 +81,8 @@ _STATUS_BY_ERROR: dict[type[BaseException], str] = {
     QueueFullError: RESOURCE_EXHAUSTED,
     JobCancelledError: CANCELLED,
     ExecutorStoppedError: UNAVAILABLE,
+    # A stored result that can no longer be read (a damaged report): only its owner can fix it.
+    ReportFormatError: DATA_LOSS,
 }
 
 
