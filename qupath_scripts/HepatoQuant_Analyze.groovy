@@ -244,7 +244,7 @@ class HepatoQuantCore {
         final java.net.http.HttpClient http
 
         Api(String serverUrl, String token, int timeoutSeconds = 60) {
-            this.baseUrl = checkedServerUrl(serverUrl)
+            this.baseUrl = HepatoQuantCore.checkedServerUrl(serverUrl)  // qualified: a subclass can call it
             this.token = token == null ? '' : token.trim()
             this.timeoutSeconds = timeoutSeconds
             this.http = java.net.http.HttpClient.newBuilder()
@@ -268,7 +268,7 @@ class HepatoQuantCore {
             def builder = java.net.http.HttpRequest.newBuilder(URI.create(baseUrl + '/v1/' + method))
                     .timeout(java.time.Duration.ofSeconds(timeoutSeconds))
                     .header('Content-Type', 'application/json')
-                    .POST(java.net.http.HttpRequest.BodyPublishers.ofString(toJson(body),
+                    .POST(java.net.http.HttpRequest.BodyPublishers.ofString(HepatoQuantCore.toJson(body),
                             java.nio.charset.StandardCharsets.UTF_8))
             if (token) builder.header('Authorization', 'Bearer ' + token)
             def response
@@ -395,6 +395,13 @@ class HepatoQuantCore {
      * thread is interrupted (QuPath's "Kill running script"), the job is cancelled on the server first.
      */
     static Map waitForJob(Api api, Map job, int pollMillis, Closure onProgress) {
+        return waitForJob(api, job, pollMillis, RECONNECT_MILLIS, onProgress)
+    }
+
+    /** How long waitForJob keeps asking a server it cannot reach: a restart with its models takes 20 s or more. */
+    static final long RECONNECT_MILLIS = 180000
+
+    static Map waitForJob(Api api, Map job, int pollMillis, long reconnectMillis, Closure onProgress) {
         String jobId = job.jobId
         String lastStage = null
         long lastDecile = -1
@@ -418,9 +425,38 @@ class HepatoQuantCore {
                 Thread.currentThread().interrupt()
                 throw new Problem("stopped: job ${jobId} was cancelled on the server; nothing was imported", 'CANCELLED')
             }
-            job = api.job(jobId)
+            job = askAgain(api, jobId, reconnectMillis, onProgress)
         }
         return finishedJob(job)
+    }
+
+    /**
+     * The job as the server has it now. While the server cannot be reached (UNAVAILABLE: restarting, a dropped
+     * connection) it is asked again, waiting 0.5 s doubling to 10 s, for reconnectMillis in all, and onProgress
+     * says so at every wait; other problems, and the last UNAVAILABLE, are thrown.
+     */
+    static Map askAgain(Api api, String jobId, long reconnectMillis, Closure onProgress) {
+        long giveUpAt = System.currentTimeMillis() + reconnectMillis
+        long waitMillis = 500
+        while (true) {
+            try {
+                return api.job(jobId)
+            } catch (Problem problem) {
+                long left = giveUpAt - System.currentTimeMillis()
+                if (problem.code != 'UNAVAILABLE' || left <= 0) throw problem
+                long wait = Math.min(waitMillis, left)
+                onProgress(("server unreachable (${problem.message}); asking again in ${wait} ms, for " +
+                        "${(long) (left / 1000)} s more") as String)
+                try {
+                    Thread.sleep(wait)
+                } catch (InterruptedException e) {
+                    Thread.currentThread().interrupt()
+                    throw new Problem("stopped while the server was unreachable: job ${jobId} may still run there; " +
+                            'cancel it from the server once it is back', 'CANCELLED')
+                }
+                waitMillis = Math.min(waitMillis * 2, 10000)
+            }
+        }
     }
 
     static Map finishedJob(Map job) {

@@ -9,9 +9,11 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import grpc
+
 import pytest
 from hepatoquant_client import (
     AnalysisOutcome,
@@ -290,8 +292,8 @@ def test_watch_reconnects_to_the_same_job_after_a_broken_stream(client, monkeypa
     assert outcome.region_classes[0].tile_count > 0
 
 
-def test_watch_gives_up_after_a_bounded_number_of_reconnects(server, monkeypatch: pytest.MonkeyPatch) -> None:
-    with Client(server["target"], token=TOKEN, watch_reconnects=2, reconnect_backoff_s=0.01) as c:
+def test_watch_gives_up_after_its_reconnect_time(server, monkeypatch: pytest.MonkeyPatch, caplog) -> None:
+    with Client(server["target"], token=TOKEN, reconnect_for_s=0.2, reconnect_backoff_s=0.04) as c:
         calls: list[str] = []
 
         def always_broken(request, **kwargs):
@@ -299,9 +301,14 @@ def test_watch_gives_up_after_a_bounded_number_of_reconnects(server, monkeypatch
             raise _FakeRpcError(grpc.StatusCode.UNAVAILABLE, "connection refused")
 
         monkeypatch.setattr(c._stub, "WatchJob", always_broken)
-        with pytest.raises(ServerUnavailableError) as info:
+        started = time.monotonic()
+        with caplog.at_level("WARNING", logger="hepatoquant_client"), pytest.raises(ServerUnavailableError) as info:
             c.watch("a" * 32)
-        assert calls == ["a" * 32] * 3 and "connection refused" in info.value.message
+        assert 0.2 <= time.monotonic() - started < 1.0
+        assert len(calls) == 4 and set(calls) == {"a" * 32}  # waits of 0.04, 0.08, then the 0.08 s left
+        assert "connection refused" in info.value.message and "after 0.2 s of reconnecting" in info.value.message
+        waits = [r.getMessage() for r in caplog.records if "reconnecting in" in r.getMessage()]
+        assert len(waits) == 3 and "giving up in" in waits[0]  # says so while it waits
 
     with Client(server["target"], token=TOKEN, reconnect_backoff_s=0.01) as c:  # other codes are not retried
         with pytest.raises(NotFoundError):

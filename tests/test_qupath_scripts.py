@@ -283,6 +283,23 @@ def test_plain_logic_errors_say_what_to_change(groovy: list[str], tmp_path: Path
     assert errors[7]["code"] in ("NOT_FOUND", "INVALID_ARGUMENT") and "nope" in errors[7]["message"]
 
 
+def test_waiting_for_a_job_rides_out_a_server_that_cannot_be_reached_for_a_while(groovy: list[str], tmp_path: Path,
+                                                                                 server) -> None:
+    """Issue 19: the scripts polled once and failed when the server restarted under them. They now keep asking
+    (3 minutes by default), saying so, and fail with UNAVAILABLE only once that time is up."""
+    api = {"url": server["url"], "token": TOKEN}
+    request = {"slide": "synthetic.tiff", "omit_tiles": True, "min_tissue_fraction": 0.58}
+    rides, gives_up = _core_calls(groovy, tmp_path, [
+        {"api": api, "analyseThroughOutage": request, "unreachableCalls": 3, "reconnectMillis": 20000},
+        {"api": api, "analyseThroughOutage": dict(request, min_tissue_fraction=0.59), "unreachableCalls": 1000,
+         "reconnectMillis": 1500},
+    ])
+    assert rides["value"]["job"]["state"] == "JOB_STATE_SUCCEEDED"
+    waits = [line for line in rides["value"]["progress"] if line.startswith("server unreachable")]
+    assert len(waits) == 3 and "asking again in 500 ms" in waits[0] and "asking again in 2000 ms" in waits[2]
+    assert gives_up["error"]["code"] == "UNAVAILABLE" and "connection refused" in gives_up["error"]["message"]
+
+
 def test_stopping_the_script_cancels_its_job_on_the_server(groovy: list[str], tmp_path: Path, server) -> None:
     api = {"url": server["url"], "token": TOKEN}
     slow = {"slide": "synthetic.tiff", "tile_size_px": 16, "omit_tiles": True}

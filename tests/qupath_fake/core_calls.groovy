@@ -9,6 +9,9 @@
  *   {"api": {"url", "token", "timeout"}, "method": "serverInfo", "args": [...]}
  *   {"api": {...}, "analyse": {request}, "pollMillis": 50}       submit, wait (progress lines), result
  *   {"api": {...}, "interruptAfterRunning": {request}}           submit, wait in a thread, interrupt it once running
+ *   {"api": {...}, "analyseThroughOutage": {request}, "unreachableCalls": 3, "reconnectMillis": 5000}
+ *                                                                 submit, then the server "cannot be reached" for
+ *                                                                 that many job polls (UNAVAILABLE), then wait
  */
 
 def calls = new com.google.gson.Gson().fromJson(new File(args[0]).getText('UTF-8'), List)
@@ -35,6 +38,20 @@ Object perform(Map call) {
         def result = api.result(job.jobId)
         return [progress: lines, job: job, geoJson: HepatoQuantCore.resultGeoJson(result),
                 table: HepatoQuantCore.compositionTable(result), modelStatus: result.modelStatus]
+    }
+    if (call.analyseThroughOutage) {
+        def unreachable = new java.util.concurrent.atomic.AtomicInteger(call.unreachableCalls as int)
+        def flaky = new HepatoQuantCore.Api(call.api.url, call.api.token, 30) {
+            @Override
+            Map job(String jobId) {
+                if (unreachable.getAndDecrement() > 0) throw new HepatoQuantCore.Problem('connection refused', 'UNAVAILABLE')
+                return super.job(jobId)
+            }
+        }
+        def lines = []
+        def job = HepatoQuantCore.waitForJob(flaky, flaky.submit(call.analyseThroughOutage), 20,
+                call.reconnectMillis as long) { lines << it }
+        return [progress: lines, job: job]
     }
     if (call.interruptAfterRunning) {
         def job = api.submit(call.interruptAfterRunning)

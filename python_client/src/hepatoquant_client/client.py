@@ -14,6 +14,7 @@ can reach a server.
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import socket
 import time
@@ -41,6 +42,8 @@ from .results import (
     ServerInfo,
     TilePrediction,
 )
+
+log = logging.getLogger("hepatoquant_client")
 
 __all__ = [
     "AnalysisOutcome",
@@ -96,8 +99,10 @@ class Client:
     ``token`` is sent as ``authorization: Bearer <token>`` on every call; ``tls_root_certificates`` (PEM bytes)
     switches to TLS and trusts those roots. ``timeout_s`` bounds each unary call; streams (watching a job,
     classifying tiles) run as long as the work does. Use it as a context manager, or call :meth:`close`.
-    ``watch_reconnects`` is how many times :meth:`watch` reconnects after the stream breaks (UNAVAILABLE),
-    waiting ``reconnect_backoff_s`` (doubling) before each attempt.
+    :meth:`watch` keeps reconnecting after the stream breaks (UNAVAILABLE: a restart, a dropped connection) for
+    ``reconnect_for_s`` seconds in all (default 3 minutes: a server restart with its models takes 20 s or more),
+    waiting ``reconnect_backoff_s`` before the first attempt and doubling up to 10 s, and logs each wait
+    (logger ``hepatoquant_client``).
 
     Replicas: ``"host1:50051,host2:50051"`` (or ``ipv4:``/``ipv6:`` lists, or ``dns:///name:50051``, whose
     addresses are resolved once here) spreads submissions round-robin over the replicas, one channel each. A job
@@ -112,7 +117,7 @@ class Client:
         token: str | None = None,
         tls_root_certificates: bytes | None = None,
         timeout_s: float = 30.0,
-        watch_reconnects: int = 5,
+        reconnect_for_s: float = 180.0,
         reconnect_backoff_s: float = 0.5,
     ) -> None:
         if not target or not isinstance(target, str):
@@ -121,7 +126,10 @@ class Client:
             raise ValueError(f"timeout_s={timeout_s} must be positive")
         self.target = target
         self.timeout_s = float(timeout_s)
-        self.watch_reconnects = int(watch_reconnects)
+        if reconnect_for_s < 0 or reconnect_backoff_s <= 0:
+            raise ValueError(f"reconnect_for_s={reconnect_for_s} must be >= 0 and reconnect_backoff_s="
+                             f"{reconnect_backoff_s} positive")
+        self.reconnect_for_s = float(reconnect_for_s)
         self.reconnect_backoff_s = float(reconnect_backoff_s)
         # The server enforces its own message limit (ServerInfo.max_message_bytes); results with overlays can
         # exceed grpc's 4 MiB default, so the client does not add a lower one.
@@ -223,9 +231,11 @@ class Client:
         :meth:`JobProgress.raise_for_state`). ``on_progress`` is called with every event.
 
         If the stream breaks (UNAVAILABLE, or it ends before the job does) the client reconnects and watches
-        the same job again, up to ``watch_reconnects`` times; it never resubmits."""
+        the same job again for up to ``reconnect_for_s`` seconds in all, saying so in the log while it waits; it
+        never resubmits."""
         last: JobProgress | None = None
         attempt = 0
+        give_up_at = time.monotonic() + self.reconnect_for_s
         while True:
             try:
                 stream = self._stubs[self._replica_for(job_id)].WatchJob(pb.WatchJobRequest(job_id=job_id),
@@ -233,6 +243,8 @@ class Client:
                 try:
                     for event in stream:
                         last = JobProgress.from_proto(event.job)
+                        attempt = 0  # the server is back: a later break gets the short waits again
+                        give_up_at = time.monotonic() + self.reconnect_for_s
                         if on_progress is not None:
                             on_progress(last)
                 finally:
@@ -248,13 +260,17 @@ class Client:
                 broken = HepatoQuantClientError.from_rpc_error(exc)
                 if broken.code != "UNAVAILABLE":
                     raise broken from None
-            if attempt >= self.watch_reconnects:
+            left = give_up_at - time.monotonic()
+            if left <= 0:
                 raise HepatoQuantClientError.for_code(
                     broken.code,
-                    f"{broken.message} (gave up watching job {job_id} after {attempt + 1} attempt(s); the job may "
-                    f"still run: watch it again later)",
+                    f"{broken.message} (gave up watching job {job_id} after {self.reconnect_for_s:g} s of "
+                    "reconnecting; the job may still run: watch it again later)",
                 ) from None
-            time.sleep(self.reconnect_backoff_s * 2**attempt)
+            wait = min(self.reconnect_backoff_s * 2**attempt, 10.0, left)
+            log.warning("lost the watch of job %s (%s); reconnecting in %.1f s (giving up in %.0f s)",
+                        job_id, broken.message, wait, left)
+            time.sleep(wait)
             attempt += 1
 
     def result(self, job_id: str) -> AnalysisOutcome:

@@ -105,6 +105,10 @@ def _build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--workers", type=int, default=1, help="jobs run at once (one per device is safest)")
     serve.add_argument("--max-queued", type=int, default=16, help="queued jobs beyond which submissions are refused")
     serve.add_argument("--max-results", type=int, default=None, help="keep only this many newest results")
+    serve.add_argument("--rebuild-job-store", action="store_true",
+                       help="set a damaged job database aside and rebuild the job list from the result folders")
+    serve.add_argument("--max-tile-px", type=int, default=2048,
+                       help="largest ClassifyTiles image, pixels a side, checked before decoding (default 2048)")
     serve.add_argument("--token-file", type=Path, help="file with the bearer token clients must send ($HEPATOQUANT_TOKEN also works)")
     serve.add_argument("--tls-cert", type=Path, help="PEM certificate for gRPC TLS and HTTPS")
     serve.add_argument("--tls-key", type=Path, help="PEM private key for --tls-cert")
@@ -471,6 +475,26 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _server_token(token_file: Path | None) -> str | None:
+    """The token from ``--token-file`` (its text without the line end) or $HEPATOQUANT_TOKEN; None when neither
+    is given. An empty or blank one is refused: it would switch authentication off by accident."""
+    from hepatoquant.errors import InvalidParameterError
+
+    if token_file is not None:
+        token, source = token_file.read_text().strip(), f"token file {str(token_file)!r}"
+    elif "HEPATOQUANT_TOKEN" in os.environ:
+        token, source = os.environ["HEPATOQUANT_TOKEN"].strip(), "$HEPATOQUANT_TOKEN"
+    else:
+        return None
+    if not token:
+        raise InvalidParameterError(
+            f"the {source} is empty: the server would run without authentication. Put a token in it (e.g. "
+            "`openssl rand -hex 32 > token`), or leave out --token-file and unset $HEPATOQUANT_TOKEN to serve "
+            "without one on purpose"
+        )
+    return token
+
+
 def _serve(args: argparse.Namespace) -> int:
     import logging
 
@@ -481,7 +505,7 @@ def _serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s level=%(levelname)s logger=%(name)s %(message)s")
     if bool(args.tls_cert) != bool(args.tls_key):
         raise InvalidParameterError("give both --tls-cert and --tls-key, or neither")
-    token = args.token_file.read_text().strip() if args.token_file else os.environ.get("HEPATOQUANT_TOKEN") or None
+    token = _server_token(args.token_file)
     config = ServerConfig(
         slide_roots=tuple(r.resolve() for r in args.slide_root),
         state_dir=args.state_dir,
@@ -493,6 +517,8 @@ def _serve(args: argparse.Namespace) -> int:
         workers=args.workers,
         max_queued_jobs=args.max_queued,
         max_results=args.max_results,
+        max_tile_px=args.max_tile_px,
+        rebuild_job_store=args.rebuild_job_store,
         token=token,
     )
     tls = (str(args.tls_cert), str(args.tls_key)) if args.tls_cert else None

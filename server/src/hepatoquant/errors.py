@@ -10,29 +10,33 @@ from __future__ import annotations
 from hepatoquant_client.errors import HepatoQuantError, InvalidGeoJSONError, ReportFormatError
 
 __all__ = [
+    "CorruptSlideError",
+    "ExecutorStoppedError",
     "HepatoQuantError",
     "InvalidGeoJSONError",
-    "ReportFormatError",
-    "SlideNotFoundError",
-    "UnsupportedSlideError",
-    "CorruptSlideError",
-    "MissingMPPError",
     "InvalidParameterError",
-    "NoTissueError",
+    "JobCancelledError",
+    "JobNotFoundError",
+    "JobNotReadyError",
+    "JobStoreDamagedError",
+    "JobStoreSchemaError",
+    "MissingMPPError",
     "ModelPackError",
     "ModelPackNotFoundError",
-    "WeightsMismatchError",
-    "WeightsNotFoundError",
-    "RegionsError",
+    "NoTissueError",
     "OutputWriteError",
     "QueueFullError",
-    "JobCancelledError",
-    "ExecutorStoppedError",
-    "JobNotReadyError",
-    "JobNotFoundError",
-    "JobStoreSchemaError",
+    "RegionsError",
+    "ReportFormatError",
     "SlideAccessDeniedError",
+    "SlideNotFoundError",
+    "StorageFullError",
+    "StorageUnavailableError",
     "UnauthenticatedError",
+    "UnsupportedSlideError",
+    "WeightsMismatchError",
+    "WeightsNotFoundError",
+    "shown",
 ]
 
 
@@ -128,9 +132,31 @@ class JobStoreSchemaError(HepatoQuantError, RuntimeError):
     """A job database written by a newer HepatoQuant, whose layout this version cannot read."""
 
 
+class JobStoreDamagedError(JobStoreSchemaError):
+    """A job database that cannot be trusted at start (damaged, or emptied while results exist): the message says
+    how to recover (``hepatoquant serve --rebuild-job-store``, or a backup)."""
+
+
+class StorageFullError(HepatoQuantError, OSError):
+    """The server's disk is full: a job could not be recorded or its results written. The message names no
+    server path; the operator frees space and the client submits again."""
+
+
+class StorageUnavailableError(HepatoQuantError, OSError):
+    """The server's job store failed (not a full disk): the client tries again later; the server log says why."""
+
+
 class SlideAccessDeniedError(HepatoQuantError, PermissionError):
     """A slide reference that resolves outside every slide root."""
 
 
 class UnauthenticatedError(HepatoQuantError, PermissionError):
     """A request without the server's bearer token."""
+
+
+def shown(text: str, limit: int = 80) -> str:
+    """``text`` as an error message may repeat what a client sent: quoted, control characters escaped, at most
+    ``limit`` characters (a message never grows with the input: a 100 kB job id once made the error too large
+    to send)."""
+    quoted = repr(text[:limit])
+    return quoted if len(text) <= limit else f"{quoted}... ({len(text)} characters)"

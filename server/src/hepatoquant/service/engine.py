@@ -8,7 +8,9 @@ with a progress callback that also carries cancellation.
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import io
 import json
 import logging
 import shutil
@@ -21,6 +23,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import PIL.Image
 from hepatoquant_client.classes import REGION_CLASSES, TISSUE_CLASSES
 from hepatoquant_client.proto import pb
 from hepatoquant_client.qupath_geojson import parse_qupath_geojson
@@ -31,10 +34,18 @@ from hepatoquant.analysis_request import Runtime, resolve_options
 from hepatoquant.atomic_write import staged_folder
 from hepatoquant.classify import PatchClassifier, choose_device, load_classifier, predict_batches
 from hepatoquant.encoders import encoder_config
-from hepatoquant.errors import InvalidParameterError, JobNotReadyError, MissingMPPError, ModelPackError
+from hepatoquant.errors import (
+    HepatoQuantError,
+    InvalidParameterError,
+    JobNotReadyError,
+    MissingMPPError,
+    ModelPackError,
+    StorageFullError,
+    StorageUnavailableError,
+)
 from hepatoquant.precision import resolve_precision
 from hepatoquant.model_pack import MANIFEST_NAME, ModelPack, default_models_dir, list_model_packs
-from hepatoquant.pack_lookup import resolve_model_pack
+from hepatoquant.pack_lookup import pack_by_name, resolve_model_pack
 from hepatoquant.outputs import write_outputs
 from hepatoquant.outputs.report import REPORT_SCHEMA_VERSION
 from hepatoquant.service.convert import (
@@ -46,8 +57,9 @@ from hepatoquant.service.convert import (
     result_to_proto,
 )
 from hepatoquant.service.executor import JobExecutor, QueueFullError
-from hepatoquant.service.jobs import FINAL_STATES, JobRecord, JobState, JobStore
+from hepatoquant.service.jobs import FINAL_STATES, RESULTS_DIR, JobRecord, JobState, JobStore, write_job_file
 from hepatoquant.service.security import resolve_slide_reference
+from hepatoquant.service.status import status_name_for
 from hepatoquant.slide import Slide, validate_mpp
 from hepatoquant.tile_reader import TileBatch as ReaderBatch
 
@@ -75,15 +87,46 @@ class ServerConfig:
     token: str | None = None
     batch_size: int = 32
     reader_workers: int = 2
+    # Largest tile ClassifyTiles decodes, in pixels a side, read from the image header before decoding (a
+    # 441 kB PNG of 12,000 x 12,000 px once cost 930 MiB); well above a tile at 40x (300-450 px).
+    max_tile_px: int = 2048
+    rebuild_job_store: bool = False
+    # Health is NOT_SERVING below this much free space on the state disk: jobs could not be recorded.
+    min_free_bytes: int = 64 * 2**20  # set a damaged job database aside and rebuild it from the result folders
     extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.token is not None and (not self.token or self.token != self.token.strip() or
+                                       any(c.isspace() or not c.isprintable() for c in self.token)):
+            raise InvalidParameterError(
+                "the server token is empty or holds spaces or control characters: authentication would be off or "
+                "unusable; put one line of printable characters (e.g. `openssl rand -hex 32`) in the token file"
+            )
+        if not 16 <= self.max_tile_px <= 65_536:
+            raise InvalidParameterError(f"maximum tile size {self.max_tile_px} px is outside 16..65536")
+
+
+def _results_not_written(job_id: str, error: OSError) -> StorageFullError | StorageUnavailableError:
+    """The client's error for results that could not be written; the log keeps the server's paths."""
+    log.warning("job=%s event=results-not-written error=%s", job_id, error)
+    errors = {getattr(e, "errno", None) for e in (error, error.__cause__, error.__context__) if e is not None}
+    if errno.ENOSPC in errors or errno.EDQUOT in errors:
+        return StorageFullError(f"the server's disk is full: the results of job {job_id} could not be written; "
+                                "ask the server's operator to free space, then submit again")
+    return StorageUnavailableError(f"the server could not write the results of job {job_id} "
+                                   f"({error.strerror or type(error).__name__}); the server log has the details")
 
 
 class ServerEngine:
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
         self.models_dir = config.models_dir or default_models_dir()
-        self.store = JobStore(config.state_dir)
-        self.results_dir = config.state_dir / "results"
+        if config.rebuild_job_store:
+            self.store, recovered = JobStore.rebuild(config.state_dir)
+            log.warning("job database rebuilt: %d finished job(s) recovered from their result folders", recovered)
+        else:
+            self.store = JobStore(config.state_dir)
+        self.results_dir = config.state_dir / RESULTS_DIR
         self.results_dir.mkdir(parents=True, exist_ok=True)
         self.executor = JobExecutor(
             self.store, self._run_job, workers=config.workers, max_queued=config.max_queued_jobs,
@@ -107,12 +150,28 @@ class ServerEngine:
             try:
                 self.executor.submit(record)
                 requeued.append(record)
-            except QueueFullError:  # more leftovers than the queue holds: those are recorded as failed
+            except QueueFullError as error:  # more leftovers than the queue holds: those are recorded as failed
+                self.store.set_state(record.job_id, JobState.FAILED, error_code=status_name_for(error),
+                                     error_message=f"{error} (the server restarted with more jobs waiting than "
+                                                   "its queue holds)")
                 log.warning("job %s could not be re-queued: the queue is full", record.job_id)
         return requeued
 
     def stop(self) -> None:
         self.executor.shutdown(wait=True)
+
+    def serving_problem(self) -> str | None:
+        """Why this server cannot take work now, for health checks on both ports (None: it can)."""
+        if self.executor.unrecorded_ends():
+            return f"{self.executor.unrecorded_ends()} job end(s) not yet recorded: the job store is failing"
+        try:
+            self.store.ping()
+        except HepatoQuantError as error:
+            return str(error)
+        free = shutil.disk_usage(self.config.state_dir).free
+        if free < self.config.min_free_bytes:
+            return f"the state disk has {free / 2**20:.0f} MiB free (needs {self.config.min_free_bytes / 2**20:.0f})"
+        return None
 
     def _apply_retention(self, succeeded: JobRecord | None = None) -> None:
         """Keep only the newest ``max_results`` results (all when None); runs after each job that succeeds."""
@@ -145,14 +204,18 @@ class ServerEngine:
 
     # -- jobs --------------------------------------------------------------------------------------------
     def _packs(self, request: pb.AnalysisRequest) -> tuple[ModelPack, ModelPack | None]:
-        classifier = resolve_model_pack(request.model or self.config.default_model, self.models_dir)
+        classifier = self._pack(request.model, self.config.default_model)
         if classifier.kind != "classifier":
             raise ModelPackError(f"model {request.model!r} is a {classifier.kind} pack; `model` needs a classifier pack")
         segmenter_name = request.segmenter_model or self.config.default_segmenter
-        segmenter = None if segmenter_name == "none" else resolve_model_pack(segmenter_name, self.models_dir)
+        segmenter = None if segmenter_name == "none" else self._pack(request.segmenter_model, segmenter_name)
         if segmenter is not None and segmenter.kind != "segmenter":
             raise ModelPackError(f"segmenter_model {segmenter_name!r} is a {segmenter.kind} pack, not a segmenter")
         return classifier, segmenter
+
+    def _pack(self, requested: str, default: str) -> ModelPack:
+        """A client names packs by name only (:func:`pack_by_name`); the operator's defaults may be folders."""
+        return pack_by_name(requested, self.models_dir) if requested else resolve_model_pack(default, self.models_dir)
 
     def _validate(self, request: pb.AnalysisRequest) -> tuple[Path, ModelPack, ModelPack | None]:
         slide = resolve_slide_reference(request.slide, self.config.slide_roots)
@@ -182,9 +245,12 @@ class ServerEngine:
         schema → same key. The schema version changes when counting changes (2.0: QuPath's centre rule), so a
         result counted another way is never handed out again."""
         stat = slide.stat()
+        canonical = pb.AnalysisRequest()
+        canonical.CopyFrom(request)
+        canonical.slide = str(slide)  # one file named three ways (relative, absolute, file: URI) is one request
         identity = {
             "report_schema_version": REPORT_SCHEMA_VERSION,
-            "request": request_to_json(request),
+            "request": request_to_json(canonical),
             "slide": [str(slide), stat.st_size, stat.st_mtime_ns],
             "models": [
                 None if p is None else hashlib.sha256((p.path / MANIFEST_NAME).read_bytes()).hexdigest() for p in packs
@@ -199,10 +265,14 @@ class ServerEngine:
             existing = self.store.find_reusable(key)
             if existing is not None and existing.state == JobState.SUCCEEDED:
                 return self.store.create(request_to_json(request), key, reused_from=existing)
-            if existing is not None:
+            if existing is not None and self.executor.is_live(existing.job_id):  # not a job whose end is unrecorded
                 return existing
             record = self.store.create(request_to_json(request), key)
-            self.executor.submit(record)  # a full queue records the job as failed and raises QueueFullError
+            try:
+                self.executor.submit(record)
+            except QueueFullError:
+                self.store.delete(record.job_id)  # refused, not a job: nothing to list or re-queue
+                raise
             return record
 
     def _run_job(self, record: JobRecord, progress) -> str:
@@ -217,8 +287,12 @@ class ServerEngine:
             options = resolve_options(request, classifier, self._runtime(), regions_path=regions_path)
             result = analyze_slide(slide, classifier, options, segmenter=segmenter, progress=progress)
         progress("outputs", 0, 1)
-        with staged_folder(final) as outputs:
-            write_outputs(result, outputs, include_tiles=not request.omit_tiles)
+        try:
+            with staged_folder(final) as outputs:
+                write_outputs(result, outputs, include_tiles=not request.omit_tiles)
+                write_job_file(outputs, record)  # lets --rebuild-job-store give this job back
+        except OSError as error:  # OutputWriteError too: its message names server folders, the client's must not
+            raise _results_not_written(record.job_id, error) from None
         progress("outputs", 1, 1)
         return str(final)
 
@@ -262,7 +336,7 @@ class ServerEngine:
 
     # -- tiles -------------------------------------------------------------------------------------------
     def _classifier(self, name: str) -> tuple[ModelPack, PatchClassifier]:
-        pack = resolve_model_pack(name or self.config.default_model, self.models_dir)
+        pack = self._pack(name, self.config.default_model)
         with self._classifier_lock:
             model = self._classifiers.get(str(pack.path))
             if model is None:
@@ -313,19 +387,41 @@ class ServerEngine:
             ],
         )
 
-    @staticmethod
-    def _decode(index: int, data: bytes, raw_width: int, raw_height: int) -> np.ndarray:
+    def _decode(self, index: int, data: bytes, raw_width: int, raw_height: int) -> np.ndarray:
+        """One tile as RGB pixels. Its size is checked before anything is decoded (from the header of an
+        encoded image), so a small file that would decode into gigabytes costs nothing."""
+        limit = self.config.max_tile_px
+        if not data:
+            raise InvalidParameterError(f"tile {index} is empty (0 bytes); send a PNG or JPEG image, or raw RGB")
         if raw_width or raw_height:
-            if raw_width <= 0 or raw_height <= 0 or len(data) != raw_width * raw_height * 3:
+            if not (0 < raw_width <= limit and 0 < raw_height <= limit) or len(data) != raw_width * raw_height * 3:
                 raise InvalidParameterError(
-                    f"tile {index}: raw RGB needs width x height x 3 = {raw_width} x {raw_height} x 3 bytes, got {len(data)}"
+                    f"tile {index}: raw RGB needs width x height x 3 = {raw_width} x {raw_height} x 3 bytes, got "
+                    f"{len(data)}, with each side 1..{limit} px"
                 )
             return np.frombuffer(data, dtype=np.uint8).reshape(raw_height, raw_width, 3)
-        decoded = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
-        if decoded is None:
+        width = height = limit + 1  # Pillow refuses headers of over ~180 megapixels outright: too large
+        try:
+            with PIL.Image.open(io.BytesIO(data)) as header:  # reads the header only
+                width, height, kind = header.width, header.height, header.format
+        except PIL.Image.DecompressionBombError:
+            kind = "PNG or JPEG"
+        except (PIL.UnidentifiedImageError, OSError, ValueError):  # Pillow's refusals of what is not an image
+            kind = None
+        if kind not in ("PNG", "JPEG", "PNG or JPEG"):
             raise InvalidParameterError(
                 f"tile {index}: the bytes are not a PNG or JPEG image ({len(data)} bytes); send encoded images or "
                 "set raw_width_px / raw_height_px for raw RGB"
+            )
+        if width > limit or height > limit:
+            raise InvalidParameterError(
+                f"tile {index} is {width} x {height} px; this server takes tiles of at most {limit} px a side "
+                "(a tile is a few hundred pixels): send tiles, not regions"
+            )
+        decoded = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
+        if decoded is None:
+            raise InvalidParameterError(
+                f"tile {index}: the {kind} image is damaged and cannot be decoded ({len(data)} bytes); send it again"
             )
         return cv2.cvtColor(decoded, cv2.COLOR_BGR2RGB)
 

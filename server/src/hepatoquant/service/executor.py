@@ -108,6 +108,7 @@ class JobExecutor:
         self._changed = threading.Condition()
         self._queue: deque[str] = deque()
         self._stop_reasons: dict[str, str | None] = {}  # running job id -> None, or why it must stop
+        self._unrecorded: set[str] = set()  # jobs whose end the store has not taken yet (retried)
         self._threads: list[threading.Thread] = []
         self._stopping = False
 
@@ -126,8 +127,8 @@ class JobExecutor:
             thread.start()
 
     def submit(self, job: JobRecord) -> None:
-        """Queue a QUEUED job. If ``max_queued`` jobs already wait, the job is recorded FAILED (so it is not
-        re-queued on restart) and QueueFullError is raised for the client."""
+        """Queue a QUEUED job. If ``max_queued`` jobs already wait, QueueFullError is raised and the job is left
+        as it is: the caller removes a job it just made (a refusal is not a job) or records an old one failed."""
         with self._changed:
             if self._stopping:
                 raise ExecutorStoppedError(
@@ -191,13 +192,7 @@ class JobExecutor:
                 thread.join(max(0.0, deadline - time.monotonic()))
 
     def _refused(self, job_id: str) -> QueueFullError:
-        """Record the job FAILED for a full queue; returns the error to raise (called with the lock held)."""
-        error = QueueFullError(
-            f"the queue of {self._max_queued} jobs is full; job {job_id} was not started, try again later"
-        )
-        self._store.set_state(job_id, JobState.FAILED, error_code=status_name_for(error), error_message=str(error))
-        self._changed.notify_all()
-        return error
+        return QueueFullError(f"the queue of {self._max_queued} jobs is full; the request was not taken, try again later")
 
     def _work(self) -> None:
         """One worker thread: take the oldest queued job, run it, record how it ended; until shutdown."""
@@ -207,10 +202,47 @@ class JobExecutor:
             outcome = self._outcome_of_run(job)
             log.info("job=%s event=finished state=%s code=%s seconds=%.2f", job.job_id, outcome.state.value,
                      outcome.error_code or "OK", time.monotonic() - started)
+            self._record_end(job.job_id, outcome)
+
+    def _record_end(self, job_id: str, outcome: _Outcome) -> None:
+        """Record how the job ended, however long the store needs: a job must never stay RUNNING on disk after
+        its run (it once did when the disk filled). Retried with backoff (1 s doubling to 30 s); after three
+        failures the job is recorded FAILED with the reason instead (a smaller write, and the truth: its
+        outcome could not be kept). At shutdown the retries stop and the next start reports it INTERRUPTED."""
+        attempt = 0
+        while True:
             try:
-                self._finish(job.job_id, outcome)
-            except Exception:  # a database failure must not silently stop this worker for good
-                log.exception("could not record the end of job %s", job.job_id)
+                self._finish(job_id, outcome)
+                if attempt:
+                    log.warning("job=%s event=end-recorded attempts=%d state=%s", job_id, attempt + 1,
+                                outcome.state.value)
+                return
+            except Exception as error:  # noqa: BLE001 - the store's failure; retried, and the worker goes on
+                attempt += 1
+                log.warning("job=%s event=end-not-recorded attempt=%d error=%s", job_id, attempt, error)
+                with self._changed:
+                    self._unrecorded.add(job_id)
+                    if self._stopping:
+                        return
+                    self._changed.wait(min(30.0, 2.0 ** (attempt - 1)))
+                    stopping = self._stopping
+                if stopping:
+                    return
+                if attempt == 3 and outcome.state is not JobState.FAILED:
+                    code = status_name_for(error) if isinstance(error, HepatoQuantError) else INTERNAL
+                    outcome = _Outcome(JobState.FAILED, code, f"the job ran to its end ({outcome.state.value}) but the "
+                                       "server could not record it, so its result is not kept; submit it again")
+
+    def is_live(self, job_id: str) -> bool:
+        """True while this executor has the job queued or running (its end recorded or not yet due): a QUEUED
+        or RUNNING record it does not hold is stale, and must not answer a new request."""
+        with self._changed:
+            return job_id in self._queue or job_id in self._stop_reasons
+
+    def unrecorded_ends(self) -> int:
+        """Jobs whose end could not be recorded yet (the store is failing): health is NOT_SERVING meanwhile."""
+        with self._changed:
+            return len(self._unrecorded)
 
     def _next_job(self) -> JobRecord | None:
         """The next job, now RUNNING; None at shutdown. Popping and marking RUNNING happen under one lock, so a
@@ -222,10 +254,16 @@ class JobExecutor:
                 if self._stopping:
                     return None
                 job_id = self._queue.popleft()
-                if self._store.get(job_id).state is not JobState.QUEUED:
-                    continue  # settled by someone else since it was queued
+                try:
+                    if self._store.get(job_id).state is not JobState.QUEUED:
+                        continue  # settled by someone else since it was queued
+                    running = self._store.set_state(job_id, JobState.RUNNING)
+                except HepatoQuantError as error:  # the store is failing: the job waits, the worker stays
+                    log.warning("job=%s event=not-started error=%s", job_id, error)
+                    self._queue.appendleft(job_id)
+                    self._changed.wait(1.0)
+                    continue
                 self._stop_reasons[job_id] = None
-                running = self._store.set_state(job_id, JobState.RUNNING)
                 self._changed.notify_all()
                 return running
 
@@ -268,6 +306,7 @@ class JobExecutor:
                 error_message=outcome.error_message,
                 result_dir=outcome.result_dir,
             )
+            self._unrecorded.discard(job_id)
             if record.state is JobState.SUCCEEDED and self._on_success is not None:
                 try:  # before the wake-up: a watcher told "succeeded" sees what retention left
                     self._on_success(record)

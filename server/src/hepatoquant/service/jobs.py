@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import builtins
 import enum
+import json
 import logging
 import shutil
 import sqlite3
@@ -24,10 +25,20 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from hepatoquant.errors import InvalidParameterError, JobNotFoundError, JobStoreSchemaError
+from hepatoquant.errors import (
+    InvalidParameterError,
+    JobNotFoundError,
+    JobStoreDamagedError,
+    JobStoreSchemaError,
+    StorageFullError,
+    StorageUnavailableError,
+    shown,
+)
 
 __all__ = [
     "DATABASE_NAME",
+    "JOB_FILE",
+    "RESULTS_DIR",
     "FINAL_STATES",
     "INTERRUPTED_CODE",
     "JobNotFoundError",
@@ -36,11 +47,17 @@ __all__ = [
     "JobStore",
     "JobStoreSchemaError",
     "SCHEMA_VERSION",
+    "checked_job_id",
+    "read_job_file",
+    "result_folders",
+    "write_job_file",
 ]
 
 log = logging.getLogger(__name__)
 
 DATABASE_NAME = "jobs.sqlite3"
+RESULTS_DIR = "results"  # one folder per succeeded job, named by its id, beside the database
+JOB_FILE = "job.json"  # in each result folder: the job's id, request and key, to rebuild a lost database
 SCHEMA_VERSION = 1  # PRAGMA user_version of the file; bump it with a migration in _migrate.
 # The status name an interrupted job carries: the service was unavailable for it, and a retry will work.
 INTERRUPTED_CODE = "UNAVAILABLE"
@@ -137,17 +154,71 @@ class JobStore:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.state_dir / DATABASE_NAME
         self._lock = threading.RLock()
-        # Autocommit mode: single statements are atomic by themselves; multi-statement changes use _transaction.
-        self._conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
-        self._conn.row_factory = sqlite3.Row
-        self._conn.execute("PRAGMA journal_mode=WAL")  # readers never block the writer, and the reverse
-        # In WAL mode NORMAL never corrupts the file; a power cut may lose the last progress updates, no more.
-        self._conn.execute("PRAGMA synchronous=NORMAL")
-        self._migrate()
+        self._refuse_an_emptied_store()
+        try:
+            # Autocommit mode: single statements are atomic by themselves; multi-statement changes use
+            # _transaction.
+            self._conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
+            self._conn.row_factory = sqlite3.Row
+            self._check_integrity()
+            self._conn.execute("PRAGMA journal_mode=WAL")  # readers never block the writer, and the reverse
+            # In WAL mode NORMAL never corrupts the file; a power cut may lose the last progress updates, no more.
+            self._conn.execute("PRAGMA synchronous=NORMAL")
+            self._migrate()
+        except sqlite3.DatabaseError as error:
+            raise self._damaged(f"it cannot be read as a job database ({error})") from None
+
+    def _refuse_an_emptied_store(self) -> None:
+        """A 0-byte database is a new, empty one to SQLite: with result folders beside it, the job history
+        was lost (a truncated file, a bad restore), and starting would orphan every result silently."""
+        if self.path.is_file() and self.path.stat().st_size == 0 and result_folders(self.state_dir):
+            raise self._damaged(f"it is empty (0 bytes) while {len(result_folders(self.state_dir))} job result "
+                                "folder(s) exist")
+
+    def _check_integrity(self) -> None:
+        problems = [row[0] for row in self._conn.execute("PRAGMA quick_check").fetchall()]
+        if problems != ["ok"]:
+            raise self._damaged(f"SQLite's quick_check found: {'; '.join(problems[:3])}")
+
+    def _damaged(self, why: str) -> JobStoreDamagedError:
+        return JobStoreDamagedError(
+            f"the job database {self.path} is damaged: {why}. Start once with `hepatoquant serve --rebuild-job-store "
+            f"...` to set it aside and rebuild the job list from the result folders in {self.state_dir / RESULTS_DIR} "
+            "(finished jobs come back; queued and running ones are lost), or restore the file from a backup"
+        )
+
+    @classmethod
+    def rebuild(cls, state_dir: Path) -> tuple[JobStore, int]:
+        """Set the database aside (``jobs.sqlite3.damaged-<time>``) and make a new one holding a SUCCEEDED job
+        for each result folder; returns the store and how many jobs it got back. A folder written with its
+        ``job.json`` (this version on) gets its request back, so an identical request reuses it; an older one
+        comes back without its request."""
+        state_dir = Path(state_dir)
+        database = state_dir / DATABASE_NAME
+        stamp = time.strftime("%Y%m%dT%H%M%S")
+        for suffix in ("", "-wal", "-shm"):
+            old = state_dir / f"{DATABASE_NAME}{suffix}"
+            if old.exists():
+                old.rename(state_dir / f"{DATABASE_NAME}{suffix}.damaged-{stamp}")
+        store = cls(state_dir)
+        folders = result_folders(state_dir)
+        with store._db(), store._transaction():
+            for folder in folders:
+                job = read_job_file(folder)
+                created = job.get("created_at", folder.stat().st_mtime)
+                store._conn.execute(
+                    "INSERT OR IGNORE INTO jobs (job_id, state, request_json, request_key, created_at, updated_at, "
+                    "result_dir) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (folder.name, JobState.SUCCEEDED.value, job.get("request_json", "{}"),
+                     job.get("request_key", f"rebuilt:{folder.name}"), created, time.time(), str(folder)),
+                )
+        log.warning("rebuilt the job database %s from %d result folder(s); the old file was kept as *.damaged-%s",
+                    database, len(folders), stamp)
+        return store, len(folders)
 
     def close(self) -> None:
         """Close the database connection; the store cannot be used afterwards."""
-        with self._lock:
+        with self._db():
             self._conn.close()
 
     def create(self, request_json: str, request_key: str, *, reused_from: JobRecord | None = None) -> JobRecord:
@@ -160,7 +231,7 @@ class JobStore:
             if reused_from.state is not JobState.SUCCEEDED or reused_from.result_dir is None:
                 raise ValueError(f"job {reused_from.job_id} has no result to reuse (state {reused_from.state.value})")
             state, result_dir, source_id = JobState.SUCCEEDED, reused_from.result_dir, reused_from.job_id
-        with self._lock:
+        with self._db():
             self._conn.execute(
                 "INSERT INTO jobs (job_id, state, request_json, request_key, created_at, updated_at, result_dir, "
                 "reused_from) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -168,9 +239,21 @@ class JobStore:
             )
             return self.get(job_id)
 
+    def ping(self) -> None:
+        """Read the store once: raises StorageUnavailableError when it cannot be read (for health checks)."""
+        with self._db():
+            self._conn.execute("SELECT seq FROM jobs LIMIT 1").fetchall()
+
+    def delete(self, job_id: str) -> None:
+        """Forget a job that was never taken (the queue was full): a refusal is not a job."""
+        with self._db():
+            self._conn.execute("DELETE FROM jobs WHERE job_id = ?", (job_id,))
+
     def get(self, job_id: str) -> JobRecord:
-        """The job's current record; JobNotFoundError if this server has no such job."""
-        with self._lock:
+        """The job's current record; InvalidParameterError for what cannot be a job id, JobNotFoundError if
+        this server has no such job."""
+        job_id = checked_job_id(job_id)
+        with self._db():
             row = self._conn.execute(f"SELECT {_COLUMNS} FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
         if row is None:
             raise _not_found(job_id)
@@ -179,7 +262,7 @@ class JobStore:
     def find_reusable(self, request_key: str) -> JobRecord | None:
         """The job that already answers (or will answer) this request: the newest SUCCEEDED one whose result
         folder still exists, else the newest QUEUED or RUNNING one, else None."""
-        with self._lock:
+        with self._db():
             succeeded = self._conn.execute(
                 f"SELECT {_COLUMNS} FROM jobs WHERE request_key = ? AND state = ? AND result_dir IS NOT NULL "
                 "ORDER BY seq DESC",
@@ -206,7 +289,7 @@ class JobStore:
         """Move the job to ``state`` with its error (cleared when not given) and, if given, its result folder.
 
         The store does not police transitions; the executor decides which are allowed."""
-        with self._lock:
+        with self._db():
             cursor = self._conn.execute(
                 f"UPDATE jobs SET state = ?, error_code = ?, error_message = ?, "
                 f"result_dir = COALESCE(?, result_dir), {_NEXT_UPDATED_AT} WHERE job_id = ?",
@@ -218,7 +301,7 @@ class JobStore:
 
     def set_progress(self, job_id: str, stage: str, done: int, total: int, items_per_second: float) -> None:
         """Record how far the job is (one UPDATE, made per batch)."""
-        with self._lock:
+        with self._db():
             cursor = self._conn.execute(
                 f"UPDATE jobs SET stage = ?, done = ?, total = ?, items_per_second = ?, {_NEXT_UPDATED_AT} "
                 "WHERE job_id = ?",
@@ -231,7 +314,7 @@ class JobStore:
         """The newest ``limit`` jobs, newest first."""
         if limit < 0:
             raise InvalidParameterError(f"job list limit {limit} is negative; give 0 or more")
-        with self._lock:
+        with self._db():
             rows = self._conn.execute(f"SELECT {_COLUMNS} FROM jobs ORDER BY seq DESC LIMIT ?", (limit,)).fetchall()
         return [_record(row) for row in rows]
 
@@ -239,7 +322,7 @@ class JobStore:
         """Settle what a previous server process left behind: its RUNNING jobs died with it and become
         INTERRUPTED (their owners are told to submit again); its QUEUED jobs are returned, oldest first, for the
         new executor to run."""
-        with self._lock, self._transaction():
+        with self._db(), self._transaction():
             self._conn.execute(
                 f"UPDATE jobs SET state = ?, error_code = ?, error_message = ?, {_NEXT_UPDATED_AT} WHERE state = ?",
                 (JobState.INTERRUPTED.value, INTERRUPTED_CODE, RESTART_MESSAGE, time.time(), JobState.RUNNING.value),
@@ -260,7 +343,7 @@ class JobStore:
             return []
         if max_results < 0:
             raise InvalidParameterError(f"result retention {max_results} is negative; give 0 or more, or none")
-        with self._lock:
+        with self._db():
             expired = self._expired_result_dirs(max_results)
             removed: builtins.list[str] = []
             for result_dir in expired:
@@ -292,7 +375,7 @@ class JobStore:
 
     def _migrate(self) -> None:
         """Create the schema in a new file; refuse a file from a newer version rather than misread it."""
-        with self._lock, self._transaction():
+        with self._db(), self._transaction():
             version = self._conn.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:
                 raise JobStoreSchemaError(
@@ -303,6 +386,25 @@ class JobStore:
                 for statement in _SCHEMA_V1:
                     self._conn.execute(statement)
                 self._conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    @contextmanager
+    def _db(self) -> Iterator[sqlite3.Connection]:
+        """The connection under the lock; a database failure becomes StorageFullError (the disk is full) or
+        StorageUnavailableError, with a message that names no server path (the log has the details)."""
+        with self._lock:
+            try:
+                yield self._conn
+            except sqlite3.Error as error:
+                log.warning("job database %s failed: %s", self.path, error)
+                if getattr(error, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or "disk is full" in str(error):
+                    raise StorageFullError(
+                        "the server's disk is full: the job could not be recorded; ask the server's operator to "
+                        "free space, then try again"
+                    ) from None
+                raise StorageUnavailableError(
+                    f"the server's job store failed ({type(error).__name__}); try again later, the server log has "
+                    "the details"
+                ) from None
 
     @contextmanager
     def _transaction(self) -> Iterator[None]:
@@ -316,6 +418,45 @@ class JobStore:
         self._conn.execute("COMMIT")
 
 
+def result_folders(state_dir: Path) -> builtins.list[Path]:
+    """The result folders of finished jobs (named by their 32-hex-digit id; work folders start with a dot)."""
+    folder = Path(state_dir) / RESULTS_DIR
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.is_dir() and len(p.name) == 32 and not p.name.startswith("."))
+
+
+def write_job_file(folder: Path, record: JobRecord) -> None:
+    """What :meth:`JobStore.rebuild` needs to give the job back, written into its result folder."""
+    (folder / JOB_FILE).write_text(json.dumps({
+        "job_id": record.job_id, "request_json": record.request_json, "request_key": record.request_key,
+        "created_at": record.created_at,
+    }) + "\n")
+
+
+def read_job_file(folder: Path) -> dict:
+    """The job file of a result folder; {} when there is none (an older version's) or it cannot be read."""
+    try:
+        job = json.loads((folder / JOB_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return job if isinstance(job, dict) and job.get("job_id") == folder.name else {}
+
+
+def checked_job_id(job_id: str) -> str:
+    """``job_id`` as this server writes ids (32 lowercase hex digits; a UUID with dashes or capitals is taken
+    too); InvalidParameterError, repeating at most the start of it, for anything else."""
+    try:
+        if len(job_id) <= 36:
+            return uuid.UUID(hex=job_id).hex
+    except ValueError:
+        pass
+    raise InvalidParameterError(
+        f"{shown(job_id, 40)} is not a job id: ids are 32 hex digits, as SubmitAnalysis and ListJobs return them"
+        if job_id else "the request names no job: set job_id to an id SubmitAnalysis or ListJobs returned"
+    )
+
+
 def _record(row: sqlite3.Row) -> JobRecord:
     values = dict(zip(row.keys(), row))
     values["state"] = JobState(values["state"])
@@ -324,7 +465,7 @@ def _record(row: sqlite3.Row) -> JobRecord:
 
 def _not_found(job_id: str) -> JobNotFoundError:
     return JobNotFoundError(
-        f"no job with id {job_id!r} on this server; list jobs to see the ids it knows. Behind a load balancer, "
+        f"no job with id {shown(job_id)} on this server; list jobs to see the ids it knows. Behind a load balancer, "
         "each job lives on the replica that accepted it: send its calls there (the Python client does this "
         "itself when given all replicas as 'host1:port,host2:port')"
     )

@@ -65,14 +65,54 @@ class RunningServer:
     http_server: object
     http_port: int
     health: health.HealthServicer
+    health_monitor: HealthMonitor
 
     def stop(self, grace_seconds: float = 10.0) -> None:
         """Stop taking requests, interrupt the running job cleanly, close the ports."""
+        self.health_monitor.stop()
         self.health.enter_graceful_shutdown()
         self.http_server.shutdown()
         self.http_server.server_close()
         self.engine.stop()
         self.grpc_server.stop(grace_seconds).wait()
+
+
+class HealthMonitor:
+    """Keeps the health status true: NOT_SERVING (on gRPC and, through it, on HTTP ``/healthz``) while the
+    engine reports a problem (a failing job store, a nearly full state disk), SERVING again once it clears.
+    Checked every ``interval`` seconds on a thread of its own."""
+
+    def __init__(self, engine: ServerEngine, servicer: health.HealthServicer, interval: float = 1.0) -> None:
+        self._engine, self._servicer, self._interval = engine, servicer, interval
+        self._stopped = threading.Event()
+        self._problem: str | None = "starting"
+        self.check()
+        self._thread = threading.Thread(target=self._run, name="hepatoquant-health", daemon=True)
+        self._thread.start()
+
+    def check(self) -> None:
+        problem = self._engine.serving_problem()
+        status = health_pb2.HealthCheckResponse.NOT_SERVING if problem else health_pb2.HealthCheckResponse.SERVING
+        if problem == self._problem:
+            return
+        for name in ("", SERVICE_NAME):
+            self._servicer.set(name, status)
+        if problem:
+            log.warning("health=NOT_SERVING reason=%s", problem)
+        elif self._problem != "starting":
+            log.info("health=SERVING (recovered)")
+        self._problem = problem
+
+    def _run(self) -> None:
+        while not self._stopped.wait(self._interval):
+            try:
+                self.check()
+            except Exception:  # noqa: BLE001 - a failing check must not end the monitor
+                log.exception("health check failed")
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self._thread.join(5)
 
 
 def start_server(
@@ -109,8 +149,7 @@ def start_server(
     else:
         port = server.add_insecure_port(address)
     server.start()
-    for name in ("", SERVICE_NAME):
-        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    monitor = HealthMonitor(engine, health_servicer)
     def overall_health() -> str:
         reply = health_servicer.Check(health_pb2.HealthCheckRequest(service=""), None)
         return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
@@ -118,7 +157,7 @@ def start_server(
     gateway = create_gateway(servicer, (http_host, http_port), token=config.token,
                              max_body_bytes=config.max_message_bytes, tls=tls, health_status=overall_health)
     serve_in_thread(gateway)
-    running = RunningServer(engine, server, port, gateway, gateway.server_address[1], health_servicer)
+    running = RunningServer(engine, server, port, gateway, gateway.server_address[1], health_servicer, monitor)
     log.info("serving gRPC on port %d and HTTP/JSON on port %d; slide roots: %s", port, running.http_port,
              ", ".join(str(r) for r in config.slide_roots))
     return running

@@ -17,6 +17,8 @@ from hepatoquant.errors import (
     JobNotFoundError,
     JobNotReadyError,
     JobStoreSchemaError,
+    StorageFullError,
+    StorageUnavailableError,
     MissingMPPError,
     ModelPackError,
     ModelPackNotFoundError,
@@ -81,6 +83,8 @@ _STATUS_BY_ERROR: dict[type[BaseException], str] = {
     QueueFullError: RESOURCE_EXHAUSTED,
     JobCancelledError: CANCELLED,
     ExecutorStoppedError: UNAVAILABLE,
+    StorageFullError: RESOURCE_EXHAUSTED,  # the disk: free space, then submit again
+    StorageUnavailableError: UNAVAILABLE,  # the job store failed: try again later
     # A stored result that can no longer be read (a damaged report): only its owner can fix it.
     ReportFormatError: DATA_LOSS,
 }
