@@ -105,6 +105,8 @@ def _build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--workers", type=int, default=1, help="jobs run at once (one per device is safest)")
     serve.add_argument("--max-queued", type=int, default=16, help="queued jobs beyond which submissions are refused")
     serve.add_argument("--max-results", type=int, default=None, help="keep only this many newest results")
+    serve.add_argument("--log-format", choices=("text", "json"), default="text",
+                       help="one line per request and job event, as key=value text or JSON objects")
     serve.add_argument("--rebuild-job-store", action="store_true",
                        help="set a damaged job database aside and rebuild the job list from the result folders")
     serve.add_argument("--max-tile-px", type=int, default=2048,
@@ -502,7 +504,9 @@ def _serve(args: argparse.Namespace) -> int:
     from hepatoquant.service.engine import ServerConfig
     from hepatoquant.service.server import serve_until_signalled, start_server
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s level=%(levelname)s logger=%(name)s %(message)s")
+    from hepatoquant.service import logs
+
+    logs.configure(args.log_format)
     if bool(args.tls_cert) != bool(args.tls_key):
         raise InvalidParameterError("give both --tls-cert and --tls-key, or neither")
     token = _server_token(args.token_file)

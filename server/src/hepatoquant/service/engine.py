@@ -16,7 +16,6 @@ import logging
 import shutil
 import tempfile
 import threading
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -92,7 +91,15 @@ class ServerConfig:
     max_tile_px: int = 2048
     rebuild_job_store: bool = False
     # Health is NOT_SERVING below this much free space on the state disk: jobs could not be recorded.
-    min_free_bytes: int = 64 * 2**20  # set a damaged job database aside and rebuild it from the result folders
+    min_free_bytes: int = 64 * 2**20
+    # Serving limits (see hepatoquant.service.server): calls at once (beyond: RESOURCE_EXHAUSTED), open streams
+    # per client connection, threads for the engine's blocking work, HTTP connections (beyond: 503) and how long
+    # an idle HTTP connection stays open.
+    max_concurrent_rpcs: int = 2048
+    max_streams_per_client: int = 100
+    rpc_threads: int = 16
+    http_max_connections: int = 1024
+    http_idle_seconds: float = 5.0  # set a damaged job database aside and rebuild it from the result folders
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -304,16 +311,6 @@ class ServerEngine:
 
     def list(self, limit: int) -> list[JobRecord]:
         return self.store.list(limit or 100)
-
-    def watch(self, job_id: str, is_active=lambda: True, poll_seconds: float = 1.0) -> Iterator[JobRecord]:
-        """The job now, then every change, until it reaches a final state (or the caller goes away)."""
-        record = self.store.get(job_id)
-        yield record
-        while record.state not in FINAL_STATES and is_active():
-            changed = self.executor.wait_for_change(job_id, record.updated_at, timeout=poll_seconds)
-            if changed.updated_at != record.updated_at or changed.state != record.state:
-                record = changed
-                yield record
 
     def result(self, job_id: str) -> pb.AnalysisResult:
         record = self.store.get(job_id)

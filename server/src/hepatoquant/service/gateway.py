@@ -1,7 +1,8 @@
 """HTTP/JSON gateway: the same RPCs for clients without gRPC (QuPath's Groovy scripts: Java HttpClient + Gson).
 
-Routes are derived from the service descriptor in the proto, and every call goes to the same servicer object
-the gRPC server uses, so there is no second API to keep in step:
+Served by uvicorn (a maintained ASGI server: TLS, HTTP/1.1 parsing, chunked bodies, keep-alive and connection
+limits) on the same event loop as the gRPC server. Routes are derived from the service descriptor in the proto,
+and every call goes to the same servicer the gRPC server uses, so there is no second API to keep in step:
 
 - ``POST /v1/<Method>`` with the request message as proto3 canonical JSON; the reply is the response message
   as JSON. ``WatchJob`` answers newline-delimited JSON (one ``JobEvent`` per line) until the job ends.
@@ -14,21 +15,24 @@ the gRPC server uses, so there is no second API to keep in step:
 from __future__ import annotations
 
 import json
-import ssl
-import threading
-from collections.abc import Iterator
-from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+import time
+from collections.abc import AsyncIterator, Callable
 
 import grpc
 from google.protobuf import json_format, message_factory
 from hepatoquant_client.proto import pb
+from starlette.applications import Starlette
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response, StreamingResponse
+from starlette.routing import Route
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from hepatoquant.errors import HepatoQuantError
+from hepatoquant.service import logs
 from hepatoquant.service.security import check_bearer_token
 from hepatoquant.service.status import status_name_for
 
-__all__ = ["create_gateway", "serve_in_thread", "HTTP_STATUS_FOR_CODE"]
+__all__ = ["HTTP_STATUS_FOR_CODE", "IdleClosingH11Protocol", "create_gateway"]
 
 # gRPC status → HTTP status, as in Google's API design guide.
 HTTP_STATUS_FOR_CODE = {
@@ -40,6 +44,15 @@ HTTP_STATUS_FOR_CODE = {
 _SERVICE = pb.DESCRIPTOR.services_by_name["HepatoQuant"]
 
 
+class IdleClosingH11Protocol(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol, which also closes a connection that sends nothing at all for the keep-alive
+    timeout (uvicorn starts that timer only after a first response: a silent socket stayed open for ever)."""
+
+    def connection_made(self, transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive, self.timeout_keep_alive_handler)
+
+
 class _Abort(Exception):
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
@@ -48,127 +61,137 @@ class _Abort(Exception):
 
 
 class _Context:
-    """The part of ``grpc.ServicerContext`` the servicer uses, for calls arriving over HTTP."""
+    """The part of ``grpc.aio.ServicerContext`` the servicer uses, for calls arriving over HTTP."""
 
-    def __init__(self) -> None:
-        self.active = True
-
-    def abort(self, code: grpc.StatusCode, details: str):
+    async def abort(self, code: grpc.StatusCode, details: str):
         raise _Abort(code.name, details)
 
-    def is_active(self) -> bool:
-        return self.active
+
+def _json_response(body: dict | str, status: int = 200) -> Response:
+    """JSON as the gateway has always written it: ``json.dumps`` text, or a message's ``MessageToJson``."""
+    return Response(body if isinstance(body, str) else json.dumps(body), status_code=status,
+                    media_type="application/json")
 
 
-def create_gateway(servicer, address: tuple[str, int], *, token: str | None, max_body_bytes: int,
-                   tls: tuple[str, str] | None = None, health_status=lambda: "SERVING") -> ThreadingHTTPServer:
-    """An HTTP server (not yet serving) bound to ``address``; port 0 picks a free one.
+def _error(code: str, message: str, status: int | None = None) -> Response:
+    return _json_response({"code": code, "message": message}, status or HTTP_STATUS_FOR_CODE.get(code, 500))
 
-    ``health_status()`` gives the gRPC health service's status name, which ``GET /healthz`` reports (200 when
-    SERVING, 503 otherwise), so container health checks see what gRPC clients see.
-    """
+
+def _json(message) -> str:
+    return json_format.MessageToJson(message, indent=None)
+
+
+async def _body(request: Request, limit: int) -> bytes:
+    """The request body (Content-Length or chunked), refused once it passes ``limit`` bytes: never held whole."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise _Abort("RESOURCE_EXHAUSTED", f"request body of {declared} bytes exceeds this server's {limit}")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _Abort("RESOURCE_EXHAUSTED", f"request body exceeds this server's {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def create_gateway(servicer, *, token: str | None, max_body_bytes: int,
+                   health_status: Callable[[], str] = lambda: "SERVING") -> Starlette:
+    """The ASGI app. ``health_status()`` gives the gRPC health service's status name, which ``GET /healthz``
+    reports (200 when SERVING, 503 otherwise), so container health checks see what gRPC clients see."""
     methods = {m.name: m for m in _SERVICE.methods}
 
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-        server_version = "HepatoQuant"
+    async def healthz(request: Request) -> Response:
+        status = health_status()
+        return _json_response({"status": status}, 200 if status == "SERVING" else 503)
 
-        def log_message(self, format: str, *args) -> None:  # quiet: the server logs requests itself
-            return
+    async def call(request: Request) -> Response:
+        started = time.perf_counter()
+        name = request.path_params["method"]
+        response = await _answer(request, methods.get(name))
+        job_id = getattr(response, "job_id", "")
+        logs.request_line("http", name, _peer(request), getattr(response, "code", "OK"),
+                          time.perf_counter() - started, job_id)
+        return response
 
-        def _send_json(self, status: int, body: dict | str) -> None:
-            data = (body if isinstance(body, str) else json.dumps(body)).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def _send_error(self, code: str, message: str) -> None:
-            self._send_json(HTTP_STATUS_FOR_CODE.get(code, 500), {"code": code, "message": message})
-
-        def do_GET(self) -> None:
-            if self.path == "/healthz":
-                status = health_status()
-                self._send_json(200 if status == "SERVING" else 503, {"status": status})
-            else:
-                self._send_error("NOT_FOUND", f"no route GET {self.path}; use GET /healthz or POST /v1/<Method>")
-
-        def do_POST(self) -> None:
-            name = self.path.removeprefix("/v1/") if self.path.startswith("/v1/") else None
-            method = methods.get(name or "")
-            if method is None:
-                self._send_error(
-                    "NOT_FOUND", f"no route POST {self.path}; methods: {', '.join('/v1/' + m for m in methods)}"
-                )
-                return
+    async def _answer(request: Request, method) -> Response:
+        if method is None:
+            return _coded(_error("NOT_FOUND", f"no route POST {request.url.path}; methods: "
+                                 f"{', '.join('/v1/' + m for m in methods)}"), "NOT_FOUND")
+        try:
+            check_bearer_token(request.headers.get("authorization"), token)
+            body = await _body(request, max_body_bytes)
             try:
-                check_bearer_token(self.headers.get("Authorization"), token)
-                length = int(self.headers.get("Content-Length") or 0)
-                if length > max_body_bytes:
-                    self.close_connection = True  # the unread body must not be taken for the next request
-                    raise _Abort("RESOURCE_EXHAUSTED", f"request body of {length} bytes exceeds {max_body_bytes}")
-                body = self.rfile.read(length).decode() if length else "{}"
-                request = json_format.Parse(body or "{}", message_factory.GetMessageClass(method.input_type)())
-            except HepatoQuantError as exc:
-                self._send_error(status_name_for(exc), str(exc))
-                return
-            except json_format.ParseError as exc:
-                self._send_error("INVALID_ARGUMENT", f"request body is not a valid {method.input_type.name} ({exc})")
-                return
-            except _Abort as exc:
-                self._send_error(exc.code, exc.message)
-                return
-            self._call(method, request)
+                text = body.decode("utf-8")
+            except UnicodeDecodeError:
+                raise _Abort("INVALID_ARGUMENT", "the request body is not UTF-8 JSON") from None
+            message = json_format.Parse(text or "{}", message_factory.GetMessageClass(method.input_type)())
+            response = await _dispatch(method, message)
+            response.job_id = getattr(response, "job_id", "") or getattr(message, "job_id", "")  # type: ignore[attr-defined]
+            return response
+        except HepatoQuantError as exc:
+            if status_name_for(exc) == "UNAUTHENTICATED":
+                logs.auth_denied("http", _peer(request), method.name)
+            return _coded(_error(status_name_for(exc), str(exc)), status_name_for(exc))
+        except json_format.ParseError as exc:
+            return _coded(_error("INVALID_ARGUMENT", f"request body is not a valid {method.input_type.name} ({exc})"),
+                          "INVALID_ARGUMENT")
+        except _Abort as exc:
+            status = 413 if exc.code == "RESOURCE_EXHAUSTED" and "request body" in exc.message else None
+            return _coded(_error(exc.code, exc.message, status), exc.code)
+        except ClientDisconnect:
+            return _coded(Response(status_code=499), "CANCELLED")
 
-        def _call(self, method, request) -> None:
-            context = _Context()
-            handler = getattr(servicer, method.name)
+    async def _dispatch(method, message) -> Response:
+        handler = getattr(servicer, method.name)
+        context = _Context()
+        if method.client_streaming:
+            async def one() -> AsyncIterator:
+                yield message
+
+            replies = handler(one(), context)
             try:
-                if method.client_streaming:
-                    responses: Iterator = handler(iter([request]), context)
-                    self._send_json(200, json_format.MessageToJson(next(iter(responses))))
-                elif method.server_streaming:
-                    self._stream(handler(request, context), context)
-                else:
-                    self._send_json(200, json_format.MessageToJson(handler(request, context)))
-            except _Abort as exc:
-                self._send_error(exc.code, exc.message)
-
-        def _stream(self, responses: Iterator, context: _Context) -> None:
-            first = next(responses)  # errors before the first message still get a proper status
-            self.send_response(200)
-            self.send_header("Content-Type", "application/x-ndjson")
-            self.send_header("Transfer-Encoding", "chunked")
-            self.end_headers()
+                reply = await replies.__anext__()
+            finally:
+                await replies.aclose()
+            return _with_job(_json_response(json_format.MessageToJson(reply)), reply)
+        if method.server_streaming:
+            events = handler(message, context)
             try:
-                for message in _chain(first, responses):
-                    line = (json_format.MessageToJson(message, indent=None) + "\n").encode()
-                    self.wfile.write(f"{len(line):x}\r\n".encode() + line + b"\r\n")
-                    self.wfile.flush()
-            except (BrokenPipeError, ConnectionResetError):
-                context.active = False
-                return
-            except _Abort as exc:  # the stream already started: report the error as its last line
-                line = (json.dumps({"code": exc.code, "message": exc.message}) + "\n").encode()
-                self.wfile.write(f"{len(line):x}\r\n".encode() + line + b"\r\n")
-            self.wfile.write(b"0\r\n\r\n")
+                first = await events.__anext__()  # errors before the first message still get a proper status
+            except BaseException:
+                await events.aclose()
+                raise
+            return StreamingResponse(_lines(first, events), media_type="application/x-ndjson")
+        reply = await handler(message, context)
+        return _with_job(_json_response(json_format.MessageToJson(reply)), reply)
 
-    server = ThreadingHTTPServer(address, Handler)
-    server.daemon_threads = True
-    if tls is not None:
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.load_cert_chain(certfile=tls[0], keyfile=tls[1])
-        server.socket = context.wrap_socket(server.socket, server_side=True)
-    return server
+    return Starlette(routes=[Route("/healthz", healthz, methods=["GET"]),
+                             Route("/v1/{method}", call, methods=["POST"])])
 
 
-def _chain(first, rest: Iterator) -> Iterator:
-    yield first
-    yield from rest
+async def _lines(first, events: AsyncIterator) -> AsyncIterator[bytes]:
+    """NDJSON lines; an error once the stream has started is its last line. A client that goes away cancels
+    this generator (Starlette watches for the disconnect), which closes the servicer's stream."""
+    try:
+        yield (_json(first) + "\n").encode()
+        async for message in events:
+            yield (_json(message) + "\n").encode()
+    except _Abort as exc:
+        yield (json.dumps({"code": exc.code, "message": exc.message}) + "\n").encode()
+    finally:
+        await events.aclose()
 
 
-def serve_in_thread(server: ThreadingHTTPServer) -> threading.Thread:
-    thread = threading.Thread(target=server.serve_forever, name="http-gateway", daemon=True)
-    thread.start()
-    return thread
+def _coded(response: Response, code: str) -> Response:
+    response.code = code  # type: ignore[attr-defined]  (for the request log line)
+    return response
+
+
+def _with_job(response: Response, reply) -> Response:
+    response.job_id = getattr(reply, "job_id", "") or getattr(getattr(reply, "job", None), "job_id", "")  # type: ignore[attr-defined]
+    return response
+
+
+def _peer(request: Request) -> str:
+    return f"{request.client.host}:{request.client.port}" if request.client else "-"

@@ -20,7 +20,7 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -154,6 +154,7 @@ class JobStore:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.state_dir / DATABASE_NAME
         self._lock = threading.RLock()
+        self._listeners: builtins.list[Callable[[JobRecord], None]] = []
         self._refuse_an_emptied_store()
         try:
             # Autocommit mode: single statements are atomic by themselves; multi-statement changes use
@@ -239,6 +240,22 @@ class JobStore:
             )
             return self.get(job_id)
 
+    def subscribe(self, listener: Callable[[JobRecord], None]) -> None:
+        """Call ``listener(record)`` with every job's new record after each change of its state or progress (on
+        the writing thread, outside the store's lock): the server's streams follow jobs without polling."""
+        self._listeners.append(listener)
+
+    def unsubscribe(self, listener: Callable[[JobRecord], None]) -> None:
+        self._listeners.remove(listener)
+
+    def _announce(self, job_id: str) -> JobRecord | None:
+        if not self._listeners:
+            return None
+        record = self.get(job_id)
+        for listener in list(self._listeners):
+            listener(record)
+        return record
+
     def ping(self) -> None:
         """Read the store once: raises StorageUnavailableError when it cannot be read (for health checks)."""
         with self._db():
@@ -297,7 +314,7 @@ class JobStore:
             )
             if cursor.rowcount == 0:
                 raise _not_found(job_id)
-            return self.get(job_id)
+        return self._announce(job_id) or self.get(job_id)
 
     def set_progress(self, job_id: str, stage: str, done: int, total: int, items_per_second: float) -> None:
         """Record how far the job is (one UPDATE, made per batch)."""
@@ -309,6 +326,7 @@ class JobStore:
             )
         if cursor.rowcount == 0:
             raise _not_found(job_id)
+        self._announce(job_id)
 
     def list(self, limit: int = 100) -> builtins.list[JobRecord]:
         """The newest ``limit`` jobs, newest first."""

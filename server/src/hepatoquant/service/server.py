@@ -1,118 +1,241 @@
-"""`hepatoquant serve`: the gRPC server (with health and reflection) and the HTTP/JSON gateway in one process."""
+"""`hepatoquant serve`: the gRPC server (with health and reflection) and the HTTP/JSON gateway in one process.
+
+Both run on one asyncio event loop in a thread of their own: gRPC on ``grpc.aio``, the gateway on uvicorn. A call
+that waits (a job's next change, a slow or silent client, a TLS handshake) holds no thread; the engine's blocking
+work runs in a bounded pool. Limits answer instead of hanging: at most ``max_concurrent_rpcs`` calls at once and
+``max_streams_per_client`` open streams per connection (RESOURCE_EXHAUSTED), messages up to
+``max_message_bytes``, HTTP connections up to ``http_max_connections`` (503), idle HTTP connections closed after
+``http_idle_seconds``. Health is NOT_SERVING on both ports while the engine reports a problem.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import logging
 import signal
+import socket
 import threading
-from concurrent import futures
+import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+import uvicorn
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from hepatoquant_client.proto import SERVICE_NAME, pb_grpc
 
 from hepatoquant.errors import HepatoQuantError
+from hepatoquant.service import logs
 from hepatoquant.service.engine import ServerConfig, ServerEngine
-from hepatoquant.service.gateway import create_gateway, serve_in_thread
+from hepatoquant.service.gateway import IdleClosingH11Protocol, create_gateway
 from hepatoquant.service.security import check_bearer_token
-from hepatoquant.service.servicer import HepatoQuantServicer
+from hepatoquant.service.servicer import HepatoQuantServicer, JobEvents
 
-__all__ = ["RunningServer", "start_server"]
+__all__ = ["RunningServer", "serve_until_signalled", "start_server"]
 
 log = logging.getLogger("hepatoquant.server")
 _HEALTH_PREFIX = "/grpc.health.v1.Health/"
+_START_SECONDS = 60
 
 
-class _TokenInterceptor(grpc.ServerInterceptor):
-    """Every RPC but the health check needs ``authorization: Bearer <token>`` when a token is configured."""
+class _Gatekeeper(grpc.aio.ServerInterceptor):
+    """Around every RPC: the bearer token (all but health checks), the per-connection stream limit, and one
+    log line when the call ends (method, peer, status, duration, job id)."""
 
-    def __init__(self, token: str) -> None:
+    def __init__(self, token: str | None, max_streams_per_client: int) -> None:
         self._token = token
+        self._max_streams = max_streams_per_client
+        self._streams: collections.Counter[str] = collections.Counter()
 
-    def intercept_service(self, continuation, handler_call_details):
-        if handler_call_details.method.startswith(_HEALTH_PREFIX):
-            return continuation(handler_call_details)
-        metadata = dict(handler_call_details.invocation_metadata or ())
-        try:
-            check_bearer_token(metadata.get("authorization"), self._token)
-        except HepatoQuantError as exc:
-            message = str(exc)
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if handler is None:
+            return None
+        method = details.method
+        denied = None
+        if self._token is not None and not method.startswith(_HEALTH_PREFIX):
+            metadata = dict(details.invocation_metadata or ())
+            try:
+                check_bearer_token(metadata.get("authorization"), self._token)
+            except HepatoQuantError as exc:
+                denied = str(exc)
+        name = method.rsplit("/", 1)[-1]
+        streaming = handler.response_streaming or handler.request_streaming
+        if handler.response_streaming:
+            wrap, make = self._stream_behavior, (grpc.stream_stream_rpc_method_handler if handler.request_streaming
+                                                 else grpc.unary_stream_rpc_method_handler)
+            behavior = handler.stream_stream or handler.unary_stream
+        else:
+            wrap, make = self._unary_behavior, (grpc.stream_unary_rpc_method_handler if handler.request_streaming
+                                                else grpc.unary_unary_rpc_method_handler)
+            behavior = handler.stream_unary or handler.unary_unary
+        return make(wrap(behavior, name, denied, streaming), request_deserializer=handler.request_deserializer,
+                    response_serializer=handler.response_serializer)
 
-            def deny(request_or_iterator, context):
-                context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+    async def _admit(self, context, name: str, denied: str | None, streaming: bool) -> None:
+        if denied is not None:
+            logs.auth_denied("grpc", context.peer(), name)
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, denied)
+        if streaming and self._streams[context.peer()] >= self._max_streams:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"this connection already has {self._max_streams} open streams; close some before "
+                                "opening another")
 
-            handler = continuation(handler_call_details)
-            if handler is None:
-                return None
-            if handler.request_streaming and handler.response_streaming:
-                return grpc.stream_stream_rpc_method_handler(deny)
-            if handler.response_streaming:
-                return grpc.unary_stream_rpc_method_handler(deny)
-            if handler.request_streaming:
-                return grpc.stream_unary_rpc_method_handler(deny)
-            return grpc.unary_unary_rpc_method_handler(deny)
-        return continuation(handler_call_details)
+    def _unary_behavior(self, behavior, name: str, denied: str | None, streaming: bool):
+        async def call(request, context):
+            started, status, reply = time.perf_counter(), "OK", None
+            try:
+                await self._admit(context, name, denied, streaming)
+                reply = await behavior(request, context)
+                return reply
+            except BaseException as exc:
+                status = _status_of(exc, context)
+                raise
+            finally:
+                job = getattr(reply, "job_id", "") or getattr(request, "job_id", "")
+                logs.request_line("grpc", name, context.peer(), status, time.perf_counter() - started, job)
+
+        return call
+
+    def _stream_behavior(self, behavior, name: str, denied: str | None, streaming: bool):
+        async def call(request, context):
+            started, status, peer, counted = time.perf_counter(), "OK", context.peer(), False
+            try:
+                await self._admit(context, name, denied, streaming)
+                self._streams[peer] += 1
+                counted = True
+                async for reply in behavior(request, context):
+                    yield reply
+            except BaseException as exc:
+                status = _status_of(exc, context)
+                raise
+            finally:
+                if counted:
+                    self._streams[peer] -= 1
+                    if self._streams[peer] <= 0:
+                        del self._streams[peer]
+                logs.request_line("grpc", name, peer, status, time.perf_counter() - started,
+                                  getattr(request, "job_id", ""))
+
+        return call
+
+
+def _status_of(exc: BaseException, context) -> str:
+    """The status a call ended with: an abort's code; CANCELLED when the client went away; INTERNAL (logged
+    with its traceback, once) for anything else."""
+    if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):  # the client went away mid-call
+        return "CANCELLED"
+    code = context.code() if callable(getattr(context, "code", None)) else None
+    if code is not None and code != grpc.StatusCode.OK:
+        return code.name
+    log.error("internal error in an RPC", exc_info=exc)
+    return "INTERNAL"
 
 
 @dataclass
 class RunningServer:
     engine: ServerEngine
-    grpc_server: grpc.Server
     grpc_port: int
-    http_server: object
     http_port: int
-    health: health.HealthServicer
-    health_monitor: HealthMonitor
+    _loop: asyncio.AbstractEventLoop
+    _thread: threading.Thread
+    _serving: _Serving
 
     def stop(self, grace_seconds: float = 10.0) -> None:
         """Stop taking requests, interrupt the running job cleanly, close the ports."""
-        self.health_monitor.stop()
-        self.health.enter_graceful_shutdown()
-        self.http_server.shutdown()
-        self.http_server.server_close()
-        self.engine.stop()
-        self.grpc_server.stop(grace_seconds).wait()
+        future = asyncio.run_coroutine_threadsafe(self._serving.stop(grace_seconds), self._loop)
+        future.result(grace_seconds + 60)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
 
 
-class HealthMonitor:
-    """Keeps the health status true: NOT_SERVING (on gRPC and, through it, on HTTP ``/healthz``) while the
-    engine reports a problem (a failing job store, a nearly full state disk), SERVING again once it clears.
-    Checked every ``interval`` seconds on a thread of its own."""
+class _Serving:
+    """Everything that lives on the event loop: the gRPC server, the gateway, health and its monitor."""
 
-    def __init__(self, engine: ServerEngine, servicer: health.HealthServicer, interval: float = 1.0) -> None:
-        self._engine, self._servicer, self._interval = engine, servicer, interval
-        self._stopped = threading.Event()
-        self._problem: str | None = "starting"
-        self.check()
-        self._thread = threading.Thread(target=self._run, name="hepatoquant-health", daemon=True)
-        self._thread.start()
+    def __init__(self, engine: ServerEngine, config: ServerConfig) -> None:
+        self.engine, self.config = engine, config
+        self.pool = ThreadPoolExecutor(max_workers=config.rpc_threads, thread_name_prefix="hepatoquant-rpc")
+        self.health = health.aio.HealthServicer()
+        self.health_status = "NOT_SERVING"  # what /healthz says; set with the gRPC status by _set_health
 
-    def check(self) -> None:
-        problem = self._engine.serving_problem()
-        status = health_pb2.HealthCheckResponse.NOT_SERVING if problem else health_pb2.HealthCheckResponse.SERVING
-        if problem == self._problem:
-            return
-        for name in ("", SERVICE_NAME):
-            self._servicer.set(name, status)
-        if problem:
-            log.warning("health=NOT_SERVING reason=%s", problem)
-        elif self._problem != "starting":
-            log.info("health=SERVING (recovered)")
-        self._problem = problem
+    async def start(self, host: str, grpc_port: int, http_host: str, http_port: int,
+                    tls: tuple[str, str] | None) -> tuple[int, int]:
+        config = self.config
+        self.events = JobEvents(self.engine)
+        self.events.start()
+        servicer = HepatoQuantServicer(self.engine, self.pool, self.events)
+        self.grpc = grpc.aio.server(
+            interceptors=[_Gatekeeper(config.token, config.max_streams_per_client)],
+            options=[("grpc.max_receive_message_length", config.max_message_bytes),
+                     ("grpc.max_send_message_length", config.max_message_bytes)],
+            maximum_concurrent_rpcs=config.max_concurrent_rpcs,
+        )
+        pb_grpc.add_HepatoQuantServicer_to_server(servicer, self.grpc)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            self.grpc,
+        )
+        address = f"{host}:{grpc_port}"
+        if tls is not None:
+            credentials = grpc.ssl_server_credentials([(Path(tls[1]).read_bytes(), Path(tls[0]).read_bytes())])
+            bound_grpc = self.grpc.add_secure_port(address, credentials)
+        else:
+            bound_grpc = self.grpc.add_insecure_port(address)
+        await self.grpc.start()
+        await self._check_health()
+        self.monitor = asyncio.get_running_loop().create_task(self._monitor())
 
-    def _run(self) -> None:
-        while not self._stopped.wait(self._interval):
+        app = create_gateway(servicer, token=config.token, max_body_bytes=config.max_message_bytes,
+                             health_status=lambda: self.health_status)
+        family = socket.AF_INET6 if ":" in http_host.strip("[]") else socket.AF_INET
+        sock = socket.create_server((http_host.strip("[]"), http_port), family=family, backlog=1024)
+        self.http = uvicorn.Server(uvicorn.Config(
+            app, http=IdleClosingH11Protocol, ws="none", lifespan="off", log_config=None, access_log=False,
+            timeout_keep_alive=config.http_idle_seconds, limit_concurrency=config.http_max_connections,
+            ssl_certfile=tls[0] if tls else None, ssl_keyfile=tls[1] if tls else None,
+            timeout_graceful_shutdown=5,
+        ))
+        self.http_task = asyncio.get_running_loop().create_task(self.http.serve(sockets=[sock]))
+        while not self.http.started:
+            if self.http_task.done():
+                self.http_task.result()  # raises what stopped it
+            await asyncio.sleep(0.01)
+        return bound_grpc, sock.getsockname()[1]
+
+    async def _check_health(self) -> None:
+        problem = await asyncio.get_running_loop().run_in_executor(self.pool, self.engine.serving_problem)
+        status = "NOT_SERVING" if problem else "SERVING"
+        if status != self.health_status:
+            if problem:
+                log.warning("health=NOT_SERVING reason=%s", problem)
+            elif self.health_status == "NOT_SERVING" and hasattr(self, "monitor"):
+                log.info("health=SERVING (recovered)")
+            for name in ("", SERVICE_NAME):
+                await self.health.set(name, health_pb2.HealthCheckResponse.ServingStatus.Value(status))
+            self.health_status = status
+
+    async def _monitor(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
             try:
-                self.check()
+                await self._check_health()
             except Exception:  # noqa: BLE001 - a failing check must not end the monitor
                 log.exception("health check failed")
 
-    def stop(self) -> None:
-        self._stopped.set()
-        self._thread.join(5)
+    async def stop(self, grace_seconds: float) -> None:
+        self.monitor.cancel()
+        await self.health.enter_graceful_shutdown()
+        self.health_status = "NOT_SERVING"
+        self.http.should_exit = True
+        await self.http_task
+        await asyncio.get_running_loop().run_in_executor(None, self.engine.stop)  # interrupts the running job
+        await self.grpc.stop(grace_seconds)
+        await self.events.stop()
+        self.pool.shutdown(wait=False, cancel_futures=True)
 
 
 def start_server(
@@ -129,36 +252,19 @@ def start_server(
     recovered = engine.start()
     if recovered:
         log.info("re-queued %d job(s) that had not started before the last stop", len(recovered))
-    servicer = HepatoQuantServicer(engine)
-    options = [
-        ("grpc.max_receive_message_length", config.max_message_bytes),
-        ("grpc.max_send_message_length", config.max_message_bytes),
-    ]
-    interceptors = [_TokenInterceptor(config.token)] if config.token else []
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=64), options=options, interceptors=interceptors)
-    pb_grpc.add_HepatoQuantServicer_to_server(servicer, server)
-    health_servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
-    )
-    address = f"{host}:{grpc_port}"
-    if tls is not None:
-        credentials = grpc.ssl_server_credentials([(Path(tls[1]).read_bytes(), Path(tls[0]).read_bytes())])
-        port = server.add_secure_port(address, credentials)
-    else:
-        port = server.add_insecure_port(address)
-    server.start()
-    monitor = HealthMonitor(engine, health_servicer)
-    def overall_health() -> str:
-        reply = health_servicer.Check(health_pb2.HealthCheckRequest(service=""), None)
-        return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
-
-    gateway = create_gateway(servicer, (http_host, http_port), token=config.token,
-                             max_body_bytes=config.max_message_bytes, tls=tls, health_status=overall_health)
-    serve_in_thread(gateway)
-    running = RunningServer(engine, server, port, gateway, gateway.server_address[1], health_servicer, monitor)
-    log.info("serving gRPC on port %d and HTTP/JSON on port %d; slide roots: %s", port, running.http_port,
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="hepatoquant-serving", daemon=True)
+    thread.start()
+    serving = _Serving(engine, config)
+    try:
+        ports = asyncio.run_coroutine_threadsafe(serving.start(host, grpc_port, http_host, http_port, tls), loop)
+        bound_grpc, bound_http = ports.result(_START_SECONDS)
+    except BaseException:
+        engine.stop()
+        loop.call_soon_threadsafe(loop.stop)
+        raise
+    running = RunningServer(engine, bound_grpc, bound_http, loop, thread, serving)
+    log.info("serving gRPC on port %d and HTTP/JSON on port %d; slide roots: %s", bound_grpc, bound_http,
              ", ".join(str(r) for r in config.slide_roots))
     return running
 

@@ -1,83 +1,147 @@
-"""The gRPC servicer: each method converts, calls the engine, converts back. Errors are mapped in one place."""
+"""The servicer: each method converts, calls the engine, converts back; one implementation for both ports.
+
+It runs on the server's event loop (``grpc.aio``; the HTTP gateway calls the same methods), so a call waiting
+for something (a job's next change, a slow client) holds no thread. The engine's blocking work (SQLite, opening
+slides, classifying tiles) runs in a bounded thread pool. Our errors become status codes in one place
+(:mod:`hepatoquant.service.status`).
+"""
 
 from __future__ import annotations
 
+import asyncio
+import collections
+import contextlib
 import functools
 import inspect
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 from hepatoquant_client.proto import pb, pb_grpc
 
 from hepatoquant.errors import HepatoQuantError
 from hepatoquant.service.engine import ServerEngine
+from hepatoquant.service.jobs import FINAL_STATES, checked_job_id
 from hepatoquant.service.status import status_name_for
 
-__all__ = ["HepatoQuantServicer", "abort_with"]
+__all__ = ["HepatoQuantServicer", "JobEvents"]
 
 
-def abort_with(context, exc: HepatoQuantError):
-    """Abort the call with the status our error maps to and the error's own message."""
-    context.abort(getattr(grpc.StatusCode, status_name_for(exc)), str(exc))
+async def _abort(context, exc: HepatoQuantError):
+    await context.abort(getattr(grpc.StatusCode, status_name_for(exc)), str(exc))
 
 
 def _mapped(method: Callable) -> Callable:
     """Turn our errors into status codes, for unary and streaming methods alike."""
-    if inspect.isgeneratorfunction(method):
+    if inspect.isasyncgenfunction(method):
 
         @functools.wraps(method)
-        def stream(self, request, context) -> Iterator:
+        async def stream(self, request, context) -> AsyncIterator:
             try:
-                yield from method(self, request, context)
+                async for message in method(self, request, context):
+                    yield message
             except HepatoQuantError as exc:
-                abort_with(context, exc)
+                await _abort(context, exc)
 
         return stream
 
     @functools.wraps(method)
-    def unary(self, request, context):
+    async def unary(self, request, context):
         try:
-            return method(self, request, context)
+            return await method(self, request, context)
         except HepatoQuantError as exc:
-            abort_with(context, exc)
+            await _abort(context, exc)
 
     return unary
 
 
-class HepatoQuantServicer(pb_grpc.HepatoQuantServicer):
+class JobEvents:
+    """Every change of every job, handed to the streams that follow it: the job store announces each new record
+    (on the thread that wrote it); this moves it onto the event loop and into the queue of each watcher of that
+    job. A thousand watchers cost no thread and no database read, and none misses a change."""
+
     def __init__(self, engine: ServerEngine) -> None:
+        self._store = engine.store
+        self._queues: dict[str, set[asyncio.Queue]] = collections.defaultdict(set)
+        self._listener: Callable | None = None
+
+    def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._listener = lambda record: loop.call_soon_threadsafe(self._publish, record)
+        self._store.subscribe(self._listener)
+
+    async def stop(self) -> None:
+        if self._listener is not None:
+            self._store.unsubscribe(self._listener)
+
+    def _publish(self, record) -> None:
+        for queue in self._queues.get(record.job_id, ()):
+            queue.put_nowait(record)
+
+    @contextlib.contextmanager
+    def following(self, job_id: str) -> Iterator[asyncio.Queue]:
+        """A queue that receives the job's records from now on (enter it before reading the current record)."""
+        queue: asyncio.Queue = asyncio.Queue()
+        self._queues[job_id].add(queue)
+        try:
+            yield queue
+        finally:
+            self._queues[job_id].discard(queue)
+            if not self._queues[job_id]:
+                del self._queues[job_id]
+
+
+class HepatoQuantServicer(pb_grpc.HepatoQuantServicer):
+    def __init__(self, engine: ServerEngine, pool: ThreadPoolExecutor, events: JobEvents) -> None:
         self.engine = engine
+        self._pool = pool
+        self._events = events
+
+    async def _blocking(self, function: Callable, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._pool, function, *args)
 
     @_mapped
-    def GetServerInfo(self, request: pb.GetServerInfoRequest, context) -> pb.ServerInfo:
-        return self.engine.info()
+    async def GetServerInfo(self, request: pb.GetServerInfoRequest, context) -> pb.ServerInfo:
+        return await self._blocking(self.engine.info)
 
     @_mapped
-    def SubmitAnalysis(self, request: pb.AnalysisRequest, context) -> pb.Job:
-        return self.engine.job_proto(self.engine.submit(request))
+    async def SubmitAnalysis(self, request: pb.AnalysisRequest, context) -> pb.Job:
+        return self.engine.job_proto(await self._blocking(self.engine.submit, request))
 
     @_mapped
-    def WatchJob(self, request: pb.WatchJobRequest, context) -> Iterator[pb.JobEvent]:
-        for record in self.engine.watch(request.job_id, is_active=context.is_active):
+    async def WatchJob(self, request: pb.WatchJobRequest, context) -> AsyncIterator[pb.JobEvent]:
+        """The job now, then every change, until it ends (or the caller goes away: the task is cancelled)."""
+        job_id = await self._blocking(checked_job_id, request.job_id)
+        with self._events.following(job_id) as changes:
+            record = await self._blocking(self.engine.get, job_id)
             yield pb.JobEvent(job=self.engine.job_proto(record))
+            while record.state not in FINAL_STATES:
+                try:
+                    latest = await asyncio.wait_for(changes.get(), timeout=30.0)
+                except asyncio.TimeoutError:  # a change made outside this process's store (none expected)
+                    latest = await self._blocking(self.engine.get, job_id)
+                if latest.updated_at > record.updated_at:  # records from two threads may arrive out of order
+                    record = latest
+                    yield pb.JobEvent(job=self.engine.job_proto(record))
 
     @_mapped
-    def GetJob(self, request: pb.GetJobRequest, context) -> pb.Job:
-        return self.engine.job_proto(self.engine.get(request.job_id))
+    async def GetJob(self, request: pb.GetJobRequest, context) -> pb.Job:
+        return self.engine.job_proto(await self._blocking(self.engine.get, request.job_id))
 
     @_mapped
-    def GetResult(self, request: pb.GetResultRequest, context) -> pb.AnalysisResult:
-        return self.engine.result(request.job_id)
+    async def GetResult(self, request: pb.GetResultRequest, context) -> pb.AnalysisResult:
+        return await self._blocking(self.engine.result, request.job_id)
 
     @_mapped
-    def CancelJob(self, request: pb.CancelJobRequest, context) -> pb.Job:
-        return self.engine.job_proto(self.engine.cancel(request.job_id))
+    async def CancelJob(self, request: pb.CancelJobRequest, context) -> pb.Job:
+        return self.engine.job_proto(await self._blocking(self.engine.cancel, request.job_id))
 
     @_mapped
-    def ListJobs(self, request: pb.ListJobsRequest, context) -> pb.ListJobsResponse:
-        return pb.ListJobsResponse(jobs=[self.engine.job_proto(r) for r in self.engine.list(request.limit)])
+    async def ListJobs(self, request: pb.ListJobsRequest, context) -> pb.ListJobsResponse:
+        records = await self._blocking(self.engine.list, request.limit)
+        return pb.ListJobsResponse(jobs=[self.engine.job_proto(r) for r in records])
 
     @_mapped
-    def ClassifyTiles(self, request_iterator: Iterator[pb.TileBatch], context) -> Iterator[pb.TilePredictions]:
-        for batch in request_iterator:
-            yield self.engine.classify_tiles(batch)
+    async def ClassifyTiles(self, request_iterator, context) -> AsyncIterator[pb.TilePredictions]:
+        async for batch in request_iterator:
+            yield await self._blocking(self.engine.classify_tiles, batch)
