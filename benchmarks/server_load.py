@@ -8,7 +8,8 @@ Phases (each measures gRPC and HTTP health latency every 50 ms while it runs):
 4. hostile tiles: 6 concurrent ClassifyTiles of a 0.4 MB PNG that decodes to 12,000 x 12,000 px, then 6 streams
    of 20 normal 224 px tiles; the server's peak memory (VmHWM) before and after.
 
-Prints a table and writes JSON (--out). Usage: python benchmarks/server_load.py [--watchers 500] [--out F]
+The load's clients run in this process (at nice 15 from phase 2 on: in a lab they run on other machines), the
+health probe in a process of its own at normal priority. Prints a table and writes JSON (--out). Usage: python benchmarks/server_load.py [--watchers 500] [--out F]
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import argparse
 import asyncio
 import io
 import json
+import multiprocessing
 import os
 import re
 import shutil
@@ -42,26 +44,38 @@ SERVING_LINE = re.compile(r"gRPC port (\d+), HTTP/JSON port (\d+)")
 
 
 class HealthProbe:
-    """Health over gRPC and HTTP every ``interval`` seconds on a thread; latencies in ms per transport."""
+    """Health over gRPC and HTTP every ``interval`` seconds, in a process of its own (so that the load this
+    benchmark generates does not delay the probe's own clock); latencies in ms per transport."""
 
     def __init__(self, grpc_port: int, http_port: int, interval: float = 0.05) -> None:
         self.grpc_port, self.http_port, self.interval = grpc_port, http_port, interval
         self.samples: dict[str, list[float]] = {"grpc": [], "http": []}
         self.failures = {"grpc": 0, "http": 0}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        context = multiprocessing.get_context("spawn")
+        self._stop, self._ready = context.Event(), context.Event()
+        self._results = context.Queue()
+        self._process = context.Process(target=self._run, daemon=True)
 
     def __enter__(self) -> HealthProbe:
-        self._thread.start()
+        self._process.start()
+        if not self._ready.wait(60):
+            raise RuntimeError("the health probe process did not start")
         return self
 
     def __exit__(self, *exc) -> None:
         self._stop.set()
-        self._thread.join(10)
+        self.samples, self.failures = self._results.get(timeout=60)
+        self._process.join(10)
 
     def _run(self) -> None:
+        self._measure()
+        self._results.put((self.samples, self.failures))
+
+    def _measure(self) -> None:
         channel = grpc.insecure_channel(f"127.0.0.1:{self.grpc_port}", options=[("grpc.use_local_subchannel_pool", 1)])
         stub = health_pb2_grpc.HealthStub(channel)
+        stub.Check(health_pb2.HealthCheckRequest(), timeout=30)  # connected before the phase starts
+        self._ready.set()
         while not self._stop.wait(self.interval):
             started = time.perf_counter()
             try:
@@ -207,6 +221,9 @@ def main() -> None:
         results["baseline"] = probe.summary()
 
         with HealthProbe(grpc_port, http_port) as probe:
+            # The load's clients run here, on the server's cores; in a lab they are other machines. At nice 15
+            # they take what CPU is left instead of delaying the server (the probe keeps normal priority).
+            os.setpriority(os.PRIO_PROCESS, 0, 15)
             results["watch_load"] = asyncio.run(_watchers(grpc_port, args.watchers, args.seconds))
         results["watchers_phase"] = probe.summary()
 

@@ -12,6 +12,7 @@ job is cancelled, which stops an analysis between batches without killing a thre
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -75,6 +76,19 @@ class _ProgressMeter:
         self._last_report = now
         elapsed = now - self._stage_started
         return done / elapsed if done > 0 and elapsed > 0 else 0.0
+
+
+# Nice value of the job workers' threads (and of the reader and PyTorch threads they start, which inherit it):
+# on a machine whose cores a job fills, the serving thread still gets the CPU at once, so health checks and
+# watchers are answered in milliseconds (measured: benchmarks/server_load.py, README).
+WORKER_NICENESS = 10
+
+
+def _yield_to_serving() -> None:
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WORKER_NICENESS)
+    except (OSError, AttributeError):  # not Linux, or not allowed: jobs run at normal priority
+        log.info("job worker threads run at normal priority (could not lower it)")
 
 
 class JobExecutor:
@@ -196,6 +210,7 @@ class JobExecutor:
 
     def _work(self) -> None:
         """One worker thread: take the oldest queued job, run it, record how it ended; until shutdown."""
+        _yield_to_serving()
         while (job := self._next_job()) is not None:
             log.info("job=%s event=started", job.job_id)
             started = time.monotonic()

@@ -62,6 +62,7 @@ class JobEvents:
 
     def __init__(self, engine: ServerEngine) -> None:
         self._store = engine.store
+        self._job_proto = engine.job_proto
         self._queues: dict[str, set[asyncio.Queue]] = collections.defaultdict(set)
         self._listener: Callable | None = None
 
@@ -75,8 +76,11 @@ class JobEvents:
             self._store.unsubscribe(self._listener)
 
     def _publish(self, record) -> None:
-        for queue in self._queues.get(record.job_id, ()):
-            queue.put_nowait(record)
+        queues = self._queues.get(record.job_id)
+        if queues:
+            event = pb.JobEvent(job=self._job_proto(record))  # built once, sent to every watcher
+            for queue in queues:
+                queue.put_nowait((record, event))
 
     @contextlib.contextmanager
     def following(self, job_id: str) -> Iterator[asyncio.Queue]:
@@ -117,12 +121,13 @@ class HepatoQuantServicer(pb_grpc.HepatoQuantServicer):
             yield pb.JobEvent(job=self.engine.job_proto(record))
             while record.state not in FINAL_STATES:
                 try:
-                    latest = await asyncio.wait_for(changes.get(), timeout=30.0)
+                    latest, event = await asyncio.wait_for(changes.get(), timeout=30.0)
                 except asyncio.TimeoutError:  # a change made outside this process's store (none expected)
                     latest = await self._blocking(self.engine.get, job_id)
+                    event = pb.JobEvent(job=self.engine.job_proto(latest))
                 if latest.updated_at > record.updated_at:  # records from two threads may arrive out of order
                     record = latest
-                    yield pb.JobEvent(job=self.engine.job_proto(record))
+                    yield event
 
     @_mapped
     async def GetJob(self, request: pb.GetJobRequest, context) -> pb.Job:
