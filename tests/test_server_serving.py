@@ -317,3 +317,5 @@ def test_requests_are_logged_one_line_each_as_json_and_disconnects_are_not_trace
     assert len(watches) == 10 and {e["status"] for e in watches} <= {"CANCELLED", "OK"}
     assert any(e["transport"] == "http" and e["method"] == "GetJob" and e["job"] == job.job_id for e in requests)
     assert not any("Traceback" in line for line in lines)
+    started = [e for e in entries if e.get("event") == "job-started"]
+    assert started and started[0]["job"] == job.job_id  # job transitions are structured lines too

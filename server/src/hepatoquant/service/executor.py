@@ -26,6 +26,7 @@ from hepatoquant.errors import (  # the executor's errors live with the others
     JobCancelledError,
     QueueFullError,
 )
+from hepatoquant.service import logs
 from hepatoquant.service.jobs import INTERRUPTED_CODE, JobRecord, JobState, JobStore
 from hepatoquant.service.status import INTERNAL, status_name_for
 
@@ -212,11 +213,11 @@ class JobExecutor:
         """One worker thread: take the oldest queued job, run it, record how it ended; until shutdown."""
         _yield_to_serving()
         while (job := self._next_job()) is not None:
-            log.info("job=%s event=started", job.job_id)
+            logs.job_event(job.job_id, "started")
             started = time.monotonic()
             outcome = self._outcome_of_run(job)
-            log.info("job=%s event=finished state=%s code=%s seconds=%.2f", job.job_id, outcome.state.value,
-                     outcome.error_code or "OK", time.monotonic() - started)
+            logs.job_event(job.job_id, "finished", state=outcome.state.value, code=outcome.error_code or "OK",
+                           seconds=round(time.monotonic() - started, 2))
             self._record_end(job.job_id, outcome)
 
     def _record_end(self, job_id: str, outcome: _Outcome) -> None:
@@ -229,12 +230,12 @@ class JobExecutor:
             try:
                 self._finish(job_id, outcome)
                 if attempt:
-                    log.warning("job=%s event=end-recorded attempts=%d state=%s", job_id, attempt + 1,
-                                outcome.state.value)
+                    logs.job_event(job_id, "end-recorded", level=logging.WARNING, attempts=attempt + 1,
+                                   state=outcome.state.value)
                 return
             except Exception as error:  # noqa: BLE001 - the store's failure; retried, and the worker goes on
                 attempt += 1
-                log.warning("job=%s event=end-not-recorded attempt=%d error=%s", job_id, attempt, error)
+                logs.job_event(job_id, "end-not-recorded", level=logging.WARNING, attempt=attempt, error=str(error))
                 with self._changed:
                     self._unrecorded.add(job_id)
                     if self._stopping:
@@ -274,7 +275,7 @@ class JobExecutor:
                         continue  # settled by someone else since it was queued
                     running = self._store.set_state(job_id, JobState.RUNNING)
                 except HepatoQuantError as error:  # the store is failing: the job waits, the worker stays
-                    log.warning("job=%s event=not-started error=%s", job_id, error)
+                    logs.job_event(job_id, "not-started", level=logging.WARNING, error=str(error))
                     self._queue.appendleft(job_id)
                     self._changed.wait(1.0)
                     continue

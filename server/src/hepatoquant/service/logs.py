@@ -9,7 +9,7 @@ import logging
 import sys
 import time
 
-__all__ = ["JsonFormatter", "auth_denied", "configure", "request_line"]
+__all__ = ["JsonFormatter", "auth_denied", "configure", "job_event", "request_line"]
 
 log = logging.getLogger("hepatoquant.server")
 _TEXT_FORMAT = "%(asctime)s level=%(levelname)s logger=%(name)s %(message)s"
@@ -58,3 +58,8 @@ def request_line(transport: str, method: str, peer: str, status: str, seconds: f
 
 def auth_denied(transport: str, peer: str, method: str) -> None:
     _emit(logging.WARNING, {"event": "auth-denied", "transport": transport, "method": method[:64], "peer": peer})
+
+
+def job_event(job_id: str, event: str, *, level: int = logging.INFO, **fields) -> None:
+    """One line per job transition (started, finished with state, code and seconds; an end not yet recorded)."""
+    _emit(level, {"event": f"job-{event}", "job": job_id, **fields})
