@@ -332,3 +332,36 @@ def test_a_damaged_job_database_is_refused_at_start_and_can_be_rebuilt(tmp_path:
     assert store.find_reusable("key-1") == record  # an identical request reuses it again
     assert list(state.glob("jobs.sqlite3.damaged-*"))  # the old file is kept
     store.close()
+
+
+def test_health_says_not_serving_when_the_request_threads_are_all_busy(tmp_path: Path, synthetic_slide: Path,
+                                                                        monkeypatch) -> None:
+    """A server that cannot take a call is NOT_SERVING on both ports (the check itself runs on those threads)."""
+    import threading
+
+    from hepatoquant.service import server as server_module
+
+    monkeypatch.setattr(server_module, "_POOL_ANSWER_SECONDS", 0.5)
+    root = tmp_path / "slides"
+    root.mkdir()
+    shutil.copy(synthetic_slide, root / "synthetic.tiff")
+    ensure_demo_pack(tmp_path / "models", encoder="test_vit_micro")
+    config = ServerConfig(slide_roots=(root.resolve(),), state_dir=tmp_path / "state", models_dir=tmp_path / "models",
+                          rpc_threads=2)
+    running = start_server(config, host="127.0.0.1", grpc_port=0, http_host="127.0.0.1", http_port=0)
+    release = threading.Event()
+    real_info = running.engine.info
+    monkeypatch.setattr(running.engine, "info", lambda: (release.wait(60), real_info())[1])
+    channel = grpc.insecure_channel(f"127.0.0.1:{running.grpc_port}")
+    stuck = [pb_grpc.HepatoQuantStub(channel).GetServerInfo.future(pb.GetServerInfoRequest(), timeout=60)
+             for _ in range(2)]
+    server = {"running": running}
+    try:
+        assert _until(lambda: _health(server) == ("NOT_SERVING", "NOT_SERVING"), 10)
+        release.set()
+        assert all(call.result().version for call in stuck)
+        assert _until(lambda: _health(server) == ("SERVING", "SERVING"), 10)
+    finally:
+        release.set()
+        channel.close()
+        running.stop(grace_seconds=1)

@@ -171,6 +171,8 @@ class ServerEngine:
         """Why this server cannot take work now, for health checks on both ports (None: it can)."""
         if self.executor.unrecorded_ends():
             return f"{self.executor.unrecorded_ends()} job end(s) not yet recorded: the job store is failing"
+        if not self.executor.workers_alive():
+            return "a job worker thread has stopped: jobs would wait for ever"
         try:
             self.store.ping()
         except HepatoQuantError as error:

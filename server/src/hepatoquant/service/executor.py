@@ -255,6 +255,11 @@ class JobExecutor:
         with self._changed:
             return job_id in self._queue or job_id in self._stop_reasons
 
+    def workers_alive(self) -> bool:
+        """True while every started worker thread runs (before start and after shutdown: True)."""
+        with self._changed:
+            return self._stopping or all(thread.is_alive() for thread in self._threads)
+
     def unrecorded_ends(self) -> int:
         """Jobs whose end could not be recorded yet (the store is failing): health is NOT_SERVING meanwhile."""
         with self._changed:

@@ -51,8 +51,10 @@ def _emit(level: int, fields: dict) -> None:
 
 
 def request_line(transport: str, method: str, peer: str, status: str, seconds: float, job_id: str | None) -> None:
-    """One line per finished request: transport (grpc/http), method, peer, status name, milliseconds, job id."""
-    _emit(logging.INFO, {"event": "request", "transport": transport, "method": method[:64], "peer": peer,
+    """One line per finished request: transport (grpc/http), method, peer, status name, milliseconds, job id.
+    Health checks that succeed are DEBUG: an orchestrator probing every few seconds would drown the rest."""
+    level = logging.DEBUG if method in ("Check", "healthz") and status == "OK" else logging.INFO
+    _emit(level, {"event": "request", "transport": transport, "method": method[:64], "peer": peer,
                          "status": status, "ms": round(1000 * seconds, 1), "job": job_id or None})
 
 

@@ -39,6 +39,7 @@ __all__ = ["RunningServer", "serve_until_signalled", "start_server"]
 log = logging.getLogger("hepatoquant.server")
 _HEALTH_PREFIX = "/grpc.health.v1.Health/"
 _START_SECONDS = 60
+_POOL_ANSWER_SECONDS = 5.0  # health is NOT_SERVING when the request pool takes longer than this to run a check
 
 
 class _Gatekeeper(grpc.aio.ServerInterceptor):
@@ -207,7 +208,12 @@ class _Serving:
         return bound_grpc, sock.getsockname()[1]
 
     async def _check_health(self) -> None:
-        problem = await asyncio.get_running_loop().run_in_executor(self.pool, self.engine.serving_problem)
+        check = asyncio.get_running_loop().run_in_executor(self.pool, self.engine.serving_problem)
+        try:
+            problem = await asyncio.wait_for(check, timeout=_POOL_ANSWER_SECONDS)
+        except asyncio.TimeoutError:  # every thread of the pool is busy: calls would queue, not be answered
+            problem = f"the server's {self.config.rpc_threads} request threads did not answer within " \
+                      f"{_POOL_ANSWER_SECONDS:g} s"
         status = "NOT_SERVING" if problem else "SERVING"
         if status != self.health_status:
             if problem:
