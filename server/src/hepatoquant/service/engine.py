@@ -28,7 +28,7 @@ from hepatoquant_client.proto import pb
 from hepatoquant_client.qupath_geojson import parse_qupath_geojson
 
 from hepatoquant import RESEARCH_USE_NOTICE, __version__
-from hepatoquant.analysis import analyze_slide
+from hepatoquant.analysis import ModelCache, analyze_slide
 from hepatoquant.analysis_request import Runtime, resolve_options
 from hepatoquant.atomic_write import staged_folder
 from hepatoquant.classify import PatchClassifier, choose_device, load_classifier, predict_batches
@@ -141,6 +141,7 @@ class ServerEngine:
         )
         self.device = choose_device(config.device)
         self._classifiers: dict[str, PatchClassifier] = {}
+        self._models = ModelCache()  # the jobs' models, loaded once (a foundation model takes seconds to load)
         self._classifier_lock = threading.Lock()
         self._submit_lock = threading.Lock()
 
@@ -294,7 +295,8 @@ class ServerEngine:
                 regions_path = Path(inputs) / "regions.geojson"
                 regions_path.write_text(request.regions_geojson)
             options = resolve_options(request, classifier, self._runtime(), regions_path=regions_path)
-            result = analyze_slide(slide, classifier, options, segmenter=segmenter, progress=progress)
+            result = analyze_slide(slide, classifier, options, segmenter=segmenter, progress=progress,
+                                   models=self._models)
         progress("outputs", 0, 1)
         try:
             with staged_folder(final) as outputs:

@@ -14,9 +14,10 @@ and every call goes to the same servicer the gRPC server uses, so there is no se
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import grpc
 from google.protobuf import json_format, message_factory
@@ -32,7 +33,7 @@ from hepatoquant.service import logs
 from hepatoquant.service.security import check_bearer_token
 from hepatoquant.service.status import status_name_for
 
-__all__ = ["HTTP_STATUS_FOR_CODE", "IdleClosingH11Protocol", "create_gateway"]
+__all__ = ["HTTP_STATUS_FOR_CODE", "BodyBudget", "IdleClosingH11Protocol", "create_gateway"]
 
 # gRPC status → HTTP status, as in Google's API design guide.
 HTTP_STATUS_FOR_CODE = {
@@ -81,25 +82,53 @@ def _json(message) -> str:
     return json_format.MessageToJson(message, indent=None)
 
 
-async def _body(request: Request, limit: int) -> bytes:
-    """The request body (Content-Length or chunked), refused once it passes ``limit`` bytes: never held whole."""
+class BodyBudget:
+    """Bytes of request bodies being read at once, over all connections: a body that would take the total past
+    ``total`` is refused (RESOURCE_EXHAUSTED, 429), so many large uploads at once cannot take the server's
+    memory (eight 60 MiB bodies once cost 0.8 GB)."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.in_use = total, 0
+
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[Callable[[int], None]]:
+        taken = 0
+
+        def take(size: int) -> None:
+            nonlocal taken
+            if self.in_use + size > self.total:
+                raise _Abort("RESOURCE_EXHAUSTED", "the server is reading too many large requests at once; send "
+                             "this one again in a moment")
+            self.in_use += size
+            taken += size
+
+        try:
+            yield take
+        finally:
+            self.in_use -= taken
+
+
+async def _body(request: Request, limit: int, take: Callable[[int], None]) -> bytearray:
+    """The request body (Content-Length or chunked), refused once it passes ``limit`` bytes or the budget of
+    bodies in flight (``take``): never read further than those allow."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise _Abort("RESOURCE_EXHAUSTED", f"request body of {declared} bytes exceeds this server's {limit}")
-    chunks, size = [], 0
+    body = bytearray()
     async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
+        if len(body) + len(chunk) > limit:
             raise _Abort("RESOURCE_EXHAUSTED", f"request body exceeds this server's {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
+        take(len(chunk))
+        body += chunk
+    return body
 
 
-def create_gateway(servicer, *, token: str | None, max_body_bytes: int,
+def create_gateway(servicer, *, token: str | None, max_body_bytes: int, body_budget_bytes: int | None = None,
                    health_status: Callable[[], str] = lambda: "SERVING") -> Starlette:
     """The ASGI app. ``health_status()`` gives the gRPC health service's status name, which ``GET /healthz``
     reports (200 when SERVING, 503 otherwise), so container health checks see what gRPC clients see."""
     methods = {m.name: m for m in _SERVICE.methods}
+    budget = BodyBudget(body_budget_bytes or max_body_bytes)
 
     async def healthz(request: Request) -> Response:
         status = health_status()
@@ -120,13 +149,16 @@ def create_gateway(servicer, *, token: str | None, max_body_bytes: int,
                                  f"{', '.join('/v1/' + m for m in methods)}"), "NOT_FOUND")
         try:
             check_bearer_token(request.headers.get("authorization"), token)
-            body = await _body(request, max_body_bytes)
-            try:
-                text = body.decode("utf-8")
-            except UnicodeDecodeError:
-                raise _Abort("INVALID_ARGUMENT", "the request body is not UTF-8 JSON") from None
-            message = json_format.Parse(text or "{}", message_factory.GetMessageClass(method.input_type)())
-            response = await _dispatch(method, message)
+            with budget.reading() as take:  # held while the body and what is parsed from it are in memory
+                body = await _body(request, max_body_bytes, take)
+                try:
+                    text = body.decode("utf-8")
+                except UnicodeDecodeError:
+                    raise _Abort("INVALID_ARGUMENT", "the request body is not UTF-8 JSON") from None
+                del body
+                message = json_format.Parse(text or "{}", message_factory.GetMessageClass(method.input_type)())
+                del text
+                response = await _dispatch(method, message)
             response.job_id = getattr(response, "job_id", "") or getattr(message, "job_id", "")  # type: ignore[attr-defined]
             return response
         except HepatoQuantError as exc:
@@ -137,7 +169,7 @@ def create_gateway(servicer, *, token: str | None, max_body_bytes: int,
             return _coded(_error("INVALID_ARGUMENT", f"request body is not a valid {method.input_type.name} ({exc})"),
                           "INVALID_ARGUMENT")
         except _Abort as exc:
-            status = 413 if exc.code == "RESOURCE_EXHAUSTED" and "request body" in exc.message else None
+            status = 413 if exc.code == "RESOURCE_EXHAUSTED" and "exceeds" in exc.message else None
             return _coded(_error(exc.code, exc.message, status), exc.code)
         except ClientDisconnect:
             return _coded(Response(status_code=499), "CANCELLED")
