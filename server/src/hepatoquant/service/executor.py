@@ -79,6 +79,8 @@ class _ProgressMeter:
         return done / elapsed if done > 0 and elapsed > 0 else 0.0
 
 
+PROGRESS_INTERVAL_S = 0.2  # progress is recorded at most this often within a stage (its first and last always)
+
 # Nice value of the job workers' threads (and of the reader and PyTorch threads they start, which inherit it):
 # on a machine whose cores a job fills, the serving thread still gets the CPU at once, so health checks and
 # watchers are answered in milliseconds (measured: benchmarks/server_load.py, README).
@@ -307,13 +309,21 @@ class JobExecutor:
         """The callback a run gets: stop the job if asked to, else record its progress and wake watchers."""
         meter = _ProgressMeter()
 
+        written: dict = {"stage": None, "at": 0.0}
+
         def report(stage: str, done: int, total: int) -> None:
             with self._changed:
                 reason = self._stop_reasons.get(job_id)
                 if reason is not None:
                     raise JobCancelledError(f"job {job_id} was stopped ({reason})")
-                self._store.set_progress(job_id, stage, done, total, meter.rate(stage, done))
-                self._changed.notify_all()
+                rate = meter.rate(stage, done)
+                now = time.monotonic()
+                # Written (and sent to every watcher) at a stage's first and last report and at most every
+                # PROGRESS_INTERVAL_S in between: a job's batches can come faster than anyone reads them.
+                if stage != written["stage"] or done >= total or now - written["at"] >= PROGRESS_INTERVAL_S:
+                    self._store.set_progress(job_id, stage, done, total, rate)
+                    written.update(stage=stage, at=now)
+                    self._changed.notify_all()
 
         return report
 

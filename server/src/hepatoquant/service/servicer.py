@@ -115,7 +115,7 @@ class HepatoQuantServicer(pb_grpc.HepatoQuantServicer):
     @_mapped
     async def WatchJob(self, request: pb.WatchJobRequest, context) -> AsyncIterator[pb.JobEvent]:
         """The job now, then every change, until it ends (or the caller goes away: the task is cancelled)."""
-        job_id = await self._blocking(checked_job_id, request.job_id)
+        job_id = checked_job_id(request.job_id)  # pure: no thread needed
         with self._events.following(job_id) as changes:
             record = await self._blocking(self.engine.get, job_id)
             yield pb.JobEvent(job=self.engine.job_proto(record))
