@@ -74,7 +74,7 @@ def main() -> None:
     print(f"tiles: {tiles}")
     print(f"pipeline (analyze + outputs): {pipeline_s:.2f} s, {pipeline_tps:.1f} tiles/s "
           f"(runs: {', '.join(f'{t:.2f}' for t in pipeline_runs)})")
-    print(f"  stages: " + ", ".join(f"{k} {v:.2f} s" for k, v in result.timings_s.items()))
+    print("  stages: " + ", ".join(f"{k} {v:.2f} s" for k, v in result.timings_s.items()))
     print(f"bare encoder + head:          {bare_s:.2f} s, {bare_tps:.1f} tiles/s "
           f"(runs: {', '.join(f'{t:.2f}' for t in bare_runs)})")
     print(f"pipeline efficiency: {pipeline_tps / bare_tps:.3f} of medians, "

@@ -195,3 +195,15 @@ def qupath_kit():
     from qupath_kit import load_kit
 
     return load_kit()
+
+
+@pytest.fixture()
+def self_signed_cert(tmp_path: Path) -> tuple[Path, Path]:
+    """A certificate for localhost / 127.0.0.1 and its key, made with openssl, for the TLS tests."""
+    import subprocess
+
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+                   check=True, capture_output=True)
+    return cert, key

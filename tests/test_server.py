@@ -252,14 +252,10 @@ def test_tile_batches_over_the_limit_are_refused(stub, testdata: Path) -> None:
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "at most 512" in info.value.details()
 
 
-def test_tls_on_both_ports(tmp_path: Path, synthetic_slide: Path) -> None:
+def test_tls_on_both_ports(tmp_path: Path, synthetic_slide: Path, self_signed_cert) -> None:
     import ssl
-    import subprocess
 
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
-                    "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
-                   check=True, capture_output=True)
+    cert, key = self_signed_cert
     ensure_demo_pack(tmp_path / "models", encoder="test_vit_micro")
     config = ServerConfig(slide_roots=(synthetic_slide.parent,), state_dir=tmp_path / "state", models_dir=tmp_path / "models")
     running = start_server(config, host="127.0.0.1", grpc_port=0, http_host="127.0.0.1", http_port=0,

@@ -19,6 +19,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hepatoquant_client.proto import pb, pb_grpc
 from PIL import Image
+from rss_sampler import RssSampler
 
 from hepatoquant.errors import InvalidParameterError
 from hepatoquant.model_pack import ensure_demo_pack
@@ -121,17 +122,20 @@ def _png(width: int, height: int) -> bytes:
     return buffer.getvalue()
 
 
-def test_a_huge_image_in_a_small_file_is_refused_before_it_is_decoded(server) -> None:
+def test_a_huge_image_in_a_small_file_is_refused_before_it_is_decoded(server, monkeypatch) -> None:
     """Was: a 441 kB PNG of 12,000 x 12,000 px cost the server +930 MiB, decoded before any size check."""
-    import resource
+    import cv2
 
+    decoded: list[int] = []
+    real_imdecode = cv2.imdecode
+    monkeypatch.setattr(cv2, "imdecode", lambda data, flags: (decoded.append(len(data)), real_imdecode(data, flags))[1])
     bomb = _png(12_000, 12_000)
     assert len(bomb) < 1_000_000
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    error = _error(server["stub"].ClassifyTiles, iter([pb.TileBatch(images=[bomb])]))
-    grown_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    with RssSampler() as rss:
+        error = _error(server["stub"].ClassifyTiles, iter([pb.TileBatch(images=[bomb] * 3)]))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "12000 x 12000 px" in error.details()
-    assert grown_mib < 100  # decoding it would take 12,000^2 x 3 bytes = 412 MiB at least
+    assert decoded == []  # refused from the header: never decoded
+    assert rss.growth_mib < 100, rss.growth_mib  # decoding one would take 12,000^2 x 3 bytes = 412 MiB
 
 
 @pytest.mark.parametrize(

@@ -19,6 +19,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hepatoquant_client.proto import pb, pb_grpc
+from rss_sampler import RssSampler
 
 from hepatoquant.model_pack import ensure_demo_pack
 from hepatoquant.service import engine as engine_module
@@ -72,13 +73,11 @@ def _health_grpc(port: int, timeout: float = 2.0, channel=None) -> str:
             channel.close()
 
 
-def test_a_silent_connection_to_the_https_port_does_not_stop_the_gateway(site, tmp_path: Path) -> None:
+def test_a_silent_connection_to_the_https_port_does_not_stop_the_gateway(site, tmp_path: Path,
+                                                                         self_signed_cert) -> None:
     """Was: with TLS on, one TCP connection left silent stopped the whole gateway (3 of 3 /healthz timed out):
     the handshake ran inside the single accept loop, with no timeout."""
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
-                    "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
-                   check=True, capture_output=True)
+    cert, key = self_signed_cert
     config = ServerConfig(slide_roots=(site["root"],), state_dir=tmp_path / "state", models_dir=site["models"])
     running = start_server(config, host="127.0.0.1", grpc_port=0, http_host="127.0.0.1", http_port=0,
                            tls=(str(cert), str(key)))
@@ -321,13 +320,6 @@ def test_requests_are_logged_one_line_each_as_json_and_disconnects_are_not_trace
     assert started and started[0]["job"] == job.job_id  # job transitions are structured lines too
 
 
-def _peak_rss_mib() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    pytest.fail("no VmHWM in /proc/self/status")
-
-
 def test_many_large_bodies_at_once_are_bounded_in_memory(start) -> None:
     """Was: eight 60 MiB bodies at once cost the server 0.8 GB (each read whole, then parsed). Bodies in flight
     now share one budget (the message limit): those past it are refused with 429, and memory stays bounded."""
@@ -335,7 +327,6 @@ def test_many_large_bodies_at_once_are_bounded_in_memory(start) -> None:
     body = b'{"slide": "' + b"a" * (60 * 2**20) + b'"}'
     head = (b"POST /v1/SubmitAnalysis HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + TOKEN.encode()
             + b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n")
-    before = _peak_rss_mib()
     statuses: list[int] = []
 
     def upload() -> None:
@@ -349,11 +340,12 @@ def test_many_large_bodies_at_once_are_bounded_in_memory(start) -> None:
             statuses.append(int(reply.split(b" ")[1]) if reply else 0)
 
     threads = [threading.Thread(target=upload) for _ in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(180)
-    grown = _peak_rss_mib() - before
+    with RssSampler() as rss:  # this process: the server's and the clients' memory (one shared 60 MiB body)
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(180)
+    grown = rss.growth_mib
     assert len(statuses) == 8 and set(statuses) <= {400, 429}, statuses  # too long a slide path, or refused
     assert 429 in statuses and 400 in statuses
     assert grown < 400, f"peak memory grew by {grown:.0f} MiB"

@@ -87,14 +87,25 @@ def _result_dir(root: Path, name: str) -> str:
 
 
 def _wait_until(executor: JobExecutor, job_id: str, done: Callable[[JobRecord], bool]) -> JobRecord:
-    """The job's record once ``done`` holds, woken by the executor's own change notifications."""
-    deadline = time.monotonic() + WAIT_S
-    record = executor.wait_for_change(job_id, float("nan"), 0)
-    while not done(record):
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            pytest.fail(f"job {job_id} stayed {record.state.value} (stage {record.stage!r})")
-        record = executor.wait_for_change(job_id, record.updated_at, remaining)
+    """The job's record once ``done`` holds, woken by the store's change announcements (what WatchJob uses)."""
+    store = executor._store
+    changed = threading.Event()
+
+    def listener(record: JobRecord) -> None:
+        if record.job_id == job_id:
+            changed.set()
+
+    store.subscribe(listener)
+    try:
+        deadline = time.monotonic() + WAIT_S
+        while not done(record := store.get(job_id)):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                pytest.fail(f"job {job_id} stayed {record.state.value} (stage {record.stage!r})")
+            changed.wait(min(remaining, 0.5))  # a change made before subscribing is seen on the next look
+            changed.clear()
+    finally:
+        store.unsubscribe(listener)
     return record
 
 
@@ -469,7 +480,9 @@ def test_a_worker_keeps_going_after_a_failed_job(store: JobStore, make_executor,
     assert _wait_final(executor, good.job_id).state is JobState.SUCCEEDED
 
 
-def test_wait_for_change_wakes_on_progress(store: JobStore, make_executor, tmp_path: Path) -> None:
+def test_the_store_announces_each_change_to_its_subscribers_at_once(store: JobStore, make_executor,
+                                                                    tmp_path: Path) -> None:
+    """What the server's WatchJob streams follow: every state and progress change, as it is written."""
     go, finish = threading.Event(), threading.Event()
 
     def run(job: JobRecord, report: ProgressReporter) -> str:
@@ -480,27 +493,21 @@ def test_wait_for_change_wakes_on_progress(store: JobStore, make_executor, tmp_p
 
     executor = make_executor(run)
     job = store.create("{}", "k")
+    heard: list[tuple[JobRecord, float]] = []
+    store.subscribe(lambda record: heard.append((record, time.monotonic())))
     executor.submit(job)
     executor.start()
-    running = _wait_until(executor, job.job_id, lambda record: record.state is JobState.RUNNING)
-
-    unchanged = executor.wait_for_change(job.job_id, running.updated_at, 0.01)  # nothing happens: times out
-    assert unchanged == running
-
-    woken: list[tuple[JobRecord, float]] = []
-    watcher = threading.Thread(
-        target=lambda: woken.append((executor.wait_for_change(job.job_id, running.updated_at, 60), time.monotonic()))
-    )
-    watcher.start()
-    time.sleep(0.05)  # let the watcher block first (the check does not depend on it)
+    _wait_until(executor, job.job_id, lambda record: record.state is JobState.RUNNING)
     reported_at = time.monotonic()
     go.set()
-    watcher.join(WAIT_S)
+    _wait_until(executor, job.job_id, lambda record: record.stage == "classify")
     finish.set()
-    assert woken, "wait_for_change did not return"
-    record, returned_at = woken[0]
-    assert (record.stage, record.done, record.total) == ("classify", 3, 10)
-    assert returned_at - reported_at < WAIT_S / 2  # woken by the change, long before its 60 s timeout
+    _wait_final(executor, job.job_id)
+    states = [(record.state, record.stage, record.done) for record, _ in heard]
+    assert states == [(JobState.RUNNING, "", 0), (JobState.RUNNING, "classify", 3), (JobState.SUCCEEDED, "classify", 3)]
+    progress_heard_at = heard[1][1]
+    assert progress_heard_at - reported_at < WAIT_S / 2  # as it was written, not on some later poll
+    assert [record.updated_at for record, _ in heard] == sorted(record.updated_at for record, _ in heard)
 
 
 def test_shutdown_interrupts_the_running_job_and_keeps_queued_ones(
@@ -623,3 +630,32 @@ def test_status_name_for(error: BaseException, status: str) -> None:
 def test_final_states() -> None:
     assert FINAL_STATES == {JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED, JobState.INTERRUPTED}
     assert JobState("running") is JobState.RUNNING and JobState.RUNNING == "running"
+
+
+def test_an_end_the_store_will_not_take_is_retried_then_recorded_failed_and_its_result_removed(
+        store: JobStore, make_executor, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 19: a job whose end could not be written stayed RUNNING for ever. The end is retried; after three
+    failures the job is recorded FAILED saying why, and the result it cannot vouch for is removed."""
+    import hepatoquant.service.executor as executor_module
+    from hepatoquant.errors import StorageFullError
+
+    monkeypatch.setattr(executor_module, "END_RETRY_FIRST_WAIT_S", 0.01)
+    real_set_state = store.set_state
+    refused: list[JobState] = []
+
+    def full_disk_for_the_end(job_id, state, **kwargs):
+        if state is JobState.SUCCEEDED:  # the succeeded end never fits; a (smaller) failed end does
+            refused.append(state)
+            raise StorageFullError("the server's disk is full: the job could not be recorded")
+        return real_set_state(job_id, state, **kwargs)
+
+    monkeypatch.setattr(store, "set_state", full_disk_for_the_end)
+    executor = make_executor(lambda job, report: _result_dir(tmp_path, job.job_id))
+    job = store.create("{}", "k")
+    executor.submit(job)
+    executor.start()
+    final = _wait_until(executor, job.job_id, lambda record: record.is_final)
+    assert refused == [JobState.SUCCEEDED] * 3
+    assert final.state is JobState.FAILED and final.error_code == "RESOURCE_EXHAUSTED"
+    assert "could not record it" in final.error_message and final.result_dir is None
+    assert not (tmp_path / "results" / job.job_id).exists() and executor.unrecorded_ends() == 0

@@ -3,13 +3,11 @@ message and the cohort row from one object; the server's GetResult and every coh
 
 from __future__ import annotations
 
-import copy
 import csv
 import json
 from pathlib import Path
 
 import pytest
-from hepatoquant_client.proto import pb
 from hepatoquant_client.results import AnalysisOutcome
 from hepatoquant_client.errors import ReportFormatError
 from hepatoquant_client.slide_report import SlideReport, cohort_columns

@@ -498,8 +498,6 @@ def _server_token(token_file: Path | None) -> str | None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import logging
-
     from hepatoquant.errors import InvalidParameterError
     from hepatoquant.service.engine import ServerConfig
     from hepatoquant.service.server import serve_until_signalled, start_server

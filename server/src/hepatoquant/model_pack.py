@@ -34,11 +34,8 @@ __all__ = [
     "DEMO_PACK_NAME",
     "ModelPack",
     "load_model_pack",
-    "resolve_model_pack",
     "list_model_packs",
     "ensure_demo_pack",
-    "add_model_pack",
-    "write_probe_pack",
     "default_models_dir",
 ]
 

@@ -29,16 +29,24 @@ __all__ = ["pack_by_name", "resolve_model_pack"]
 PACK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
+def _demo_pack(name: str, models_dir: Path) -> ModelPack | None:
+    """The demo classifier or segmenter pack, made in ``models_dir`` when first asked for; None for other names."""
+    if name == DEMO_PACK_NAME:
+        return ensure_demo_pack(models_dir)
+    if name == DEMO_SEGMENTER_PACK_NAME:
+        return ensure_demo_segmentation_pack(models_dir)
+    return None
+
+
 def resolve_model_pack(name_or_path: str, models_dir: Path | None = None) -> ModelPack:
     """A pack by directory path, or by name in ``models_dir``; the demo pack is created when first asked for."""
     models_dir = models_dir or default_models_dir()
     candidate = Path(name_or_path)
     if candidate.is_dir():
         return load_model_pack(candidate)
-    if name_or_path == DEMO_PACK_NAME:
-        return ensure_demo_pack(models_dir)
-    if name_or_path == DEMO_SEGMENTER_PACK_NAME:
-        return ensure_demo_segmentation_pack(models_dir)
+    demo = _demo_pack(name_or_path, models_dir)
+    if demo is not None:
+        return demo
     if (models_dir / name_or_path).is_dir():
         return load_model_pack(models_dir / name_or_path)
     known = ", ".join(sorted(p.name for p in _pack_dirs(models_dir))) or "none"
@@ -53,10 +61,9 @@ def pack_by_name(name: str, models_dir: Path) -> ModelPack:
     would let a client probe the server's file system (an existing and a missing folder answered differently,
     naming the models folder), so every name that is not a pack here gets the same answer, naming no folder."""
     if PACK_NAME.fullmatch(name):
-        if name == DEMO_PACK_NAME:
-            return ensure_demo_pack(models_dir)
-        if name == DEMO_SEGMENTER_PACK_NAME:
-            return ensure_demo_segmentation_pack(models_dir)
+        demo = _demo_pack(name, models_dir)
+        if demo is not None:
+            return demo
         if (models_dir / name / MANIFEST_NAME).is_file():
             return load_model_pack(models_dir / name)
     known = ", ".join(sorted(p.name for p in _pack_dirs(models_dir))) or "none"

@@ -56,7 +56,7 @@ from hepatoquant.service.convert import (
     result_to_proto,
 )
 from hepatoquant.service.executor import JobExecutor, QueueFullError
-from hepatoquant.service.jobs import FINAL_STATES, RESULTS_DIR, JobRecord, JobState, JobStore, write_job_file
+from hepatoquant.service.jobs import RESULTS_DIR, JobRecord, JobState, JobStore, write_job_file
 from hepatoquant.service.security import resolve_slide_reference
 from hepatoquant.service.status import status_name_for
 from hepatoquant.slide import Slide, validate_mpp

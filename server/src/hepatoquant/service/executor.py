@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import threading
 import time
 from collections import deque
@@ -63,12 +64,24 @@ class _Outcome:
 
 
 class _ProgressMeter:
-    """Items per second within the current stage, timed from the end of the previous one."""
+    """Items per second within the current stage, timed from the end of the previous one; and which reports are
+    worth recording."""
 
     def __init__(self) -> None:
         self._stage: str | None = None
         self._last_report = time.monotonic()
         self._stage_started = self._last_report
+        self._recorded_stage: str | None = None
+        self._recorded_at = 0.0
+
+    def due(self, stage: str, done: int, total: int) -> bool:
+        """A stage's first and last report, and at most one every PROGRESS_INTERVAL_S in between: a job's
+        batches can come faster than anyone reads them, and each recorded one goes to every watcher."""
+        now = time.monotonic()
+        if stage != self._recorded_stage or done >= total or now - self._recorded_at >= PROGRESS_INTERVAL_S:
+            self._recorded_stage, self._recorded_at = stage, now
+            return True
+        return False
 
     def rate(self, stage: str, done: int) -> float:
         now = time.monotonic()
@@ -79,6 +92,7 @@ class _ProgressMeter:
         return done / elapsed if done > 0 and elapsed > 0 else 0.0
 
 
+END_RETRY_FIRST_WAIT_S = 1.0  # the first wait before writing a job's end again (then doubled, up to 30 s)
 PROGRESS_INTERVAL_S = 0.2  # progress is recorded at most this often within a stage (its first and last always)
 
 # Nice value of the job workers' threads (and of the reader and PyTorch threads they start, which inherit it):
@@ -97,8 +111,7 @@ def _yield_to_serving() -> None:
 class JobExecutor:
     """A bounded FIFO of queued jobs and ``workers`` threads that run them with ``run``.
 
-    ``submit`` and ``cancel`` answer at once; ``wait_for_change`` lets a stream block until a job's record
-    changes. ``shutdown`` stops running jobs between batches (they end INTERRUPTED) and leaves waiting jobs
+    ``submit`` and ``cancel`` answer at once (streams follow jobs through ``JobStore.subscribe``). ``shutdown`` stops running jobs between batches (they end INTERRUPTED) and leaves waiting jobs
     QUEUED in the store, where ``JobStore.recover_after_restart`` finds them again. ``on_success`` (if given)
     is called with each job's SUCCEEDED record before watchers are woken, e.g. to apply result retention.
     """
@@ -178,18 +191,6 @@ class JobExecutor:
                 self._stop_reasons[job_id] = _BY_REQUEST
             return record
 
-    def wait_for_change(self, job_id: str, last_updated_at: float, timeout: float) -> JobRecord:
-        """The job's record once its ``updated_at`` differs from ``last_updated_at``, or after ``timeout``
-        seconds whatever it is; a WatchJob stream calls this in a loop instead of polling the database."""
-        deadline = time.monotonic() + timeout
-        with self._changed:
-            while True:
-                record = self._store.get(job_id)
-                remaining = deadline - time.monotonic()
-                if record.updated_at != last_updated_at or remaining <= 0:
-                    return record
-                self._changed.wait(remaining)
-
     def shutdown(self, *, wait: bool = True, timeout: float = 30) -> None:
         """Take no more jobs; tell running jobs to stop (they end INTERRUPTED, unless a client had already
         cancelled them); leave waiting jobs QUEUED in the store for the next server. With ``wait``, join the
@@ -224,32 +225,34 @@ class JobExecutor:
 
     def _record_end(self, job_id: str, outcome: _Outcome) -> None:
         """Record how the job ended, however long the store needs: a job must never stay RUNNING on disk after
-        its run (it once did when the disk filled). Retried with backoff (1 s doubling to 30 s); after three
-        failures the job is recorded FAILED with the reason instead (a smaller write, and the truth: its
-        outcome could not be kept). At shutdown the retries stop and the next start reports it INTERRUPTED."""
+        its run (it once did when the disk filled). Retried with backoff (END_RETRY_FIRST_WAIT_S doubling to
+        30 s); after three failures the job is recorded FAILED with the reason instead (a smaller write, and the
+        truth: its outcome could not be kept; its result folder is removed). At shutdown the retries stop and
+        the next start reports the job INTERRUPTED."""
         attempt = 0
         while True:
             try:
                 self._finish(job_id, outcome)
-                if attempt:
-                    logs.job_event(job_id, "end-recorded", level=logging.WARNING, attempts=attempt + 1,
-                                   state=outcome.state.value)
-                return
             except Exception as error:  # noqa: BLE001 - the store's failure; retried, and the worker goes on
                 attempt += 1
                 logs.job_event(job_id, "end-not-recorded", level=logging.WARNING, attempt=attempt, error=str(error))
                 with self._changed:
                     self._unrecorded.add(job_id)
+                    if not self._stopping:
+                        self._changed.wait(min(30.0, END_RETRY_FIRST_WAIT_S * 2 ** (attempt - 1)))
                     if self._stopping:
                         return
-                    self._changed.wait(min(30.0, 2.0 ** (attempt - 1)))
-                    stopping = self._stopping
-                if stopping:
-                    return
                 if attempt == 3 and outcome.state is not JobState.FAILED:
+                    if outcome.result_dir is not None:
+                        shutil.rmtree(outcome.result_dir, ignore_errors=True)
                     code = status_name_for(error) if isinstance(error, HepatoQuantError) else INTERNAL
                     outcome = _Outcome(JobState.FAILED, code, f"the job ran to its end ({outcome.state.value}) but the "
                                        "server could not record it, so its result is not kept; submit it again")
+                continue
+            if attempt:
+                logs.job_event(job_id, "end-recorded", level=logging.WARNING, attempts=attempt + 1,
+                               state=outcome.state.value)
+            return
 
     def is_live(self, job_id: str) -> bool:
         """True while this executor has the job queued or running (its end recorded or not yet due): a QUEUED
@@ -309,21 +312,14 @@ class JobExecutor:
         """The callback a run gets: stop the job if asked to, else record its progress and wake watchers."""
         meter = _ProgressMeter()
 
-        written: dict = {"stage": None, "at": 0.0}
-
         def report(stage: str, done: int, total: int) -> None:
             with self._changed:
                 reason = self._stop_reasons.get(job_id)
                 if reason is not None:
                     raise JobCancelledError(f"job {job_id} was stopped ({reason})")
                 rate = meter.rate(stage, done)
-                now = time.monotonic()
-                # Written (and sent to every watcher) at a stage's first and last report and at most every
-                # PROGRESS_INTERVAL_S in between: a job's batches can come faster than anyone reads them.
-                if stage != written["stage"] or done >= total or now - written["at"] >= PROGRESS_INTERVAL_S:
+                if meter.due(stage, done, total):
                     self._store.set_progress(job_id, stage, done, total, rate)
-                    written.update(stage=stage, at=now)
-                    self._changed.notify_all()
 
         return report
 
@@ -339,7 +335,7 @@ class JobExecutor:
             )
             self._unrecorded.discard(job_id)
             if record.state is JobState.SUCCEEDED and self._on_success is not None:
-                try:  # before the wake-up: a watcher told "succeeded" sees what retention left
+                try:  # the result just recorded is the newest, so retention keeps it
                     self._on_success(record)
                 except Exception:
                     log.exception("after job %s succeeded, its follow-up (result retention) failed", job_id)

@@ -55,10 +55,11 @@ class IdleClosingH11Protocol(H11Protocol):
 
 
 class _Abort(Exception):
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, http_status: int | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.http_status = http_status  # when not the code's usual one (413 for a body over the limit)
 
 
 class _Context:
@@ -113,11 +114,11 @@ async def _body(request: Request, limit: int, take: Callable[[int], None]) -> by
     bodies in flight (``take``): never read further than those allow."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise _Abort("RESOURCE_EXHAUSTED", f"request body of {declared} bytes exceeds this server's {limit}")
+        raise _Abort("RESOURCE_EXHAUSTED", f"request body of {declared} bytes exceeds this server's {limit}", 413)
     body = bytearray()
     async for chunk in request.stream():
         if len(body) + len(chunk) > limit:
-            raise _Abort("RESOURCE_EXHAUSTED", f"request body exceeds this server's {limit} bytes")
+            raise _Abort("RESOURCE_EXHAUSTED", f"request body exceeds this server's {limit} bytes", 413)
         take(len(chunk))
         body += chunk
     return body
@@ -137,16 +138,15 @@ def create_gateway(servicer, *, token: str | None, max_body_bytes: int, body_bud
     async def call(request: Request) -> Response:
         started = time.perf_counter()
         name = request.path_params["method"]
-        response = await _answer(request, methods.get(name))
-        job_id = getattr(response, "job_id", "")
-        logs.request_line("http", name, _peer(request), getattr(response, "code", "OK"),
-                          time.perf_counter() - started, job_id)
+        response, code, job_id = await _answer(request, methods.get(name))
+        logs.request_line("http", name, _peer(request), code, time.perf_counter() - started, job_id)
         return response
 
-    async def _answer(request: Request, method) -> Response:
+    async def _answer(request: Request, method) -> tuple[Response, str, str]:
+        """The response, its status name and the job it concerns (for the request log line)."""
         if method is None:
-            return _coded(_error("NOT_FOUND", f"no route POST {request.url.path}; methods: "
-                                 f"{', '.join('/v1/' + m for m in methods)}"), "NOT_FOUND")
+            return _error("NOT_FOUND", f"no route POST {request.url.path}; methods: "
+                          f"{', '.join('/v1/' + m for m in methods)}"), "NOT_FOUND", ""
         try:
             check_bearer_token(request.headers.get("authorization"), token)
             with budget.reading() as take:  # held while the body and what is parsed from it are in memory
@@ -158,23 +158,23 @@ def create_gateway(servicer, *, token: str | None, max_body_bytes: int, body_bud
                 del body
                 message = json_format.Parse(text or "{}", message_factory.GetMessageClass(method.input_type)())
                 del text
-                response = await _dispatch(method, message)
-            response.job_id = getattr(response, "job_id", "") or getattr(message, "job_id", "")  # type: ignore[attr-defined]
-            return response
+                response, reply = await _dispatch(method, message)
+            return response, "OK", getattr(reply, "job_id", "") or getattr(message, "job_id", "")
         except HepatoQuantError as exc:
-            if status_name_for(exc) == "UNAUTHENTICATED":
+            code = status_name_for(exc)
+            if code == "UNAUTHENTICATED":
                 logs.auth_denied("http", _peer(request), method.name)
-            return _coded(_error(status_name_for(exc), str(exc)), status_name_for(exc))
+            return _error(code, str(exc)), code, ""
         except json_format.ParseError as exc:
-            return _coded(_error("INVALID_ARGUMENT", f"request body is not a valid {method.input_type.name} ({exc})"),
-                          "INVALID_ARGUMENT")
+            return (_error("INVALID_ARGUMENT", f"request body is not a valid {method.input_type.name} ({exc})"),
+                    "INVALID_ARGUMENT", "")
         except _Abort as exc:
-            status = 413 if exc.code == "RESOURCE_EXHAUSTED" and "exceeds" in exc.message else None
-            return _coded(_error(exc.code, exc.message, status), exc.code)
+            return _error(exc.code, exc.message, exc.http_status), exc.code, ""
         except ClientDisconnect:
-            return _coded(Response(status_code=499), "CANCELLED")
+            return Response(status_code=499), "CANCELLED", ""
 
-    async def _dispatch(method, message) -> Response:
+    async def _dispatch(method, message) -> tuple[Response, object]:
+        """The response, and the reply message for a unary answer (None for a stream)."""
         handler = getattr(servicer, method.name)
         context = _Context()
         if method.client_streaming:
@@ -186,7 +186,7 @@ def create_gateway(servicer, *, token: str | None, max_body_bytes: int, body_bud
                 reply = await replies.__anext__()
             finally:
                 await replies.aclose()
-            return _with_job(_json_response(json_format.MessageToJson(reply)), reply)
+            return _json_response(json_format.MessageToJson(reply)), reply
         if method.server_streaming:
             events = handler(message, context)
             try:
@@ -194,9 +194,9 @@ def create_gateway(servicer, *, token: str | None, max_body_bytes: int, body_bud
             except BaseException:
                 await events.aclose()
                 raise
-            return StreamingResponse(_lines(first, events), media_type="application/x-ndjson")
+            return StreamingResponse(_lines(first, events), media_type="application/x-ndjson"), None
         reply = await handler(message, context)
-        return _with_job(_json_response(json_format.MessageToJson(reply)), reply)
+        return _json_response(json_format.MessageToJson(reply)), reply
 
     return Starlette(routes=[Route("/healthz", healthz, methods=["GET"]),
                              Route("/v1/{method}", call, methods=["POST"])])
@@ -213,16 +213,6 @@ async def _lines(first, events: AsyncIterator) -> AsyncIterator[bytes]:
         yield (json.dumps({"code": exc.code, "message": exc.message}) + "\n").encode()
     finally:
         await events.aclose()
-
-
-def _coded(response: Response, code: str) -> Response:
-    response.code = code  # type: ignore[attr-defined]  (for the request log line)
-    return response
-
-
-def _with_job(response: Response, reply) -> Response:
-    response.job_id = getattr(reply, "job_id", "") or getattr(getattr(reply, "job", None), "job_id", "")  # type: ignore[attr-defined]
-    return response
 
 
 def _peer(request: Request) -> str:

@@ -172,9 +172,10 @@ class JobStore:
     def _refuse_an_emptied_store(self) -> None:
         """A 0-byte database is a new, empty one to SQLite: with result folders beside it, the job history
         was lost (a truncated file, a bad restore), and starting would orphan every result silently."""
-        if self.path.is_file() and self.path.stat().st_size == 0 and result_folders(self.state_dir):
-            raise self._damaged(f"it is empty (0 bytes) while {len(result_folders(self.state_dir))} job result "
-                                "folder(s) exist")
+        if self.path.is_file() and self.path.stat().st_size == 0:
+            folders = result_folders(self.state_dir)
+            if folders:
+                raise self._damaged(f"it is empty (0 bytes) while {len(folders)} job result folder(s) exist")
 
     def _check_integrity(self) -> None:
         problems = [row[0] for row in self._conn.execute("PRAGMA quick_check").fetchall()]

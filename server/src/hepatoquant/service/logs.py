@@ -46,6 +46,8 @@ def configure(log_format: str = "text") -> None:
 
 
 def _emit(level: int, fields: dict) -> None:
+    if not log.isEnabledFor(level):  # health checks arrive many times a second: no text built for nothing
+        return
     text = " ".join(f"{key}={'-' if value in (None, '') else value}" for key, value in fields.items())
     log.log(level, text, extra={"fields": fields})
 
