@@ -8,6 +8,8 @@ import io
 import json
 import shutil
 import sqlite3
+import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -295,6 +297,104 @@ def test_results_that_cannot_be_written_fail_the_job_naming_no_server_path(own_s
     assert final.state == pb.JOB_STATE_FAILED and final.error_code == "RESOURCE_EXHAUSTED"
     assert "disk is full" in final.error_message and str(own_server["state"]) not in final.error_message
     assert not [p for p in (own_server["state"] / "results").iterdir()]  # nothing half-written left
+
+
+@pytest.fixture()
+def small_disk(tmp_path: Path):
+    """A real 16 MiB file system (tmpfs) to fill: needs the right to mount (root here and in CI's container)."""
+    mount_point = tmp_path / "small-disk"
+    mount_point.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount_point)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here ({mounted.stderr.strip()}): run as root to fill a real disk")
+    yield mount_point
+    subprocess.run(["umount", "-l", str(mount_point)], check=True)
+
+
+def _fill(folder: Path) -> Path:
+    filler = folder / "filler"
+    with filler.open("wb", buffering=0) as out:
+        try:
+            while True:
+                out.write(b"\0" * 2**16)
+        except OSError as error:
+            assert error.errno == errno.ENOSPC
+    return filler
+
+
+def test_a_real_full_state_disk_ends_jobs_recorded_with_clear_codes_and_the_server_recovers(
+        small_disk: Path, tmp_path: Path, synthetic_slide: Path, monkeypatch) -> None:
+    """The rows above on a real full file system instead of injected SQLite errors: the state folder on a 16 MiB
+    tmpfs that is filled while the server runs. Whatever fails first (the job store or the outputs), no job stays
+    RUNNING, every code says the disk is full without a server path, and freeing space is enough to go on."""
+    root = tmp_path / "slides"
+    root.mkdir()
+    shutil.copy(synthetic_slide, root / "synthetic.tiff")
+    ensure_demo_pack(tmp_path / "models", encoder="test_vit_micro")
+    state = small_disk / "state"
+    config = ServerConfig(slide_roots=(root.resolve(),), state_dir=state, models_dir=tmp_path / "models",
+                          token=TOKEN, min_free_bytes=0)  # SQLite and the outputs meet the full disk themselves
+    from hepatoquant.service import engine as engine_module
+
+    release = threading.Event()
+    real = engine_module.analyze_slide
+    monkeypatch.setattr(engine_module, "analyze_slide", lambda *a, **k: (release.wait(120), real(*a, **k))[1])
+    running = start_server(config, host="127.0.0.1", grpc_port=0, http_host="127.0.0.1", http_port=0)
+    channel = grpc.insecure_channel(f"127.0.0.1:{running.grpc_port}")
+    stub = pb_grpc.HepatoQuantStub(channel)
+    server = {"running": running}
+
+    def run(fraction: float):
+        job = stub.SubmitAnalysis(pb.AnalysisRequest(slide="synthetic.tiff", omit_tiles=True,
+                                                     min_tissue_fraction=fraction), metadata=AUTH, timeout=30)
+        return _until(lambda: (j := stub.GetJob(pb.GetJobRequest(job_id=job.job_id), metadata=AUTH)).state
+                      not in (pb.JOB_STATE_QUEUED, pb.JOB_STATE_RUNNING) and j, seconds=60)
+
+    try:
+        release.set()
+        assert run(0.5).state == pb.JOB_STATE_SUCCEEDED
+        release.clear()  # the next job runs, held before its analysis, while the disk fills
+        held = stub.SubmitAnalysis(pb.AnalysisRequest(slide="synthetic.tiff", omit_tiles=True,
+                                                      min_tissue_fraction=0.52), metadata=AUTH, timeout=30)
+        _until(lambda: stub.GetJob(pb.GetJobRequest(job_id=held.job_id), metadata=AUTH).state == pb.JOB_STATE_RUNNING)
+        filler = _fill(small_disk)
+
+        def settle(job_id: str) -> str:
+            """Until the job ends, or runs with an end that cannot be written (health says so: retried below)."""
+            deadline = time.monotonic() + 60
+            while (current := stub.GetJob(pb.GetJobRequest(job_id=job_id), metadata=AUTH)).state in (
+                    pb.JOB_STATE_QUEUED, pb.JOB_STATE_RUNNING) and time.monotonic() < deadline:
+                if current.state == pb.JOB_STATE_RUNNING and _health(server) == ("NOT_SERVING", "NOT_SERVING"):
+                    return "RUNNING, NOT_SERVING"
+                time.sleep(0.1)
+            return pb.JobState.Name(current.state)
+
+        release.set()
+        outcomes = {held.job_id: settle(held.job_id)}
+        assert outcomes[held.job_id] in ("RUNNING, NOT_SERVING", "JOB_STATE_FAILED")  # its outputs met the full disk
+        for fraction in (0.55, 0.6):  # new requests while the disk is full
+            try:
+                job = stub.SubmitAnalysis(pb.AnalysisRequest(slide="synthetic.tiff", omit_tiles=True,
+                                                             min_tissue_fraction=fraction), metadata=AUTH, timeout=30)
+            except grpc.RpcError as error:
+                assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "disk is full" in error.details()
+                assert str(small_disk) not in error.details()
+                outcomes[fraction] = "refused"
+                continue
+            outcomes[job.job_id] = settle(job.job_id)
+        filler.unlink()  # space is freed
+        for job_id in (key for key, outcome in outcomes.items() if outcome != "refused"):
+            ended = _until(lambda: (j := stub.GetJob(pb.GetJobRequest(job_id=job_id), metadata=AUTH)).state
+                           not in (pb.JOB_STATE_QUEUED, pb.JOB_STATE_RUNNING) and j, seconds=60)
+            assert ended.state == pb.JOB_STATE_FAILED and ended.error_code == "RESOURCE_EXHAUSTED", ended
+            assert "disk is full" in ended.error_message and str(small_disk) not in ended.error_message
+        assert _until(lambda: _health(server) == ("SERVING", "SERVING"))
+        assert run(0.7).state == pb.JOB_STATE_SUCCEEDED
+        print("outcomes on the full disk:", outcomes)
+    finally:
+        channel.close()
+        running.stop(grace_seconds=1)
 
 
 def _store_with_one_result(state: Path) -> tuple[str, str]:

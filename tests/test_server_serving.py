@@ -4,6 +4,7 @@ hand-written HTTP loop and the 64-thread gRPC pool it replaced."""
 
 from __future__ import annotations
 
+import http.client
 import json
 import shutil
 import socket
@@ -350,3 +351,172 @@ def test_many_large_bodies_at_once_are_bounded_in_memory(start) -> None:
     assert 429 in statuses and 400 in statuses
     assert grown < 400, f"peak memory grew by {grown:.0f} MiB"
     assert _health_http(running.http_port)[0] == 200
+
+
+def test_watchers_of_a_job_the_server_announced_need_no_thread_and_no_store_read(start, monkeypatch) -> None:
+    """Was: every WatchJob read the job from SQLite through the thread pool; when a job ended and its 500 watchers
+    reopened on other jobs at once, that burst delayed health checks by up to a quarter of a second."""
+    release = threading.Event()
+    real = engine_module.analyze_slide
+    monkeypatch.setattr(engine_module, "analyze_slide", lambda *a, **k: (release.wait(120), real(*a, **k))[1])
+    running = start()
+    channel = grpc.insecure_channel(f"127.0.0.1:{running.grpc_port}")
+    try:
+        stub = pb_grpc.HepatoQuantStub(channel)
+        job = stub.SubmitAnalysis(pb.AnalysisRequest(slide="synthetic.tiff", omit_tiles=True), metadata=AUTH, timeout=30)
+        first = stub.WatchJob(pb.WatchJobRequest(job_id=job.job_id), metadata=AUTH, timeout=60)
+        while next(first).job.state != pb.JOB_STATE_RUNNING:  # the executor has announced the job
+            pass
+        reads = []
+        real_get = running.engine.get
+        monkeypatch.setattr(running.engine, "get", lambda job_id: (reads.append(job_id), real_get(job_id))[1])
+        streams = [stub.WatchJob(pb.WatchJobRequest(job_id=job.job_id), metadata=AUTH, timeout=60) for _ in range(30)]
+        assert {next(stream).job.state for stream in streams} == {pb.JOB_STATE_RUNNING}
+        assert reads == []
+        release.set()
+        assert {list(stream)[-1].job.state for stream in streams} == {pb.JOB_STATE_SUCCEEDED}
+        assert reads == []
+        first.cancel()
+    finally:
+        release.set()
+        channel.close()
+
+
+class _AnnouncingStore:
+    """The part of JobStore that JobEvents uses: listeners called by the writing thread."""
+
+    def __init__(self) -> None:
+        self.listeners = []
+
+    def subscribe(self, listener) -> None:
+        self.listeners.append(listener)
+
+    def unsubscribe(self, listener) -> None:
+        self.listeners.remove(listener)
+
+
+def test_a_jobs_end_wakes_its_watchers_in_slices_in_order_so_other_calls_take_turns() -> None:
+    """Was: one job change put its event into every watcher's queue at once: 500 streams then stepped before any
+    call that arrived meanwhile (a health check waited behind all of them at each of its steps)."""
+    import asyncio
+    import contextlib
+    from types import SimpleNamespace
+
+    from hepatoquant.service.servicer import JobEvents
+
+    job_id = "a" * 32
+
+    async def scenario() -> tuple[list[int], list[list[float]], JobEvents]:
+        store = _AnnouncingStore()
+        events = JobEvents(SimpleNamespace(store=store, job_proto=lambda record: pb.Job(job_id=record.job_id)))
+        events.start()
+        with contextlib.ExitStack() as stack:
+            queues = [stack.enter_context(events.following(job_id)) for _ in range(100)]
+            for updated_at in (1.0, 2.0):  # as the writing thread announces them
+                store.listeners[0](SimpleNamespace(job_id=job_id, updated_at=updated_at))
+            woken_per_turn = []
+            while sum(queue.qsize() for queue in queues) < 200:
+                before = sum(queue.qsize() for queue in queues)
+                await asyncio.sleep(0)
+                woken_per_turn.append(sum(queue.qsize() for queue in queues) - before)
+            order = [[queue.get_nowait()[0].updated_at for _ in range(2)] for queue in queues]
+        await events.stop()
+        return woken_per_turn, order, events
+
+    woken_per_turn, order, events = asyncio.run(scenario())
+    assert max(woken_per_turn) <= 32 and len(woken_per_turn) >= 200 // 32
+    assert order == [[1.0, 2.0]] * 100  # every watcher gets every change, in order
+    assert events.latest(job_id)[0].updated_at == 2.0  # what a new watcher is shown first
+
+
+def test_what_a_started_server_has_loaded_is_out_of_the_garbage_collectors_way(start, tmp_path: Path) -> None:
+    """Was: every full collection walked the 400,000 objects of torch, timm and grpc: 0.13-0.36 s holding the GIL,
+    the server answering nothing (the last of the issue's load benchmark's slow health checks)."""
+    import gc
+
+    import torch
+
+    from hepatoquant.analysis import ModelCache
+
+    start()
+    assert len(gc.get_objects()) < 50_000  # what the collector still walks (frozen objects are not listed)
+    cache = ModelCache(freeze_after_load=True)
+    model = cache.classifier(ensure_demo_pack(tmp_path / "more-models", encoder="test_vit_micro"), torch.device("cpu"))
+    assert not any(tracked is model for tracked in gc.get_objects())
+
+
+def test_the_serving_limits_are_set_from_the_command_line_and_bad_ones_refused(site, tmp_path: Path) -> None:
+    """An operator sets the limits on `hepatoquant serve` (they were ServerConfig fields only): streams per client,
+    the idle time of HTTP connections; a limit of 0 is refused at start, naming the option."""
+    base = [sys.executable, "-m", "hepatoquant.cli", "--models-dir", str(site["models"]), "serve",
+            "--slide-root", str(site["root"]), "--state-dir", str(tmp_path / "state"), "--host", "127.0.0.1",
+            "--port", "0", "--http-host", "127.0.0.1", "--http-port", "0", "--device", "cpu", "--seg-model", "none"]
+    refused = subprocess.run(base + ["--rpc-threads", "0"], capture_output=True, text=True, timeout=120)
+    assert refused.returncode != 0 and "--rpc-threads" in refused.stderr and "Traceback" not in refused.stderr
+    process = subprocess.Popen(base + ["--max-streams-per-client", "2", "--http-idle-seconds", "1"],
+                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        line = process.stdout.readline()
+        grpc_port = int(line.split("gRPC port ")[1].split(",")[0])
+        http_port = int(line.split("HTTP/JSON port ")[1].split()[0])
+        channel = grpc.insecure_channel(f"127.0.0.1:{grpc_port}")
+        stub = pb_grpc.HepatoQuantStub(channel)
+        jobs = [stub.SubmitAnalysis(pb.AnalysisRequest(slide="synthetic.tiff", tile_size_px=16, omit_tiles=True,
+                                                       min_tissue_fraction=0.5 + 0.01 * n), timeout=30)
+                for n in range(4)]  # one worker: the last waits behind three
+        watching = [stub.WatchJob(pb.WatchJobRequest(job_id=jobs[-1].job_id), timeout=60) for _ in range(2)]
+        assert [next(stream).job.state for stream in watching] == [pb.JOB_STATE_QUEUED] * 2
+        with pytest.raises(grpc.RpcError) as caught:
+            next(stub.WatchJob(pb.WatchJobRequest(job_id=jobs[-1].job_id), timeout=60))
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        for stream in watching:
+            stream.cancel()
+        connection = socket.create_connection(("127.0.0.1", http_port), timeout=10)
+        started = time.monotonic()
+        connection.sendall(b"POST /v1/GetServerInfo HTTP/1.1\r\nHost: x\r\n")  # half a request, then silence
+        reply = connection.recv(100)
+        closed_after = time.monotonic() - started
+        connection.close()
+        assert 0.9 < closed_after < 3 and (reply == b"" or reply.startswith(b"HTTP/1.1 408")), (closed_after, reply)
+        channel.close()
+    finally:
+        process.terminate()
+        process.wait(60)
+
+
+def test_a_client_trickling_a_request_head_is_closed_and_keep_alive_requests_still_pass(start) -> None:
+    """Was: uvicorn stops its timers at a request's first byte, so a client sending a header one byte at a time
+    (slowloris) held its connection for ever; 1,024 of them would take every HTTP connection."""
+    running = start(http_idle_seconds=1.0)
+    trickling = socket.create_connection(("127.0.0.1", running.http_port), timeout=10)
+    head = b"POST /v1/GetServerInfo HTTP/1.1\r\nHost: x\r\nX-Padding: " + b"a" * 100
+    started = time.monotonic()
+    closed_after = None
+    for byte in head:
+        try:
+            trickling.sendall(bytes([byte]))
+        except OSError:  # closed by the server
+            closed_after = time.monotonic() - started
+            break
+        time.sleep(0.1)
+        trickling.setblocking(False)
+        try:
+            if trickling.recv(100) == b"":
+                closed_after = time.monotonic() - started
+                break
+        except BlockingIOError:
+            pass
+        finally:
+            trickling.setblocking(True)
+    trickling.close()
+    assert closed_after is not None and closed_after < 2.5, closed_after  # not extended by each byte
+    keep_alive = http.client.HTTPConnection("127.0.0.1", running.http_port, timeout=10)
+    sockets = set()
+    for _ in range(3):  # 1.8 s on one connection, more than the head deadline, each request whole: all answered
+        keep_alive.request("GET", "/healthz")
+        reply = keep_alive.getresponse()
+        assert reply.status == 200 and json.loads(reply.read()) == {"status": "SERVING"}
+        sockets.add(id(keep_alive.sock))
+        time.sleep(0.6)
+    keep_alive.close()
+    assert len(sockets) == 1  # kept alive, not reopened

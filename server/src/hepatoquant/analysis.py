@@ -22,6 +22,7 @@ from hepatoquant_client.qupath_geojson import polygonal_part, read_qupath_geojso
 
 from hepatoquant.classify import choose_device, load_classifier, predict_batches
 from hepatoquant.errors import InvalidParameterError, ModelPackError, NoTissueError
+from hepatoquant.heap import freeze_long_lived
 from hepatoquant.encoders import encoder_config
 from hepatoquant.model_pack import ModelPack
 from hepatoquant.precision import resolve_precision
@@ -129,15 +130,20 @@ class ModelCache:
     """Loaded models kept for the next slide: a cohort worker analyses many slides with one copy of each model.
 
     Keyed by the pack's folder and the device; a pack replaced on disk (another manifest) is loaded again.
+    With ``freeze_after_load`` (a server) each load ends with :func:`hepatoquant.heap.freeze_long_lived`: a
+    model and the libraries its first load imports then cost the garbage collector nothing for good.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, freeze_after_load: bool = False) -> None:
         self._models: dict[tuple, object] = {}
+        self._freeze_after_load = freeze_after_load
 
     def _get(self, kind: str, pack: ModelPack, device: torch.device, load: Callable[[ModelPack, torch.device], object]):
         key = (kind, str(pack.path.resolve()), json.dumps(pack.manifest, sort_keys=True), str(device))
         if key not in self._models:
             self._models[key] = load(pack, device)
+            if self._freeze_after_load:
+                freeze_long_lived()
         return self._models[key]
 
     def classifier(self, pack: ModelPack, device: torch.device):

@@ -111,6 +111,20 @@ def _build_parser() -> argparse.ArgumentParser:
                        help="set a damaged job database aside and rebuild the job list from the result folders")
     serve.add_argument("--max-tile-px", type=int, default=2048,
                        help="largest ClassifyTiles image, pixels a side, checked before decoding (default 2048)")
+    limits = serve.add_argument_group("limits", "what one client or one bad moment may take (beyond: refused, not hung)")
+    limits.add_argument("--max-concurrent-rpcs", type=int, default=2048,
+                        help="gRPC calls at once, streams included; beyond: RESOURCE_EXHAUSTED (default 2048)")
+    limits.add_argument("--max-streams-per-client", type=int, default=100,
+                        help="open streams per client connection; beyond: RESOURCE_EXHAUSTED (default 100)")
+    limits.add_argument("--max-message-mb", type=int, default=64, help="largest request or reply, MiB (default 64)")
+    limits.add_argument("--rpc-threads", type=int, default=16,
+                        help="threads for blocking work (job store, slides, ClassifyTiles); streams hold none (default 16)")
+    limits.add_argument("--http-max-connections", type=int, default=1024,
+                        help="HTTP connections at once; beyond: 503 (default 1024)")
+    limits.add_argument("--http-idle-seconds", type=float, default=5.0,
+                        help="an HTTP connection silent this long is closed, half-sent requests too (default 5)")
+    limits.add_argument("--min-free-mb", type=int, default=64,
+                        help="health is NOT_SERVING below this much free space on the state disk (default 64)")
     serve.add_argument("--token-file", type=Path, help="file with the bearer token clients must send ($HEPATOQUANT_TOKEN also works)")
     serve.add_argument("--tls-cert", type=Path, help="PEM certificate for gRPC TLS and HTTPS")
     serve.add_argument("--tls-key", type=Path, help="PEM private key for --tls-cert")
@@ -497,18 +511,11 @@ def _server_token(token_file: Path | None) -> str | None:
     return token
 
 
-def _serve(args: argparse.Namespace) -> int:
-    from hepatoquant.errors import InvalidParameterError
+def _server_config(args: argparse.Namespace):
+    """`hepatoquant serve`'s options as the server's configuration (checked there: bad limits are refused)."""
     from hepatoquant.service.engine import ServerConfig
-    from hepatoquant.service.server import serve_until_signalled, start_server
 
-    from hepatoquant.service import logs
-
-    logs.configure(args.log_format)
-    if bool(args.tls_cert) != bool(args.tls_key):
-        raise InvalidParameterError("give both --tls-cert and --tls-key, or neither")
-    token = _server_token(args.token_file)
-    config = ServerConfig(
+    return ServerConfig(
         slide_roots=tuple(r.resolve() for r in args.slide_root),
         state_dir=args.state_dir,
         models_dir=args.models_dir,
@@ -521,8 +528,27 @@ def _serve(args: argparse.Namespace) -> int:
         max_results=args.max_results,
         max_tile_px=args.max_tile_px,
         rebuild_job_store=args.rebuild_job_store,
-        token=token,
+        token=_server_token(args.token_file),
+        max_concurrent_rpcs=args.max_concurrent_rpcs,
+        max_streams_per_client=args.max_streams_per_client,
+        max_message_bytes=args.max_message_mb * 2**20,
+        rpc_threads=args.rpc_threads,
+        http_max_connections=args.http_max_connections,
+        http_idle_seconds=args.http_idle_seconds,
+        min_free_bytes=args.min_free_mb * 2**20,
     )
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from hepatoquant.errors import InvalidParameterError
+    from hepatoquant.service.server import serve_until_signalled, start_server
+
+    from hepatoquant.service import logs
+
+    logs.configure(args.log_format)
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise InvalidParameterError("give both --tls-cert and --tls-key, or neither")
+    config = _server_config(args)
     tls = (str(args.tls_cert), str(args.tls_key)) if args.tls_cert else None
     running = start_server(config, host=args.host, grpc_port=args.port, http_host=args.http_host,
                            http_port=args.http_port, tls=tls)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -42,6 +43,13 @@ def request_from_json(text: str) -> pb.AnalysisRequest:
     return json_format.ParseDict(json.loads(text), pb.AnalysisRequest())
 
 
+@functools.lru_cache(maxsize=1024)
+def _stored_request(text: str) -> pb.AnalysisRequest:
+    """A job's request, parsed once: every progress event of a job repeats it, and parsing JSON into a message
+    is pure Python on the server's event loop. Shared: only read (``pb.Job(request=...)`` copies it)."""
+    return request_from_json(text)
+
+
 def _timestamp(seconds: float) -> Timestamp:
     stamp = Timestamp()
     stamp.FromNanoseconds(int(seconds * 1e9))
@@ -53,7 +61,7 @@ def job_to_proto(record: JobRecord) -> pb.Job:
     return pb.Job(
         job_id=record.job_id,
         state=_STATES[record.state],
-        request=request_from_json(record.request_json),
+        request=_stored_request(record.request_json),
         progress=pb.Progress(
             stage=record.stage, done=record.done, total=record.total,
             items_per_second=record.items_per_second, eta_seconds=max(0.0, eta),

@@ -68,6 +68,14 @@ MAX_TILES_PER_BATCH = 512
 log = logging.getLogger("hepatoquant.server")
 
 
+# Settings of ServerConfig that must be 1 or more, with the `hepatoquant serve` option that sets each.
+_AT_LEAST_ONE = {
+    "workers": "--workers", "max_queued_jobs": "--max-queued", "max_concurrent_rpcs": "--max-concurrent-rpcs",
+    "max_streams_per_client": "--max-streams-per-client", "max_message_bytes": "--max-message-mb",
+    "rpc_threads": "--rpc-threads", "http_max_connections": "--http-max-connections",
+}
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     """Everything ``hepatoquant serve`` is started with."""
@@ -99,7 +107,7 @@ class ServerConfig:
     max_streams_per_client: int = 100
     rpc_threads: int = 16
     http_max_connections: int = 1024
-    http_idle_seconds: float = 5.0  # set a damaged job database aside and rebuild it from the result folders
+    http_idle_seconds: float = 5.0
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -111,6 +119,15 @@ class ServerConfig:
             )
         if not 16 <= self.max_tile_px <= 65_536:
             raise InvalidParameterError(f"maximum tile size {self.max_tile_px} px is outside 16..65536")
+        for name, flag in _AT_LEAST_ONE.items():
+            if getattr(self, name) < 1:
+                raise InvalidParameterError(f"the server's {name} is {getattr(self, name)} (`serve {flag}`): "
+                                            "give 1 or more")
+        if not self.http_idle_seconds > 0:
+            raise InvalidParameterError(f"the HTTP idle time is {self.http_idle_seconds} s "
+                                        "(`serve --http-idle-seconds`): give more than 0")
+        if self.min_free_bytes < 0:
+            raise InvalidParameterError("the free-space floor is below 0 (`serve --min-free-mb`): give 0 or more")
 
 
 def _results_not_written(job_id: str, error: OSError) -> StorageFullError | StorageUnavailableError:
@@ -141,7 +158,8 @@ class ServerEngine:
         )
         self.device = choose_device(config.device)
         self._classifiers: dict[str, PatchClassifier] = {}
-        self._models = ModelCache()  # the jobs' models, loaded once (a foundation model takes seconds to load)
+        # The jobs' models, loaded once (a foundation model takes seconds to load), then frozen (hepatoquant.heap).
+        self._models = ModelCache(freeze_after_load=True)
         self._classifier_lock = threading.Lock()
         self._submit_lock = threading.Lock()
 

@@ -14,12 +14,14 @@ and every call goes to the same servicer the gRPC server uses, so there is no se
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 
 import grpc
+import h11
 from google.protobuf import json_format, message_factory
 from hepatoquant_client.proto import pb
 from starlette.applications import Starlette
@@ -47,11 +49,42 @@ _SERVICE = pb.DESCRIPTOR.services_by_name["HepatoQuant"]
 
 class IdleClosingH11Protocol(H11Protocol):
     """uvicorn's HTTP/1.1 protocol, which also closes a connection that sends nothing at all for the keep-alive
-    timeout (uvicorn starts that timer only after a first response: a silent socket stayed open for ever)."""
+    timeout (uvicorn starts that timer only after a first response: a silent socket stayed open for ever), and
+    one whose request head is not complete that long after its first byte (uvicorn stops every timer at the
+    first byte: a client trickling a header held its connection for ever, the slowloris attack)."""
+
+    _head_deadline: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive, self.timeout_keep_alive_handler)
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self.conn.their_state is not h11.IDLE:  # the head is complete (or the connection is over)
+            self._cancel_head_deadline()
+        elif self._head_deadline is None and self.conn.trailing_data[0]:  # part of a head: from its first byte
+            self._head_deadline = self.loop.call_later(self.timeout_keep_alive, self._head_too_slow)
+
+    def on_response_complete(self) -> None:
+        self._cancel_head_deadline()
+        super().on_response_complete()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_head_deadline()
+        super().connection_lost(exc)
+
+    def _cancel_head_deadline(self) -> None:
+        if self._head_deadline is not None:
+            self._head_deadline.cancel()
+            self._head_deadline = None
+
+    def _head_too_slow(self) -> None:
+        self._head_deadline = None
+        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+            peer = "{}:{}".format(*self.client) if self.client else "-"
+            logs.connection_closed("http", peer, f"request head not complete within {self.timeout_keep_alive:g} s")
+            self.transport.close()
 
 
 class _Abort(Exception):

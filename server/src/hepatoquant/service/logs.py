@@ -64,6 +64,11 @@ def auth_denied(transport: str, peer: str, method: str) -> None:
     _emit(logging.WARNING, {"event": "auth-denied", "transport": transport, "method": method[:64], "peer": peer})
 
 
+def connection_closed(transport: str, peer: str, reason: str) -> None:
+    """A connection the server closed for its client's behaviour (e.g. a request head sent too slowly)."""
+    _emit(logging.WARNING, {"event": "connection-closed", "transport": transport, "peer": peer, "reason": reason})
+
+
 def job_event(job_id: str, event: str, *, level: int = logging.INFO, **fields) -> None:
     """One line per job transition (started, finished with state, code and seconds; an end not yet recorded)."""
     _emit(level, {"event": f"job-{event}", "job": job_id, **fields})

@@ -28,6 +28,7 @@ from grpc_reflection.v1alpha import reflection
 from hepatoquant_client.proto import SERVICE_NAME, pb_grpc
 
 from hepatoquant.errors import HepatoQuantError
+from hepatoquant.heap import freeze_long_lived
 from hepatoquant.service import logs
 from hepatoquant.service.engine import ServerConfig, ServerEngine
 from hepatoquant.service.gateway import IdleClosingH11Protocol, create_gateway
@@ -258,6 +259,7 @@ def start_server(
     recovered = engine.start()
     if recovered:
         log.info("re-queued %d job(s) that had not started before the last stop", len(recovered))
+    freeze_long_lived()  # what is loaded now lives as long as the server: out of every full collection's way
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, name="hepatoquant-serving", daemon=True)
     thread.start()
