@@ -520,3 +520,24 @@ def test_a_client_trickling_a_request_head_is_closed_and_keep_alive_requests_sti
         time.sleep(0.6)
     keep_alive.close()
     assert len(sockets) == 1  # kept alive, not reopened
+
+
+def test_with_tls_a_connection_that_never_finishes_its_handshake_is_closed_on_both_ports(site, tmp_path: Path,
+                                                                                        self_signed_cert) -> None:
+    """Was: a silent TCP connection to the HTTPS port stayed open 60 s (asyncio's TLS handshake timeout, which
+    uvicorn keeps), outside the connection limit; to the gRPC port 120 s (gRPC's handshake default)."""
+    cert, key = self_signed_cert
+    config = ServerConfig(slide_roots=(site["root"],), state_dir=tmp_path / "state", models_dir=site["models"],
+                          handshake_seconds=1.0)
+    running = start_server(config, host="127.0.0.1", grpc_port=0, http_host="127.0.0.1", http_port=0,
+                           tls=(str(cert), str(key)))
+    try:
+        for port in (running.http_port, running.grpc_port):
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as silent:
+                started = time.monotonic()
+                assert silent.recv(100) == b""  # closed by the server
+                assert time.monotonic() - started < 3, port
+        context = ssl.create_default_context(cafile=str(cert))
+        assert _health_http(running.http_port, https_context=context)[0] == 200  # a real client is served
+    finally:
+        running.stop(grace_seconds=1)

@@ -123,6 +123,8 @@ def _build_parser() -> argparse.ArgumentParser:
                         help="HTTP connections at once; beyond: 503 (default 1024)")
     limits.add_argument("--http-idle-seconds", type=float, default=5.0,
                         help="an HTTP connection silent this long is closed, half-sent requests too (default 5)")
+    limits.add_argument("--handshake-seconds", type=float, default=5.0,
+                        help="a new connection's time for its TLS (and gRPC's HTTP/2) handshake (default 5)")
     limits.add_argument("--min-free-mb", type=int, default=64,
                         help="health is NOT_SERVING below this much free space on the state disk (default 64)")
     serve.add_argument("--token-file", type=Path, help="file with the bearer token clients must send ($HEPATOQUANT_TOKEN also works)")
@@ -535,6 +537,7 @@ def _server_config(args: argparse.Namespace):
         rpc_threads=args.rpc_threads,
         http_max_connections=args.http_max_connections,
         http_idle_seconds=args.http_idle_seconds,
+        handshake_seconds=args.handshake_seconds,
         min_free_bytes=args.min_free_mb * 2**20,
     )
 

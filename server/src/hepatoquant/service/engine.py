@@ -108,6 +108,8 @@ class ServerConfig:
     rpc_threads: int = 16
     http_max_connections: int = 1024
     http_idle_seconds: float = 5.0
+    # How long a new connection has for its handshake (TLS on the HTTPS port; TLS and HTTP/2 on the gRPC port).
+    handshake_seconds: float = 5.0
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -123,9 +125,10 @@ class ServerConfig:
             if getattr(self, name) < 1:
                 raise InvalidParameterError(f"the server's {name} is {getattr(self, name)} (`serve {flag}`): "
                                             "give 1 or more")
-        if not self.http_idle_seconds > 0:
-            raise InvalidParameterError(f"the HTTP idle time is {self.http_idle_seconds} s "
-                                        "(`serve --http-idle-seconds`): give more than 0")
+        for name in ("http_idle_seconds", "handshake_seconds"):
+            if not getattr(self, name) > 0:
+                raise InvalidParameterError(f"the server's {name} is {getattr(self, name)} "
+                                            f"(`serve --{name.replace('_', '-')}`): give more than 0")
         if self.min_free_bytes < 0:
             raise InvalidParameterError("the free-space floor is below 0 (`serve --min-free-mb`): give 0 or more")
 

@@ -172,7 +172,9 @@ class _Serving:
         self.grpc = grpc.aio.server(
             interceptors=[_Gatekeeper(config.token, config.max_streams_per_client)],
             options=[("grpc.max_receive_message_length", config.max_message_bytes),
-                     ("grpc.max_send_message_length", config.max_message_bytes)],
+                     ("grpc.max_send_message_length", config.max_message_bytes),
+                     # a connection has this long for its TLS and HTTP/2 handshake (gRPC's default: 120 s)
+                     ("grpc.server_handshake_timeout_ms", int(1000 * config.handshake_seconds))],
             maximum_concurrent_rpcs=config.max_concurrent_rpcs,
         )
         pb_grpc.add_HepatoQuantServicer_to_server(servicer, self.grpc)
@@ -245,6 +247,21 @@ class _Serving:
         self.pool.shutdown(wait=False, cancel_futures=True)
 
 
+class _ServingLoop(asyncio.SelectorEventLoop):
+    """The serving thread's event loop. Servers it starts with TLS give a client ``handshake_seconds`` to finish
+    the TLS handshake: asyncio's default, which uvicorn keeps (it has no option for it), is 60 s, and until the
+    handshake ends a connection is outside uvicorn's connection limit, so silent clients could pile up."""
+
+    def __init__(self, handshake_seconds: float) -> None:
+        super().__init__()
+        self._handshake_seconds = handshake_seconds
+
+    async def create_server(self, *args, **kwargs):
+        if kwargs.get("ssl") is not None:
+            kwargs.setdefault("ssl_handshake_timeout", self._handshake_seconds)
+        return await super().create_server(*args, **kwargs)
+
+
 def start_server(
     config: ServerConfig,
     *,
@@ -260,7 +277,7 @@ def start_server(
     if recovered:
         log.info("re-queued %d job(s) that had not started before the last stop", len(recovered))
     freeze_long_lived()  # what is loaded now lives as long as the server: out of every full collection's way
-    loop = asyncio.new_event_loop()
+    loop = _ServingLoop(config.handshake_seconds)
     thread = threading.Thread(target=loop.run_forever, name="hepatoquant-serving", daemon=True)
     thread.start()
     serving = _Serving(engine, config)
