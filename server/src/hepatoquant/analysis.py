@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +26,7 @@ from hepatoquant.encoders import encoder_config
 from hepatoquant.model_pack import ModelPack
 from hepatoquant.precision import resolve_precision
 from hepatoquant.quantify import Composition, assign_tiles, quantify
+from hepatoquant.run_clock import RunClock
 from hepatoquant.regions import (
     DEFAULT_TUMOUR_CLASS_NAMES,
     Region,
@@ -98,7 +98,7 @@ class AnalysisResult:
     regions: list[Region]
     assignment: np.ndarray  # region index per tile, -1 = unassigned
     composition: Composition
-    timings_s: dict[str, float]
+    clock: RunClock  # where the run's time went (stages, other, total); outputs add their own stages
     warnings: list[str]
     segmenter: dict | None = None  # the segmenter pack's summary when it made the regions
     segmentation: SegmentationMap | None = None
@@ -111,8 +111,13 @@ class AnalysisResult:
         return self.probabilities.argmax(axis=1) if len(self.probabilities) else np.empty(0, dtype=np.int64)
 
     @property
+    def timings_s(self) -> dict[str, float]:
+        """Seconds per stage, then ``other`` and ``total`` (the wall time so far): they add up."""
+        return self.clock.summary()
+
+    @property
     def tiles_per_second(self) -> float:
-        seconds = self.timings_s.get("classification", 0.0)
+        seconds = self.clock.stages.get("classification", 0.0)
         return len(self.grid) / seconds if seconds > 0 else 0.0
 
 
@@ -163,6 +168,7 @@ def _segment(
     options: AnalysisOptions,
     report_progress: ProgressCallback,
     models: ModelCache,
+    clock: RunClock,
 ) -> tuple[SegmentationMap, list[Region], list[str]]:
     """Tumour / non-tumour regions from the segmenter pack (sliding windows, then polygons)."""
     from hepatoquant.segmentation.vectorize import regions_from_label_mask
@@ -171,25 +177,28 @@ def _segment(
     if segmenter.is_untrained_demo:
         warnings.append(demo_model_warning(segmenter))
     device = choose_device(options.device)
-    model = models.segmenter(segmenter, device)
+    with clock.stage("segmenter_loading"):
+        model = models.segmenter(segmenter, device)
     precision = resolve_precision(options.precision, device, encoder_config(segmenter.encoder_name).recommended_dtype)
-    segmentation = segment_slide(
-        slide_path,
-        (slide_info.width_px, slide_info.height_px),
-        slide_info.mpp_um_px,
-        tissue,
-        model,
-        mean=segmenter.mean,
-        std=segmenter.std,
-        window_spacing_um_px=options.windows.spacing_um_px or segmenter.spacing_um_px,
-        params=options.windows,
-        device=device,
-        progress=lambda done, total: report_progress("windows", done, total),
-        precision=precision,
-    )
-    regions = regions_from_label_mask(
-        segmentation.mask, downsample=segmentation.downsample, mpp_um_px=slide_info.mpp_um_px
-    )
+    with clock.stage("segmentation"):
+        segmentation = segment_slide(
+            slide_path,
+            (slide_info.width_px, slide_info.height_px),
+            slide_info.mpp_um_px,
+            tissue,
+            model,
+            mean=segmenter.mean,
+            std=segmenter.std,
+            window_spacing_um_px=options.windows.spacing_um_px or segmenter.spacing_um_px,
+            params=options.windows,
+            device=device,
+            progress=lambda done, total: report_progress("windows", done, total),
+            precision=precision,
+        )
+    with clock.stage("regions"):
+        regions = regions_from_label_mask(
+            segmentation.mask, downsample=segmentation.downsample, mpp_um_px=slide_info.mpp_um_px
+        )
     if not regions:
         warnings.append(
             f"the segmenter {segmenter.name!r} found no tumour or non-tumour region larger than the minimum area: "
@@ -206,10 +215,12 @@ def analyze_slide(
     segmenter: ModelPack | None = None,
     progress: ProgressCallback | None = None,
     models: ModelCache | None = None,
+    clock: RunClock | None = None,
 ) -> AnalysisResult:
     """Analyse one slide with a classifier pack; regions from ``options.regions_path``, else the ``segmenter``
     pack, else the whole tissue. Raises our errors (bad slide, no tissue, bad regions). ``models`` keeps the
-    loaded models for the next call (cohorts); without it they are loaded for this slide only."""
+    loaded models for the next call (cohorts); without it they are loaded for this slide only. ``clock`` times
+    the stages (pass one started earlier, e.g. with the process, to have that time in the report too)."""
     report_progress = progress or (lambda stage, done, total: None)
     models = models or ModelCache()
     foreign = [name for name in pack.classes if name not in TISSUE_CLASS_CODES]
@@ -220,27 +231,26 @@ def analyze_slide(
             "outputs are named with them (`hepatoquant models import-head --classes ...`); packs for other class "
             "sets are for `hepatoquant bench`"
         )
-    timings: dict[str, float] = {}
+    clock = clock or RunClock()
     warnings: list[str] = []
     if pack.is_untrained_demo:
         warnings.append(demo_model_warning(pack))
-    started = time.perf_counter()
-    with Slide(slide_path, mpp_override_um_px=options.mpp_override_um_px) as slide:
+    with clock.stage("tissue_detection"), Slide(slide_path, mpp_override_um_px=options.mpp_override_um_px) as slide:
         slide_info = slide.info()
         tissue = detect_tissue(slide, options.tissue)
-    timings["tissue_detection"] = time.perf_counter() - started
     report_progress("tissue", 1, 1)
 
     regions: list[Region]
     segmentation: SegmentationMap | None = None
     if options.regions_path is not None:
         slide_size = (slide_info.width_px, slide_info.height_px)
-        annotations = read_qupath_geojson(options.regions_path)  # read once: regions, and artefacts to leave out
-        regions, region_warnings = regions_from_objects(
-            annotations, options.regions_path, slide_size, tumour_class_names=options.tumour_class_names
-        )
+        with clock.stage("regions"):
+            annotations = read_qupath_geojson(options.regions_path)  # read once: regions, and artefacts to leave out
+            regions, region_warnings = regions_from_objects(
+                annotations, options.regions_path, slide_size, tumour_class_names=options.tumour_class_names
+            )
+            reviewed = artefacts_from_objects(annotations, slide_size)
         warnings += region_warnings
-        reviewed = artefacts_from_objects(annotations, slide_size)
         if reviewed:
             tissue = dataclasses.replace(tissue, artefacts=_merged(tissue.artefacts, reviewed))
             warnings.append(
@@ -252,30 +262,29 @@ def analyze_slide(
             warnings.append(f"regions given with --regions: the segmenter {segmenter.name!r} was not used")
             segmenter = None
     elif segmenter is not None:
-        started = time.perf_counter()
-        segmentation, regions, segmentation_warnings = _segment(slide_path, slide_info, tissue, segmenter, options, report_progress, models)
+        segmentation, regions, segmentation_warnings = _segment(
+            slide_path, slide_info, tissue, segmenter, options, report_progress, models, clock
+        )
         warnings += segmentation_warnings
-        timings["segmentation"] = time.perf_counter() - started
     else:
         regions = [whole_tissue_region(tissue.polygons)]
 
-    started = time.perf_counter()
     # Tiles are made only where QuPath would nest them: with regions from a file, inside them; for the whole
     # tissue, inside its outline (a tile mostly on tissue whose centre lies just off the traced outline would
     # otherwise be counted in a region QuPath does not put it under). Segmenter regions do not restrict the
     # tiles: tissue they leave out is reported as tiles outside every region.
-    restrict_to = None
-    if options.regions_path is not None:
-        restrict_to = shapely.union_all([r.geometry for r in regions])
-    elif segmentation is None:
-        restrict_to = regions[0].geometry
-    grid = build_tile_grid(
-        (slide_info.width_px, slide_info.height_px), slide_info.mpp_um_px, tissue, options.tile, restrict_to
-    )
-    excluded: dict[str, int] = {}
-    if not options.keep_artefacts:
-        grid, excluded = without_artefacts(grid, tissue.artefacts)
-    timings["tiling"] = time.perf_counter() - started
+    with clock.stage("tiling"):
+        restrict_to = None
+        if options.regions_path is not None:
+            restrict_to = shapely.union_all([r.geometry for r in regions])
+        elif segmentation is None:
+            restrict_to = regions[0].geometry
+        grid = build_tile_grid(
+            (slide_info.width_px, slide_info.height_px), slide_info.mpp_um_px, tissue, options.tile, restrict_to
+        )
+        excluded: dict[str, int] = {}
+        if not options.keep_artefacts:
+            grid, excluded = without_artefacts(grid, tissue.artefacts)
     if not len(grid):
         where = "inside the given regions" if options.regions_path is not None else "on the slide"
         raise NoTissueError(
@@ -286,13 +295,73 @@ def analyze_slide(
         )
     report_progress("tiles", 0, len(grid))
 
-    started = time.perf_counter()
     device = choose_device(options.device)
     precision = resolve_precision(options.precision, device, encoder_config(pack.encoder_name).recommended_dtype)
-    model = models.classifier(pack, device)
-    timings["model_loading"] = time.perf_counter() - started
+    with clock.stage("model_loading"):
+        model = models.classifier(pack, device)
 
-    started = time.perf_counter()
+    with clock.stage("classification"):
+        probabilities, embeddings, focus = _classify(slide_path, grid, pack, model, device, precision, options,
+                                                     report_progress)
+    sharp = focus >= options.min_focus
+    if not sharp.all():
+        excluded["blur"] = int((~sharp).sum())
+        grid, probabilities, focus = grid.subset(sharp), probabilities[sharp], focus[sharp]
+        embeddings = embeddings[sharp] if embeddings is not None else None
+    if excluded:
+        warnings.append(
+            "tiles left out of the composition: "
+            + ", ".join(f"{n} on {reason}" if reason != "blur" else f"{n} out of focus (focus score below "
+                        f"{options.min_focus:g})" for reason, n in excluded.items())
+            + " (--keep-artefacts, --min-focus 0 keep them)"
+        )
+
+    with clock.stage("quantification"):
+        assignment = assign_tiles(grid, regions)
+        composition = quantify(
+            grid, probabilities.argmax(axis=1), pack.classes, regions, assignment, slide_info.mpp_um_px
+        )
+    outside, outside_mm2 = composition.outside_regions
+    if outside:
+        warnings.append(
+            f"{outside} of {len(grid)} tiles ({outside_mm2:.3f} mm^2) have their centre outside every "
+            "region: they are reported as 'unassigned' and stay at the root of QuPath's hierarchy"
+        )
+    return AnalysisResult(
+        slide=slide_info,
+        options=options,
+        model=pack.summary(),
+        device=str(device),
+        precision=precision,
+        classes=pack.classes,
+        tissue=tissue,
+        grid=grid,
+        probabilities=probabilities,
+        embeddings=embeddings,
+        regions=regions,
+        assignment=assignment,
+        composition=composition,
+        clock=clock,
+        warnings=warnings,
+        segmenter=segmenter.summary() if segmentation is not None and segmenter is not None else None,
+        segmentation=segmentation,
+        focus=focus,
+        excluded_tiles=excluded,
+    )
+
+
+def _classify(
+    slide_path: str | Path,
+    grid: TileGrid,
+    pack: ModelPack,
+    model,
+    device: torch.device,
+    precision: str,
+    options: AnalysisOptions,
+    report_progress: ProgressCallback,
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """Every tile's class probabilities, embeddings (when kept) and focus score, read and classified in
+    batches."""
     probabilities = np.empty((len(grid), len(pack.classes)), dtype=np.float32)
     embeddings = (
         np.empty((len(grid), model.encoder.config.embedding_dim), dtype=np.float32) if options.keep_embeddings else None
@@ -318,53 +387,7 @@ def analyze_slide(
                 embeddings[prediction.start : stop] = prediction.embeddings
             done += len(prediction.probabilities)
             report_progress("tiles", done, len(grid))
-    timings["classification"] = time.perf_counter() - started
-    sharp = focus >= options.min_focus
-    if not sharp.all():
-        excluded["blur"] = int((~sharp).sum())
-        grid, probabilities, focus = grid.subset(sharp), probabilities[sharp], focus[sharp]
-        embeddings = embeddings[sharp] if embeddings is not None else None
-    if excluded:
-        warnings.append(
-            "tiles left out of the composition: "
-            + ", ".join(f"{n} on {reason}" if reason != "blur" else f"{n} out of focus (focus score below "
-                        f"{options.min_focus:g})" for reason, n in excluded.items())
-            + " (--keep-artefacts, --min-focus 0 keep them)"
-        )
-
-    started = time.perf_counter()
-    assignment = assign_tiles(grid, regions)
-    composition = quantify(
-        grid, probabilities.argmax(axis=1), pack.classes, regions, assignment, slide_info.mpp_um_px
-    )
-    timings["quantification"] = time.perf_counter() - started
-    outside, outside_mm2 = composition.outside_regions
-    if outside:
-        warnings.append(
-            f"{outside} of {len(grid)} tiles ({outside_mm2:.3f} mm^2) have their centre outside every "
-            "region: they are reported as 'unassigned' and stay at the root of QuPath's hierarchy"
-        )
-    return AnalysisResult(
-        slide=slide_info,
-        options=options,
-        model=pack.summary(),
-        device=str(device),
-        precision=precision,
-        classes=pack.classes,
-        tissue=tissue,
-        grid=grid,
-        probabilities=probabilities,
-        embeddings=embeddings,
-        regions=regions,
-        assignment=assignment,
-        composition=composition,
-        timings_s=timings,
-        warnings=warnings,
-        segmenter=segmenter.summary() if segmentation is not None and segmenter is not None else None,
-        segmentation=segmentation,
-        focus=focus,
-        excluded_tiles=excluded,
-    )
+    return probabilities, embeddings, focus
 
 
 def _merged(detected: dict, reviewed: dict) -> dict:

@@ -8,6 +8,8 @@ offline. Our errors become one line on stderr and exit code 2; nothing is writte
 from __future__ import annotations
 
 import argparse
+import contextlib
+import cProfile
 import os
 import sys
 from collections.abc import Sequence
@@ -42,6 +44,9 @@ def _build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--workers", type=int, default=2, help="parallel tile readers")
     analyze.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     analyze.add_argument("--no-progress", action="store_true", help="no progress bar (for logs)")
+    analyze.add_argument("--profile", type=Path, metavar="TRACE.json",
+                         help="also write where the time went: the stages as a Chrome trace (open in "
+                              "ui.perfetto.dev) and Python's profile beside it (TRACE.pstats: snakeviz, pstats)")
 
     models = commands.add_parser("models", help="list or add model packs")
     model_commands = models.add_subparsers(dest="models_command", required=True)
@@ -377,19 +382,29 @@ def _analyze(args: argparse.Namespace) -> int:
     from hepatoquant.cli_display import composition_table, progress_bar
     from hepatoquant.pack_lookup import resolve_model_pack
     from hepatoquant.outputs import write_outputs
+    from hepatoquant.run_clock import RunClock
 
+    clock = RunClock.for_process()  # the report's timings add up to the wall time, start-up included
     console = Console(stderr=True)
     request = _analysis_request(args)
-    pack = resolve_model_pack(request.model, args.models_dir)
-    segmenter = None if request.segmenter_model == "none" else resolve_model_pack(request.segmenter_model, args.models_dir)
+    with clock.stage("model_lookup"):
+        pack = resolve_model_pack(request.model, args.models_dir)
+        segmenter = (None if request.segmenter_model == "none"
+                     else resolve_model_pack(request.segmenter_model, args.models_dir))
     shown_first = [demo_model_warning(p) for p in (pack, segmenter) if p is not None and p.is_untrained_demo]
     for warning in shown_first:
         console.print(f"[bold yellow]warning:[/] {warning}")
     runtime = Runtime(device=args.device, batch_size=args.batch_size, num_workers=args.workers)
     options = resolve_options(request, pack, runtime, regions_path=args.regions)
-    with progress_bar(console, disabled=args.no_progress) as on_progress:
-        result = analyze_slide(args.slide, pack, options, segmenter=segmenter, progress=on_progress)
-    paths = write_outputs(result, args.out, include_tiles=not request.omit_tiles)
+    profiler = cProfile.Profile() if args.profile else None
+    with progress_bar(console, disabled=args.no_progress) as on_progress, \
+            profiler if profiler is not None else contextlib.nullcontext():
+        result = analyze_slide(args.slide, pack, options, segmenter=segmenter, progress=on_progress, clock=clock)
+        paths = write_outputs(result, args.out, include_tiles=not request.omit_tiles)
+    if args.profile:
+        clock.write_trace(args.profile)
+        profiler.dump_stats(args.profile.with_suffix(".pstats"))
+        console.print(f"Profile: {args.profile} (stages, Chrome trace) and {args.profile.with_suffix('.pstats')}")
     for warning in result.warnings:
         if warning not in shown_first:
             console.print(f"[yellow]warning:[/] {warning}")

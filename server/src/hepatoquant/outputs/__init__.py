@@ -59,20 +59,24 @@ def _write_all(result: AnalysisResult, out_dir: Path, include_tiles: bool) -> Ou
     }
     if result.embeddings is not None:
         names["embeddings"] = f"{stem}.embeddings.npz"
+    clock = result.clock  # each output is a stage of the run: the report's timings include them
     with staged_files(out_dir, names.values(), prefix=f".{stem}.") as staging:
-        write_qupath_geojson(result, staging / names["geojson"], include_tiles=include_tiles)
-        write_overlay(result, staging / names["overlay_png"])
+        with clock.stage("write_geojson"):
+            write_qupath_geojson(result, staging / names["geojson"], include_tiles=include_tiles)
+        with clock.stage("write_overlay"):
+            write_overlay(result, staging / names["overlay_png"])
         if result.embeddings is not None:
-            np.savez_compressed(
-                staging / names["embeddings"],
-                x_level0_px=result.grid.x_level0_px,
-                y_level0_px=result.grid.y_level0_px,
-                size_level0_px=np.float64(result.grid.size_level0_px),
-                embeddings=result.embeddings,
-                probabilities=result.probabilities,
-                classes=np.array(result.classes),
-                encoder=np.array(result.model["encoder"]),
-            )
+            with clock.stage("write_embeddings"):
+                np.savez_compressed(
+                    staging / names["embeddings"],
+                    x_level0_px=result.grid.x_level0_px,
+                    y_level0_px=result.grid.y_level0_px,
+                    size_level0_px=np.float64(result.grid.size_level0_px),
+                    embeddings=result.embeddings,
+                    probabilities=result.probabilities,
+                    classes=np.array(result.classes),
+                    encoder=np.array(result.model["encoder"]),
+                )
         report = build_report(result, outputs=names)
         write_cohort_row(SlideReport.from_report(report), staging / names["cohort_csv"])
         write_report(report, staging / names["report"])
