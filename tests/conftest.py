@@ -69,6 +69,7 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(autouse=True)
 def _private_models_dir(monkeypatch: pytest.MonkeyPatch, models_dir: Path) -> None:
     monkeypatch.setenv("HEPATOQUANT_MODELS_DIR", str(models_dir))
+    monkeypatch.setenv("HEPATOQUANT_CACHE_DIR", str(models_dir.parent / "cache"))  # not the user's ~/.cache
 
 
 # --- tiny models for encoder, model pack and classifier tests ---------------------------------------------

@@ -19,12 +19,12 @@ from hepatoquant.model_pack import (
     DEMO_SEGMENTER_PACK_NAME,
     ModelPack,
     default_models_dir,
-    file_sha256,
     load_model_pack,
     write_pack,
 )
 from hepatoquant.segmentation import SEG_CLASS_NAMES
 from hepatoquant.segmentation.model import LoRASettings, SegmentationModel, build_segmentation_model
+from hepatoquant.weights_digest import weights_sha256
 
 __all__ = [
     "DEMO_SEGMENTER_NAME",
@@ -120,7 +120,7 @@ def load_segmenter(pack: ModelPack, device: torch.device) -> SegmentationModel:
     if pack.kind != "segmenter":
         raise ModelPackError(f"model pack {pack.name!r} is a {pack.kind} pack, not a segmenter pack")
     recorded = pack.manifest["encoder"]["sha256"]
-    actual = file_sha256(pack.encoder_weights)
+    actual = weights_sha256(pack.encoder_weights)  # hashed once while the file is unchanged
     if actual != recorded:
         raise WeightsMismatchError(
             f"segmenter pack {str(pack.path)!r}: its LoRA adapter was trained on backbone weights with SHA-256 "
