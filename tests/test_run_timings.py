@@ -31,8 +31,9 @@ def test_the_reports_timings_add_up_to_the_wall_time_and_the_profile_opens(cmu_s
     assert {"startup", "model_lookup", "tissue_detection", "tiling", "model_loading", "classification",
             "quantification", "write_geojson", "write_overlay"} <= set(stages)
     assert abs(sum(stages.values()) + timings["other"] - timings["total"]) < 0.01  # they add up
-    # the whole run but its last moments (report and CSV written, the summary printed, the interpreter's exit)
-    assert 0.8 * wall < timings["total"] <= wall, (timings, wall)
+    # the whole run but its last moments (report and CSV written, the summary printed, the interpreter's exit);
+    # the process's start is known to 10 ms
+    assert 0.9 * wall < timings["total"] <= wall + 0.02, (timings, wall)
     assert timings["other"] < 0.1 * timings["total"], timings  # little that no stage covers
     events = json.loads(trace.read_text())["traceEvents"]
     assert {e["name"] for e in events} == set(stages) and all(e["ph"] == "X" and e["dur"] >= 0 for e in events)

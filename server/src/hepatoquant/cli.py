@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import cProfile
+import gc
 import os
 import sys
 from collections.abc import Sequence
@@ -716,5 +717,17 @@ def _cohort_run(args: argparse.Namespace) -> int:
     return EXIT_SOME_SLIDES_FAILED if counts["failed"] else 0
 
 
+def entry() -> None:
+    """The ``hepatoquant`` command (and ``python -m hepatoquant.cli``): :func:`main`, then the process's exit.
+
+    Exiting, the interpreter's garbage collector walks every object once more: 0.9 s with torch and timm loaded
+    (measured), after the work is done and a third of a small slide's run. Frozen (``gc.freeze``), they are
+    skipped: 0.15 s; atexit handlers still run. Only here: in-process callers of ``main`` keep their collector.
+    """
+    code = main()
+    gc.freeze()
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -21,15 +21,15 @@ __all__ = ["RunClock", "seconds_since_process_start"]
 
 
 def seconds_since_process_start() -> float | None:
-    """Wall seconds since this process started (interpreter start-up and imports included), from Linux's
-    ``/proc``; None where there is no ``/proc`` (the report then has no ``startup`` stage)."""
+    """Seconds since this process started (interpreter start-up and imports included): Linux's ``/proc`` gives
+    the start in clock ticks since boot, compared with the boot-time clock (10 ms resolution); None where there
+    is no ``/proc`` (the report then has no ``startup`` stage)."""
     try:
         ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
-        boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
-                    if line.startswith("btime "))
-    except (OSError, IndexError, StopIteration, ValueError):
+        now = time.clock_gettime(time.CLOCK_BOOTTIME)
+    except (OSError, IndexError, ValueError, AttributeError):
         return None
-    return max(0.0, time.time() - (boot + ticks / os.sysconf("SC_CLK_TCK")))
+    return max(0.0, now - ticks / os.sysconf("SC_CLK_TCK"))
 
 
 class RunClock:
