@@ -40,7 +40,7 @@ def test_analysis_of_a_generated_slide_writes_every_output(synthetic_slide: Path
     paths = write_outputs(result, tmp_path / "out")
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(
         ["synthetic.geojson", "synthetic.report.json", "synthetic.csv", "synthetic.overlay.png",
-         "synthetic.embeddings.npz"]
+         "synthetic.embeddings.npz", "synthetic.features.h5"]
     )
 
     objects = read_qupath_geojson(paths.geojson)

@@ -186,7 +186,7 @@ def _add_request_flags(parser: argparse.ArgumentParser) -> None:
                         "all (default 50)")
     parser.add_argument("--keep-artefacts", action="store_true",
                         help="also analyse tiles touching detected artefacts (pen ink, ...); by default they are left out")
-    parser.add_argument("--save-embeddings", action="store_true", help="also write tile embeddings (.npz)")
+    parser.add_argument("--save-embeddings", action="store_true", help="also write tile embeddings (.npz, and .features.h5 as CLAM / TRIDENT read them)")
 
 
 def _analysis_request(args: argparse.Namespace):
@@ -411,7 +411,7 @@ def _analyze(args: argparse.Namespace) -> int:
             console.print(f"[yellow]warning:[/] {warning}")
     console.print(composition_table(result))
     console.print(f"Outputs in {args.out}/: {paths.geojson.name}, {paths.report.name}, {paths.cohort_csv.name}, {paths.overlay_png.name}"
-                  + (f", {paths.embeddings.name}" if paths.embeddings else ""))
+                  + (f", {paths.embeddings.name}, {paths.features_h5.name}" if paths.embeddings else ""))
     console.print(f"[dim]{RESEARCH_USE_NOTICE}[/]")
     return 0
 

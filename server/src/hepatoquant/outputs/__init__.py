@@ -2,8 +2,9 @@
 
 QuPath GeoJSON (``<slide>.geojson``), the report (``<slide>.report.json``), a one-row cohort table
 (``<slide>.csv``), an overlay picture (``<slide>.overlay.png``) and, on request, the tile embeddings
-(``<slide>.embeddings.npz``). All are first written into a temporary folder beside them and renamed into place
-only when every one is complete, so a failed run leaves no partial output.
+(``<slide>.embeddings.npz``, and the same in CLAM / TRIDENT's HDF5 layout, ``<slide>.features.h5``). All are
+first written into a temporary folder beside them and renamed into place only when every one is complete, so a
+failed run leaves no partial output.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from hepatoquant.atomic_write import staged_files
 from hepatoquant.analysis import AnalysisResult
 from hepatoquant.errors import OutputWriteError
 from hepatoquant.outputs.slide_row import write_cohort_row
+from hepatoquant.outputs.features_h5 import write_features_h5
 from hepatoquant.outputs.geojson import write_qupath_geojson
 from hepatoquant.outputs.overlay import write_overlay
 from hepatoquant.outputs.report import build_report, write_report
@@ -32,6 +34,7 @@ class OutputPaths:
     cohort_csv: Path
     overlay_png: Path
     embeddings: Path | None
+    features_h5: Path | None = None  # the embeddings in CLAM / TRIDENT's HDF5 layout, written with them
 
 
 def write_outputs(result: AnalysisResult, out_dir: str | Path, *, include_tiles: bool = True) -> OutputPaths:
@@ -59,6 +62,7 @@ def _write_all(result: AnalysisResult, out_dir: Path, include_tiles: bool) -> Ou
     }
     if result.embeddings is not None:
         names["embeddings"] = f"{stem}.embeddings.npz"
+        names["features_h5"] = f"{stem}.features.h5"  # the same embeddings as MIL tools read them
     clock = result.clock  # each output is a stage of the run: the report's timings include them
     with staged_files(out_dir, names.values(), prefix=f".{stem}.") as staging:
         with clock.stage("write_geojson"):
@@ -77,10 +81,13 @@ def _write_all(result: AnalysisResult, out_dir: Path, include_tiles: bool) -> Ou
                     classes=np.array(result.classes),
                     encoder=np.array(result.model["encoder"]),
                 )
+            with clock.stage("write_features_h5"):
+                write_features_h5(result, staging / names["features_h5"])
         report = build_report(result, outputs=names)
         write_cohort_row(SlideReport.from_report(report), staging / names["cohort_csv"])
         write_report(report, staging / names["report"])
     if "embeddings" not in names:  # an earlier run's embeddings would not match these results
         (out_dir / f"{stem}.embeddings.npz").unlink(missing_ok=True)
+        (out_dir / f"{stem}.features.h5").unlink(missing_ok=True)
     paths = {key: out_dir / name for key, name in names.items()}
-    return OutputPaths(embeddings=paths.pop("embeddings", None), **paths)
+    return OutputPaths(embeddings=paths.pop("embeddings", None), features_h5=paths.pop("features_h5", None), **paths)
