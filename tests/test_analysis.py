@@ -40,7 +40,8 @@ def test_analysis_of_a_generated_slide_writes_every_output(synthetic_slide: Path
     paths = write_outputs(result, tmp_path / "out")
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(
         ["synthetic.geojson", "synthetic.report.json", "synthetic.csv", "synthetic.overlay.png",
-         "synthetic.embeddings.npz", "synthetic.features.h5"]
+         "synthetic.embeddings.npz", "synthetic.features.h5", "synthetic.tissue-map.tif", "synthetic.tissue-map.png",
+         "synthetic.region-mask.tif", "synthetic.region-mask.png"]
     )
 
     objects = read_qupath_geojson(paths.geojson)
@@ -103,7 +104,9 @@ def test_cli_analyze_with_progress_summary_and_outputs(
     assert code == 0
     assert "UNTRAINED DEMO" in captured.err and "tiles/s" in captured.err and "Research use only" in captured.err
     assert {p.name for p in out.iterdir()} == {"synthetic.geojson", "synthetic.report.json", "synthetic.csv",
-                                               "synthetic.overlay.png"}
+                                               "synthetic.overlay.png", "synthetic.tissue-map.tif",
+                                               "synthetic.tissue-map.png", "synthetic.region-mask.tif",
+                                               "synthetic.region-mask.png"}
     assert {o.object_type for o in read_qupath_geojson(out / "synthetic.geojson")} == {"annotation", "tile"}
 
 

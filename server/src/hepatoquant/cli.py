@@ -410,7 +410,8 @@ def _analyze(args: argparse.Namespace) -> int:
         if warning not in shown_first:
             console.print(f"[yellow]warning:[/] {warning}")
     console.print(composition_table(result))
-    console.print(f"Outputs in {args.out}/: {paths.geojson.name}, {paths.report.name}, {paths.cohort_csv.name}, {paths.overlay_png.name}"
+    console.print(f"Outputs in {args.out}/: {paths.geojson.name}, {paths.report.name}, {paths.cohort_csv.name}, "
+                  f"{paths.overlay_png.name}, {paths.tissue_map.name}, {paths.region_mask.name} (+ .png previews)"
                   + (f", {paths.embeddings.name}, {paths.features_h5.name}" if paths.embeddings else ""))
     console.print(f"[dim]{RESEARCH_USE_NOTICE}[/]")
     return 0

@@ -1,7 +1,9 @@
 """The files an analysis produces, written atomically into an output folder.
 
 QuPath GeoJSON (``<slide>.geojson``), the report (``<slide>.report.json``), a one-row cohort table
-(``<slide>.csv``), an overlay picture (``<slide>.overlay.png``) and, on request, the tile embeddings
+(``<slide>.csv``), an overlay picture (``<slide>.overlay.png``), the tile-class map and the region mask as
+rasters with previews (``<slide>.tissue-map.tif`` / ``.png``, ``<slide>.region-mask.tif`` / ``.png``: see
+:mod:`hepatoquant.outputs.rasters`) and, on request, the tile embeddings
 (``<slide>.embeddings.npz``, and the same in CLAM / TRIDENT's HDF5 layout, ``<slide>.features.h5``). All are
 first written into a temporary folder beside them and renamed into place only when every one is complete, so a
 failed run leaves no partial output.
@@ -22,6 +24,7 @@ from hepatoquant.outputs.slide_row import write_cohort_row
 from hepatoquant.outputs.features_h5 import write_features_h5
 from hepatoquant.outputs.geojson import write_qupath_geojson
 from hepatoquant.outputs.overlay import write_overlay
+from hepatoquant.outputs.rasters import region_mask, tile_class_map, write_label_raster
 from hepatoquant.outputs.report import build_report, write_report
 
 __all__ = ["OutputPaths", "write_outputs"]
@@ -35,6 +38,10 @@ class OutputPaths:
     overlay_png: Path
     embeddings: Path | None
     features_h5: Path | None = None  # the embeddings in CLAM / TRIDENT's HDF5 layout, written with them
+    tissue_map: Path | None = None  # tile-class map, pyramidal TIFF (hepatoquant.outputs.rasters), and preview
+    tissue_map_png: Path | None = None
+    region_mask: Path | None = None  # region mask, pyramidal TIFF, and preview
+    region_mask_png: Path | None = None
 
 
 def write_outputs(result: AnalysisResult, out_dir: str | Path, *, include_tiles: bool = True) -> OutputPaths:
@@ -59,6 +66,10 @@ def _write_all(result: AnalysisResult, out_dir: Path, include_tiles: bool) -> Ou
         "report": f"{stem}.report.json",
         "cohort_csv": f"{stem}.csv",
         "overlay_png": f"{stem}.overlay.png",
+        "tissue_map": f"{stem}.tissue-map.tif",
+        "tissue_map_png": f"{stem}.tissue-map.png",
+        "region_mask": f"{stem}.region-mask.tif",
+        "region_mask_png": f"{stem}.region-mask.png",
     }
     if result.embeddings is not None:
         names["embeddings"] = f"{stem}.embeddings.npz"
@@ -69,6 +80,11 @@ def _write_all(result: AnalysisResult, out_dir: Path, include_tiles: bool) -> Ou
             write_qupath_geojson(result, staging / names["geojson"], include_tiles=include_tiles)
         with clock.stage("write_overlay"):
             write_overlay(result, staging / names["overlay_png"])
+        with clock.stage("write_rasters"):
+            write_label_raster(*tile_class_map(result), "tile-class map", staging / names["tissue_map"],
+                               staging / names["tissue_map_png"])
+            write_label_raster(*region_mask(result), "region mask", staging / names["region_mask"],
+                               staging / names["region_mask_png"])
         if result.embeddings is not None:
             with clock.stage("write_embeddings"):
                 np.savez_compressed(
