@@ -52,9 +52,15 @@ def _build_parser() -> argparse.ArgumentParser:
     models = commands.add_parser("models", help="list or add model packs")
     model_commands = models.add_subparsers(dest="models_command", required=True)
     model_commands.add_parser("list", help="list the model packs and registered encoders")
-    add = model_commands.add_parser("add", help="turn a local checkpoint into a model pack")
-    add.add_argument("checkpoint", type=Path, help="encoder weights (pytorch_model.bin, .pth or .safetensors)")
-    add.add_argument("--encoder", required=True, help="registered encoder the checkpoint belongs to (uni, virchow2, gigapath, ...)")
+    add = model_commands.add_parser("add", help="turn a checkpoint (a local file, or from the Hugging Face Hub) into a model pack")
+    add.add_argument("checkpoint", type=Path, nargs="?", help="encoder weights (pytorch_model.bin, .pth or .safetensors)")
+    add.add_argument("--from-hub", metavar="REPO", help="download the weights from this Hugging Face Hub repository "
+                     "instead (e.g. MahmoodLab/UNI: gated; your token from HF_TOKEN or `hf auth login`; the hub's "
+                     "cache is reused; HF_HUB_OFFLINE=1 uses the cache only)")
+    add.add_argument("--hub-file", help="the file in --from-hub (default: the one the encoder's publishers name)")
+    add.add_argument("--revision", help="a branch, tag or commit of --from-hub (default: main)")
+    add.add_argument("--encoder", help="registered encoder the checkpoint belongs to (uni, virchow2, gigapath, ...); "
+                     "with --from-hub, found from the repository when left out")
     add.add_argument("--name", required=True, help="name of the new pack")
     add.add_argument("--head", type=Path, help="linear head weights (weight [7, dim], bias [7]); without it an encoder-only pack")
     add.add_argument("--classes", nargs="+", help="the head's class names in output order (default: TUM FIB INF NEC "
@@ -349,7 +355,12 @@ def _check_inputs(args: argparse.Namespace) -> None:
             if path is not None:
                 require_input_file(path, what=option)
     elif args.command == "models" and args.models_command == "add":
-        require_input_file(args.checkpoint, what="checkpoint")
+        if (args.checkpoint is None) == (args.from_hub is None):
+            raise InvalidParameterError("give a checkpoint file or --from-hub REPO (one of them)")
+        if args.checkpoint is not None:
+            require_input_file(args.checkpoint, what="checkpoint")
+            if args.encoder is None:
+                raise InvalidParameterError("name the checkpoint's architecture with --encoder (uni, virchow2, ...)")
         if args.head is not None:
             require_input_file(args.head, what="--head")
     elif args.command == "models" and args.models_command == "import-head":
@@ -450,16 +461,24 @@ def _models_list(args: argparse.Namespace) -> int:
 
 
 def _models_add(args: argparse.Namespace) -> int:
+    from hepatoquant.errors import InvalidParameterError
     from hepatoquant.pack_import import add_model_pack
 
     if args.classes and args.head is None:
-        from hepatoquant.errors import InvalidParameterError
-
         raise InvalidParameterError("--classes names a head's outputs: give it with --head (an encoder-only pack "
                                     "has no classes)")
     extra = {"classes": _class_names(args.classes)} if args.classes else {}
+    checkpoint, encoder = args.checkpoint, args.encoder
+    if args.from_hub is not None:
+        from hepatoquant.hub import download_encoder_weights, encoder_for_repository, hub_source
+
+        encoder = encoder or encoder_for_repository(args.from_hub)
+        filename = args.hub_file or (hub_source(encoder) or (None, None))[1]
+        if filename is None:
+            raise InvalidParameterError(f"encoder {encoder!r} names no file on the hub: give it with --hub-file")
+        checkpoint = download_encoder_weights(args.from_hub, filename, revision=args.revision)
     pack = add_model_pack(
-        args.checkpoint, encoder=args.encoder, name=args.name, models_dir=args.models_dir, head=args.head,
+        checkpoint, encoder=encoder, name=args.name, models_dir=args.models_dir, head=args.head,
         overwrite=args.overwrite, **extra,
     )
     print(f"created {pack.kind} pack {pack.name!r} ({pack.model_status}) in {pack.path}")
