@@ -271,21 +271,29 @@ def test_a_chunked_body_is_read_and_the_next_request_on_the_connection_is_answer
     assert first.startswith(b"200") and second.startswith(b"200") and b"SERVING" in second
 
 
+def _serve_command(site: dict, state: Path, *options: str) -> list[str]:
+    """`hepatoquant serve` on free loopback ports, CPU, no segmenter, plus ``options``."""
+    return [sys.executable, "-m", "hepatoquant.cli", "--models-dir", str(site["models"]), "serve",
+            "--slide-root", str(site["root"]), "--state-dir", str(state), "--host", "127.0.0.1", "--port", "0",
+            "--http-host", "127.0.0.1", "--http-port", "0", "--device", "cpu", "--seg-model", "none", *options]
+
+
+def _bound_ports(process: subprocess.Popen) -> tuple[int, int]:
+    """The gRPC and HTTP ports from the server's first line of output."""
+    line = process.stdout.readline()
+    return int(line.split("gRPC port ")[1].split(",")[0]), int(line.split("HTTP/JSON port ")[1].split()[0])
+
+
 def test_requests_are_logged_one_line_each_as_json_and_disconnects_are_not_tracebacks(site, tmp_path: Path) -> None:
     """Was: no request logged (denied logins included); 826 of 854 lines were tracebacks of client disconnects."""
     token_file = tmp_path / "token"
     token_file.write_text(TOKEN + "\n")
     log_path = tmp_path / "serve.log"
-    command = [sys.executable, "-m", "hepatoquant.cli", "--models-dir", str(site["models"]), "serve",
-               "--slide-root", str(site["root"]), "--state-dir", str(tmp_path / "state"), "--host", "127.0.0.1",
-               "--port", "0", "--http-host", "127.0.0.1", "--http-port", "0", "--device", "cpu", "--seg-model", "none",
-               "--token-file", str(token_file), "--log-format", "json"]
+    command = _serve_command(site, tmp_path / "state", "--token-file", str(token_file), "--log-format", "json")
     with log_path.open("wb") as log_file:
         process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log_file, text=True)
     try:
-        line = process.stdout.readline()
-        grpc_port = int(line.split("gRPC port ")[1].split(",")[0])
-        http_port = int(line.split("HTTP/JSON port ")[1].split()[0])
+        grpc_port, http_port = _bound_ports(process)
         channel = grpc.insecure_channel(f"127.0.0.1:{grpc_port}")
         stub = pb_grpc.HepatoQuantStub(channel)
         job = stub.SubmitAnalysis(pb.AnalysisRequest(slide="synthetic.tiff", tile_size_px=16, omit_tiles=True),
@@ -448,17 +456,14 @@ def test_what_a_started_server_has_loaded_is_out_of_the_garbage_collectors_way(s
 def test_the_serving_limits_are_set_from_the_command_line_and_bad_ones_refused(site, tmp_path: Path) -> None:
     """An operator sets the limits on `hepatoquant serve` (they were ServerConfig fields only): streams per client,
     the idle time of HTTP connections; a limit of 0 is refused at start, naming the option."""
-    base = [sys.executable, "-m", "hepatoquant.cli", "--models-dir", str(site["models"]), "serve",
-            "--slide-root", str(site["root"]), "--state-dir", str(tmp_path / "state"), "--host", "127.0.0.1",
-            "--port", "0", "--http-host", "127.0.0.1", "--http-port", "0", "--device", "cpu", "--seg-model", "none"]
-    refused = subprocess.run(base + ["--rpc-threads", "0"], capture_output=True, text=True, timeout=120)
+    refused = subprocess.run(_serve_command(site, tmp_path / "state", "--rpc-threads", "0"), capture_output=True,
+                             text=True, timeout=120)
     assert refused.returncode != 0 and "--rpc-threads" in refused.stderr and "Traceback" not in refused.stderr
-    process = subprocess.Popen(base + ["--max-streams-per-client", "2", "--http-idle-seconds", "1"],
-                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    process = subprocess.Popen(
+        _serve_command(site, tmp_path / "state", "--max-streams-per-client", "2", "--http-idle-seconds", "1"),
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
-        line = process.stdout.readline()
-        grpc_port = int(line.split("gRPC port ")[1].split(",")[0])
-        http_port = int(line.split("HTTP/JSON port ")[1].split()[0])
+        grpc_port, http_port = _bound_ports(process)
         channel = grpc.insecure_channel(f"127.0.0.1:{grpc_port}")
         stub = pb_grpc.HepatoQuantStub(channel)
         jobs = [stub.SubmitAnalysis(pb.AnalysisRequest(slide="synthetic.tiff", tile_size_px=16, omit_tiles=True,
