@@ -45,11 +45,15 @@ from hepatoquant.tile_reader import TileBatch
 
 DEFAULT_SOURCE = Path(__file__).resolve().parents[1].parent / "shared/testdata/slides/CMU-1-Small-Region.svs"
 _TILE = 256
+_MAX_SOURCE_PX = 8192
 
 
 def build_mosaic(source: Path, out: Path, repeat: tuple[int, int]) -> tuple[Path, tuple[int, int]]:
     """``repeat`` = (across, down) copies of ``source``'s level 0 as a pyramidal tiled TIFF at its pixel size."""
     with openslide.OpenSlide(str(source)) as slide:
+        if max(slide.dimensions) > _MAX_SOURCE_PX:  # the source is held in memory once, the mosaic never
+            raise SystemExit(f"{source} is {slide.dimensions[0]} x {slide.dimensions[1]} px: give a source of at most "
+                             f"{_MAX_SOURCE_PX} px a side (a region cut from a slide) and repeat it with --repeat")
         mpp = float(slide.properties[openslide.PROPERTY_NAME_MPP_X])
         image = np.asarray(slide.read_region((0, 0), 0, slide.dimensions).convert("RGB"))
     height, width = image.shape[0] * repeat[1], image.shape[1] * repeat[0]
