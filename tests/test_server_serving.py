@@ -546,3 +546,38 @@ def test_with_tls_a_connection_that_never_finishes_its_handshake_is_closed_on_bo
         assert _health_http(running.http_port, https_context=context)[0] == 200  # a real client is served
     finally:
         running.stop(grace_seconds=1)
+
+
+def test_jobs_and_classify_tiles_share_one_loaded_copy_of_a_model(start, monkeypatch) -> None:
+    """Issue 20: one model cache per server, keyed by pack and device. Was: ClassifyTiles kept a second copy of
+    the classifier the jobs had loaded (a foundation model twice in memory, loaded twice)."""
+    import io
+
+    from PIL import Image
+
+    from hepatoquant import analysis
+
+    loads = []
+    real = analysis.load_classifier
+
+    def counting(pack, device):
+        loads.append(pack.name)
+        return real(pack, device)
+
+    monkeypatch.setattr(analysis, "load_classifier", counting)
+    monkeypatch.setattr(engine_module, "load_classifier", counting, raising=False)  # where the second copy came from
+    running = start()
+    channel = grpc.insecure_channel(f"127.0.0.1:{running.grpc_port}")
+    try:
+        stub = pb_grpc.HepatoQuantStub(channel)
+        job = stub.SubmitAnalysis(pb.AnalysisRequest(slide="synthetic.tiff", omit_tiles=True), metadata=AUTH, timeout=30)
+        assert list(stub.WatchJob(pb.WatchJobRequest(job_id=job.job_id), metadata=AUTH, timeout=120))[-1].job.state \
+            == pb.JOB_STATE_SUCCEEDED
+        buffer = io.BytesIO()
+        Image.new("RGB", (150, 150), (200, 120, 180)).save(buffer, format="PNG")
+        replies = list(stub.ClassifyTiles(iter([pb.TileBatch(images=[buffer.getvalue()] * 3)]), metadata=AUTH,
+                                          timeout=60))
+        assert len(replies[0].predictions) == 3
+        assert loads == ["demo"]  # once, for the job; ClassifyTiles used the same copy
+    finally:
+        channel.close()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -142,14 +143,16 @@ class ModelCache:
     def __init__(self, *, freeze_after_load: bool = False) -> None:
         self._models: dict[tuple, object] = {}
         self._freeze_after_load = freeze_after_load
+        self._lock = threading.Lock()  # a server's jobs and ClassifyTiles calls share it: one load per model
 
     def _get(self, kind: str, pack: ModelPack, device: torch.device, load: Callable[[ModelPack, torch.device], object]):
         key = (kind, str(pack.path.resolve()), json.dumps(pack.manifest, sort_keys=True), str(device))
-        if key not in self._models:
-            self._models[key] = load(pack, device)
-            if self._freeze_after_load:
-                freeze_long_lived()
-        return self._models[key]
+        with self._lock:
+            if key not in self._models:
+                self._models[key] = load(pack, device)
+                if self._freeze_after_load:
+                    freeze_long_lived()
+            return self._models[key]
 
     def classifier(self, pack: ModelPack, device: torch.device):
         return self._get("classifier", pack, device, load_classifier)

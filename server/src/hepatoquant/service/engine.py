@@ -31,7 +31,7 @@ from hepatoquant import RESEARCH_USE_NOTICE, __version__
 from hepatoquant.analysis import ModelCache, analyze_slide
 from hepatoquant.analysis_request import Runtime, resolve_options
 from hepatoquant.atomic_write import staged_folder
-from hepatoquant.classify import PatchClassifier, choose_device, load_classifier, predict_batches
+from hepatoquant.classify import PatchClassifier, choose_device, predict_batches
 from hepatoquant.encoders import encoder_config
 from hepatoquant.errors import (
     HepatoQuantError,
@@ -160,10 +160,8 @@ class ServerEngine:
             on_success=self._apply_retention,
         )
         self.device = choose_device(config.device)
-        self._classifiers: dict[str, PatchClassifier] = {}
         # The jobs' models, loaded once (a foundation model takes seconds to load), then frozen (hepatoquant.heap).
         self._models = ModelCache(freeze_after_load=True)
-        self._classifier_lock = threading.Lock()
         self._submit_lock = threading.Lock()
 
     # -- lifecycle ---------------------------------------------------------------------------------------
@@ -359,12 +357,7 @@ class ServerEngine:
     # -- tiles -------------------------------------------------------------------------------------------
     def _classifier(self, name: str) -> tuple[ModelPack, PatchClassifier]:
         pack = self._pack(name, self.config.default_model)
-        with self._classifier_lock:
-            model = self._classifiers.get(str(pack.path))
-            if model is None:
-                model = load_classifier(pack, self.device)
-                self._classifiers[str(pack.path)] = model
-        return pack, model
+        return pack, self._models.classifier(pack, self.device)  # the jobs' copy: one per pack and device
 
     def classify_tiles(self, batch: pb.TileBatch) -> pb.TilePredictions:
         """Predictions for tiles the caller holds; each tile must show about one tile of the pack's size."""
