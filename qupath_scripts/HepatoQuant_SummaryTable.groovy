@@ -294,7 +294,7 @@ class HepatoQuantCore {
             model: 'model', segmenterModel: 'segmenter_model', mppUmPx: 'mpp_um_px', tileSizePx: 'tile_size_px',
             tileSpacingUmPx: 'tile_spacing_um_px', minTissueFraction: 'min_tissue_fraction',
             tissueThreshold: 'tissue_threshold', windowOverlap: 'window_overlap', minFocus: 'min_focus',
-            tileObjectType: 'tile_object_type', precision: 'precision']
+            tileObjectType: 'tile_object_type', precision: 'precision', embeddingsFormat: 'embeddings_format']
 
     /** The AnalysisRequest (proto3 JSON) for the slide at serverPath with the script's settings. */
     static Map analysisRequest(String serverPath, Map settings, String regionsGeoJson) {

@@ -28,14 +28,14 @@ GIVEN = {
     "segmenter_model": "demo-seg", "tile_size_px": 224, "tile_spacing_um_px": 1.0, "min_tissue_fraction": 0.3,
     "tumour_class_names": ["HCC", "Tumor"], "tile_object_type": "tile", "omit_tiles": True,
     "include_embeddings": True, "tissue_threshold": 20, "window_overlap": 0.5, "min_focus": 10.0,
-    "keep_artefacts": True, "precision": "fp32",
+    "keep_artefacts": True, "precision": "fp32", "embeddings_format": "h5",
 }
 FLAG_VALUES = {
     "--mpp": ["0.25"], "--regions": ["regions.geojson"], "--model": ["demo"], "--seg-model": ["demo-seg"],
     "--tile-size": ["224"], "--tile-spacing": ["1.0"], "--min-tissue-fraction": ["0.3"],
     "--tumour-classes": ["HCC,Tumor"], "--tile-object": ["tile"], "--omit-tiles": [], "--save-embeddings": [],
     "--tissue-threshold": ["20"], "--window-overlap": ["0.5"], "--min-focus": ["10"], "--keep-artefacts": [],
-    "--precision": ["fp32"],
+    "--precision": ["fp32"], "--embeddings-format": ["h5"],
 }
 
 
@@ -101,6 +101,7 @@ def test_resolve_applies_every_field(demo_pack) -> None:
     assert (options.tile.tile_size_px, options.tile.spacing_um_px, options.tile.min_tissue_fraction) == (224, 1.0, 0.3)
     assert options.tumour_class_names == ("HCC", "Tumor") and options.tile_object_type == "tile"
     assert options.keep_embeddings and options.keep_artefacts and options.precision == "fp32"
+    assert options.embeddings_formats == ("h5",)
     assert options.tissue.saturation_threshold == 20 and options.windows.overlap == 0.5 and options.min_focus == 10.0
     assert (options.device, options.batch_size, options.num_workers, options.windows.num_workers) == ("cpu", 7, 3, 3)
 
@@ -111,6 +112,16 @@ def test_absent_fields_take_the_defaults_in_one_place(demo_pack) -> None:
     assert options.tile.min_tissue_fraction == 0.5 and options.min_focus == 50.0 and options.windows.overlap == 0.25
     assert options.tissue.saturation_threshold is None and options.mpp_override_um_px is None
     assert options.precision == "bf16" and options.tile_object_type == "detection" and not options.keep_artefacts
+    assert options.embeddings_formats == ("h5", "npz")  # both, when embeddings are asked for
+
+
+@pytest.mark.parametrize(("fields", "message"), [
+    ({"include_embeddings": True, "embeddings_format": "pt"}, "'pt' is not one of h5, npz, both"),
+    ({"embeddings_format": "h5"}, "no embeddings are kept: ask for them too"),
+])
+def test_an_embeddings_format_that_cannot_be_honoured_is_refused(demo_pack, fields: dict, message: str) -> None:
+    with pytest.raises(InvalidParameterError, match=message):
+        resolve_options(AnalysisRequest(slide="a.svs", **fields), demo_pack, Runtime())
 
 
 def test_zero_is_a_value_not_the_default(demo_pack) -> None:

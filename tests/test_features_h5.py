@@ -3,6 +3,7 @@ the other outputs on a real slide and read back with h5py as those tools read it
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import h5py
@@ -55,3 +56,35 @@ def test_a_run_without_embeddings_removes_an_earlier_runs_h5(written, tmp_path: 
     write_outputs(dataclasses.replace(result, embeddings=None), tmp_path)
     assert not (tmp_path / "CMU-1-Small-Region.features.h5").exists()
     assert not (tmp_path / "CMU-1-Small-Region.embeddings.npz").exists()
+
+
+@pytest.mark.parametrize(("fmt", "kept", "removed"), [("h5", "features.h5", "embeddings.npz"),
+                                                        ("npz", "embeddings.npz", "features.h5")])
+def test_one_embeddings_format_is_written_and_the_other_removed(written, tmp_path: Path, fmt: str, kept: str,
+                                                                removed: str) -> None:
+    """``--embeddings-format h5|npz`` (request field ``embeddings_format``): only that file; an earlier run's
+    other file, which no longer matches, goes."""
+    import dataclasses
+
+    result, _ = written
+    write_outputs(result, tmp_path)  # both, the default
+    paths = write_outputs(dataclasses.replace(result, options=dataclasses.replace(
+        result.options, embeddings_formats=(fmt,))), tmp_path)
+    assert (tmp_path / f"CMU-1-Small-Region.{kept}").is_file()
+    assert not (tmp_path / f"CMU-1-Small-Region.{removed}").exists()
+    assert (paths.features_h5 is None) == (fmt == "npz") and (paths.embeddings is None) == (fmt == "h5")
+    report = json.loads(paths.report.read_text())
+    assert f"CMU-1-Small-Region.{kept}" in report["outputs"].values()
+    assert f"CMU-1-Small-Region.{removed}" not in report["outputs"].values()
+
+
+def test_the_command_line_writes_only_the_h5_when_asked(cmu_slide: Path, tmp_path: Path) -> None:
+    from hepatoquant.cli import main
+
+    models = tmp_path / "models"
+    ensure_demo_pack(models, encoder="test_vit_micro")
+    argv = ["--models-dir", str(models), "analyze", str(cmu_slide), "--out", str(tmp_path / "out"), "--no-progress",
+            "--device", "cpu", "--save-embeddings", "--embeddings-format", "h5"]
+    assert main(argv) == 0
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.features.h5")) == ["CMU-1-Small-Region.features.h5"]
+    assert not list((tmp_path / "out").glob("*.npz"))

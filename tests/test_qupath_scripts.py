@@ -228,7 +228,8 @@ def test_script_settings_reach_every_request_field(groovy: list[str], tmp_path: 
     settings = {"model": "demo", "segmenterModel": "demo-seg", "mppUmPx": 0.25, "tileSizePx": 224,
                 "tileSpacingUmPx": 1.0, "minTissueFraction": 0, "tissueThreshold": 20, "windowOverlap": 0.5,
                 "minFocus": 0, "tileObjectType": "tile", "precision": "fp32", "importTiles": False,
-                "keepArtefacts": True, "includeEmbeddings": True, "tumourClassNames": ["HCC"]}
+                "keepArtefacts": True, "includeEmbeddings": True, "embeddingsFormat": "h5",
+                "tumourClassNames": ["HCC"]}
     [made] = _core_calls(groovy, tmp_path, [{"static": "analysisRequest", "args": ["a.svs", settings, "{}"]}])
     request = json_format.ParseDict(made["value"], pb.AnalysisRequest())
     unset = [f.name for f in pb.AnalysisRequest.DESCRIPTOR.fields
@@ -236,7 +237,7 @@ def test_script_settings_reach_every_request_field(groovy: list[str], tmp_path: 
     assert unset == [], (unset, made["value"])
     assert request.min_focus == 0 and request.min_tissue_fraction == 0 and request.tile_size_px == 224
     script = (SCRIPTS / "HepatoQuant_Analyze.groovy").read_text()
-    for key in set(settings) - {"includeEmbeddings"}:  # each one is a setting at the script's top
+    for key in set(settings) - {"includeEmbeddings", "embeddingsFormat"}:  # each one is a setting at the script's top
         assert f"{key}:" in script, key
 
 

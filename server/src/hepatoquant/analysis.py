@@ -60,6 +60,7 @@ class AnalysisOptions:
     num_workers: int = 2
     device: str = "auto"
     keep_embeddings: bool = False
+    embeddings_formats: tuple[str, ...] = ("h5", "npz")  # with keep_embeddings: .features.h5 and/or .npz
     tile_object_type: str = "detection"
     windows: SlidingWindowParams = field(default_factory=SlidingWindowParams)
     precision: str = "auto"  # see hepatoquant.precision

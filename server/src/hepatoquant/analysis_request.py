@@ -51,6 +51,7 @@ CLI_FLAGS: dict[str, str] = {
     "min_focus": "--min-focus",
     "keep_artefacts": "--keep-artefacts",
     "precision": "--precision",
+    "embeddings_format": "--embeddings-format",
 }
 COHORT_SOURCES: dict[str, str] = {
     "slide": "column slide",
@@ -89,6 +90,7 @@ def resolve_options(
     mpp = given("mpp_um_px")
     if mpp is not None:
         validate_mpp(mpp, what="mpp_um_px")
+    embeddings_formats = _embeddings_formats(request)
     precision = request.precision or runtime.precision
     if precision not in PRECISIONS:
         raise InvalidParameterError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
@@ -110,6 +112,7 @@ def resolve_options(
         num_workers=runtime.num_workers,
         device=runtime.device,
         keep_embeddings=request.include_embeddings,
+        embeddings_formats=embeddings_formats,
         tile_object_type=request.tile_object_type or "detection",
         windows=SlidingWindowParams(
             overlap=SlidingWindowParams.overlap if overlap is None else overlap, num_workers=runtime.num_workers
@@ -118,3 +121,23 @@ def resolve_options(
         min_focus=AnalysisOptions.min_focus if min_focus is None else min_focus,
         keep_artefacts=request.keep_artefacts,
     )
+
+
+EMBEDDINGS_FORMATS: dict[str, tuple[str, ...]] = {"h5": ("h5",), "npz": ("npz",), "both": ("h5", "npz")}
+
+
+def _embeddings_formats(request: pb.AnalysisRequest) -> tuple[str, ...]:
+    """The files the embeddings go to: CLAM / TRIDENT's ``.features.h5``, the ``.npz``, or both (empty)."""
+    name = request.embeddings_format
+    if not name:
+        return EMBEDDINGS_FORMATS["both"]
+    if name not in EMBEDDINGS_FORMATS:
+        raise InvalidParameterError(
+            f"embeddings_format {name!r} is not one of {', '.join(EMBEDDINGS_FORMATS)} (empty: both)"
+        )
+    if not request.include_embeddings:
+        raise InvalidParameterError(
+            f"embeddings_format {name!r} is given but no embeddings are kept: ask for them too "
+            "(include_embeddings, --save-embeddings) or leave the format out"
+        )
+    return EMBEDDINGS_FORMATS[name]

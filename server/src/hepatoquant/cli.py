@@ -192,7 +192,10 @@ def _add_request_flags(parser: argparse.ArgumentParser) -> None:
                         "all (default 50)")
     parser.add_argument("--keep-artefacts", action="store_true",
                         help="also analyse tiles touching detected artefacts (pen ink, ...); by default they are left out")
-    parser.add_argument("--save-embeddings", action="store_true", help="also write tile embeddings (.npz, and .features.h5 as CLAM / TRIDENT read them)")
+    parser.add_argument("--save-embeddings", action="store_true",
+                        help="also write tile embeddings (.features.h5 as CLAM / TRIDENT read them, and .npz)")
+    parser.add_argument("--embeddings-format", choices=("h5", "npz", "both"), default=None,
+                        help="with --save-embeddings: which file(s) to write (default: both)")
 
 
 def _analysis_request(args: argparse.Namespace):
@@ -203,7 +206,7 @@ def _analysis_request(args: argparse.Namespace):
     request = pb.AnalysisRequest(
         model=args.model, segmenter_model=args.seg_model, tile_object_type=args.tile_object,
         omit_tiles=args.omit_tiles, include_embeddings=args.save_embeddings, keep_artefacts=args.keep_artefacts,
-        precision=args.precision,
+        precision=args.precision, embeddings_format=args.embeddings_format or "",
         tumour_class_names=[n.strip() for n in (args.tumour_classes or "").split(",") if n.strip()],
     )
     for field, value in (("tile_size_px", args.tile_size), ("tile_spacing_um_px", args.tile_spacing),
@@ -423,7 +426,7 @@ def _analyze(args: argparse.Namespace) -> int:
     console.print(composition_table(result))
     console.print(f"Outputs in {args.out}/: {paths.geojson.name}, {paths.report.name}, {paths.cohort_csv.name}, "
                   f"{paths.overlay_png.name}, {paths.tissue_map.name}, {paths.region_mask.name} (+ .png previews)"
-                  + (f", {paths.embeddings.name}, {paths.features_h5.name}" if paths.embeddings else ""))
+                  + "".join(f", {p.name}" for p in (paths.features_h5, paths.embeddings) if p is not None))
     console.print(f"[dim]{RESEARCH_USE_NOTICE}[/]")
     return 0
 

@@ -71,9 +71,10 @@ def _write_all(result: AnalysisResult, out_dir: Path, include_tiles: bool) -> Ou
         "region_mask": f"{stem}.region-mask.tif",
         "region_mask_png": f"{stem}.region-mask.png",
     }
-    if result.embeddings is not None:
-        names["embeddings"] = f"{stem}.embeddings.npz"
-        names["features_h5"] = f"{stem}.features.h5"  # the same embeddings as MIL tools read them
+    embedding_files = {"npz": ("embeddings", f"{stem}.embeddings.npz"),
+                       "h5": ("features_h5", f"{stem}.features.h5")}  # the same embeddings as MIL tools read them
+    formats = result.options.embeddings_formats if result.embeddings is not None else ()
+    names.update(embedding_files[fmt] for fmt in formats)
     clock = result.clock  # each output is a stage of the run: the report's timings include them
     with staged_files(out_dir, names.values(), prefix=f".{stem}.") as staging:
         with clock.stage("write_geojson"):
@@ -85,7 +86,7 @@ def _write_all(result: AnalysisResult, out_dir: Path, include_tiles: bool) -> Ou
                                staging / names["tissue_map_png"])
             write_label_raster(*region_mask(result), "region mask", staging / names["region_mask"],
                                staging / names["region_mask_png"])
-        if result.embeddings is not None:
+        if "embeddings" in names:
             with clock.stage("write_embeddings"):
                 np.savez_compressed(
                     staging / names["embeddings"],
@@ -97,13 +98,14 @@ def _write_all(result: AnalysisResult, out_dir: Path, include_tiles: bool) -> Ou
                     classes=np.array(result.classes),
                     encoder=np.array(result.model["encoder"]),
                 )
+        if "features_h5" in names:
             with clock.stage("write_features_h5"):
                 write_features_h5(result, staging / names["features_h5"])
         report = build_report(result, outputs=names)
         write_cohort_row(SlideReport.from_report(report), staging / names["cohort_csv"])
         write_report(report, staging / names["report"])
-    if "embeddings" not in names:  # an earlier run's embeddings would not match these results
-        (out_dir / f"{stem}.embeddings.npz").unlink(missing_ok=True)
-        (out_dir / f"{stem}.features.h5").unlink(missing_ok=True)
+    for key, name in embedding_files.values():  # an earlier run's embeddings would not match these results
+        if key not in names:
+            (out_dir / name).unlink(missing_ok=True)
     paths = {key: out_dir / name for key, name in names.items()}
     return OutputPaths(embeddings=paths.pop("embeddings", None), features_h5=paths.pop("features_h5", None), **paths)

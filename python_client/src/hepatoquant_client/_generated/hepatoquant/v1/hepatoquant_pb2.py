@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n>hepatoquant_client/_generated/hepatoquant/v1/hepatoquant.proto\x12\x0ehepatoquant.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x16\n\x14GetServerInfoRequest\"]\n\x0fTissueClassInfo\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x13\n\x0bqupath_name\x18\x02 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x03 \x01(\t\x12\x11\n\tcolor_rgb\x18\x04 \x03(\x05\"\xa7\x01\n\rModelPackInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x0f\n\x07\x65ncoder\x18\x03 \x01(\t\x12\x14\n\x0cmodel_status\x18\x04 \x01(\t\x12\x0f\n\x07\x63lasses\x18\x05 \x03(\t\x12\x15\n\rspacing_um_px\x18\x06 \x01(\x01\x12\x15\n\rinput_size_px\x18\x07 \x01(\x05\x12\x14\n\x0clicence_note\x18\x08 \x01(\t\"\xaa\x03\n\nServerInfo\x12\x0f\n\x07version\x18\x01 \x01(\t\x12I\n\x10library_versions\x18\x02 \x03(\x0b\x32/.hepatoquant.v1.ServerInfo.LibraryVersionsEntry\x12-\n\x06models\x18\x03 \x03(\x0b\x32\x1d.hepatoquant.v1.ModelPackInfo\x12\x37\n\x0etissue_classes\x18\x04 \x03(\x0b\x32\x1f.hepatoquant.v1.TissueClassInfo\x12\x37\n\x0eregion_classes\x18\x05 \x03(\x0b\x32\x1f.hepatoquant.v1.TissueClassInfo\x12\x13\n\x0bslide_roots\x18\x06 \x03(\t\x12\x17\n\x0fmax_queued_jobs\x18\x07 \x01(\x05\x12\x19\n\x11max_message_bytes\x18\x08 \x01(\x05\x12\x0e\n\x06\x64\x65vice\x18\t \x01(\t\x12\x0e\n\x06notice\x18\n \x01(\t\x1a\x36\n\x14LibraryVersionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xc0\x04\n\x0f\x41nalysisRequest\x12\r\n\x05slide\x18\x01 \x01(\t\x12\x16\n\tmpp_um_px\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12\x17\n\x0fregions_geojson\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12\x17\n\x0fsegmenter_model\x18\x05 \x01(\t\x12\x19\n\x0ctile_size_px\x18\x06 \x01(\x05H\x01\x88\x01\x01\x12\x1f\n\x12tile_spacing_um_px\x18\x07 \x01(\x01H\x02\x88\x01\x01\x12 \n\x13min_tissue_fraction\x18\x08 \x01(\x01H\x03\x88\x01\x01\x12\x1a\n\x12tumour_class_names\x18\t \x03(\t\x12\x18\n\x10tile_object_type\x18\n \x01(\t\x12\x12\n\nomit_tiles\x18\x0b \x01(\x08\x12\x1a\n\x12include_embeddings\x18\x0c \x01(\x08\x12\x1d\n\x10tissue_threshold\x18\r \x01(\x05H\x04\x88\x01\x01\x12\x1b\n\x0ewindow_overlap\x18\x0e \x01(\x01H\x05\x88\x01\x01\x12\x16\n\tmin_focus\x18\x0f \x01(\x01H\x06\x88\x01\x01\x12\x16\n\x0ekeep_artefacts\x18\x10 \x01(\x08\x12\x11\n\tprecision\x18\x11 \x01(\tB\x0c\n\n_mpp_um_pxB\x0f\n\r_tile_size_pxB\x15\n\x13_tile_spacing_um_pxB\x16\n\x14_min_tissue_fractionB\x13\n\x11_tissue_thresholdB\x11\n\x0f_window_overlapB\x0c\n\n_min_focus\"e\n\x08Progress\x12\r\n\x05stage\x18\x01 \x01(\t\x12\x0c\n\x04\x64one\x18\x02 \x01(\x03\x12\r\n\x05total\x18\x03 \x01(\x03\x12\x18\n\x10items_per_second\x18\x04 \x01(\x01\x12\x13\n\x0b\x65ta_seconds\x18\x05 \x01(\x01\"\xbe\x02\n\x03Job\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\'\n\x05state\x18\x02 \x01(\x0e\x32\x18.hepatoquant.v1.JobState\x12\x30\n\x07request\x18\x03 \x01(\x0b\x32\x1f.hepatoquant.v1.AnalysisRequest\x12*\n\x08progress\x18\x04 \x01(\x0b\x32\x18.hepatoquant.v1.Progress\x12.\n\ncreated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nerror_code\x18\x07 \x01(\t\x12\x15\n\rerror_message\x18\x08 \x01(\t\x12\x15\n\rreused_result\x18\t \x01(\x08\"!\n\x0fWatchJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\"\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\"\n\x10GetResultRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\",\n\x08JobEvent\x12 \n\x03job\x18\x01 \x01(\x0b\x32\x13.hepatoquant.v1.Job\" \n\x0fListJobsRequest\x12\r\n\x05limit\x18\x01 \x01(\x05\"5\n\x10ListJobsResponse\x12!\n\x04jobs\x18\x01 \x03(\x0b\x32\x13.hepatoquant.v1.Job\"c\n\x10\x43lassComposition\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\r\n\x05tiles\x18\x02 \x01(\x03\x12\x10\n\x08\x61rea_mm2\x18\x03 \x01(\x01\x12\x14\n\x07percent\x18\x04 \x01(\x01H\x00\x88\x01\x01\x42\n\n\x08_percent\"\xbe\x01\n\x11RegionComposition\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0cregion_class\x18\x02 \x01(\t\x12\x0e\n\x06source\x18\x03 \x01(\t\x12\x17\n\x0fregion_area_mm2\x18\x04 \x01(\x01\x12\x12\n\ntile_count\x18\x05 \x01(\x03\x12\x15\n\rtile_area_mm2\x18\x06 \x01(\x01\x12\x31\n\x07\x63lasses\x18\x07 \x03(\x0b\x32 .hepatoquant.v1.ClassComposition\"\xc7\x03\n\x0e\x41nalysisResult\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x14\n\x0cmodel_status\x18\x02 \x01(\t\x12\x32\n\x07regions\x18\x03 \x03(\x0b\x32!.hepatoquant.v1.RegionComposition\x12\x39\n\x0eregion_classes\x18\x04 \x03(\x0b\x32!.hepatoquant.v1.RegionComposition\x12\x62\n\x1bheadline_indicators_percent\x18\x05 \x03(\x0b\x32=.hepatoquant.v1.AnalysisResult.HeadlineIndicatorsPercentEntry\x12\x13\n\x0breport_json\x18\x06 \x01(\t\x12\x16\n\x0equpath_geojson\x18\x07 \x01(\x0c\x12\x10\n\x08warnings\x18\x08 \x03(\t\x12\x12\n\ncohort_csv\x18\t \x01(\x0c\x12\x13\n\x0boverlay_png\x18\n \x01(\x0c\x12\x12\n\nslide_stem\x18\x0b \x01(\t\x1a@\n\x1eHeadlineIndicatorsPercentEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x86\x01\n\tTileBatch\x12\x0e\n\x06images\x18\x01 \x03(\x0c\x12\x14\n\x0craw_width_px\x18\x02 \x01(\x05\x12\x15\n\rraw_height_px\x18\x03 \x01(\x05\x12\x11\n\tmpp_um_px\x18\x04 \x01(\x01\x12\r\n\x05model\x18\x05 \x01(\t\x12\x1a\n\x12include_embeddings\x18\x06 \x01(\x08\"H\n\x0eTilePrediction\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x15\n\rprobabilities\x18\x02 \x03(\x02\x12\x11\n\tembedding\x18\x03 \x03(\x02\"m\n\x0fTilePredictions\x12\x0f\n\x07\x63lasses\x18\x01 \x03(\t\x12\x33\n\x0bpredictions\x18\x02 \x03(\x0b\x32\x1e.hepatoquant.v1.TilePrediction\x12\x14\n\x0cmodel_status\x18\x03 \x01(\t*\xb5\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x03\x12\x14\n\x10JOB_STATE_FAILED\x10\x04\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x05\x12\x19\n\x15JOB_STATE_INTERRUPTED\x10\x06\x32\xe2\x04\n\x0bHepatoQuant\x12Q\n\rGetServerInfo\x12$.hepatoquant.v1.GetServerInfoRequest\x1a\x1a.hepatoquant.v1.ServerInfo\x12\x46\n\x0eSubmitAnalysis\x12\x1f.hepatoquant.v1.AnalysisRequest\x1a\x13.hepatoquant.v1.Job\x12G\n\x08WatchJob\x12\x1f.hepatoquant.v1.WatchJobRequest\x1a\x18.hepatoquant.v1.JobEvent0\x01\x12<\n\x06GetJob\x12\x1d.hepatoquant.v1.GetJobRequest\x1a\x13.hepatoquant.v1.Job\x12M\n\tGetResult\x12 .hepatoquant.v1.GetResultRequest\x1a\x1e.hepatoquant.v1.AnalysisResult\x12\x42\n\tCancelJob\x12 .hepatoquant.v1.CancelJobRequest\x1a\x13.hepatoquant.v1.Job\x12M\n\x08ListJobs\x12\x1f.hepatoquant.v1.ListJobsRequest\x1a .hepatoquant.v1.ListJobsResponse\x12O\n\rClassifyTiles\x12\x19.hepatoquant.v1.TileBatch\x1a\x1f.hepatoquant.v1.TilePredictions(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n>hepatoquant_client/_generated/hepatoquant/v1/hepatoquant.proto\x12\x0ehepatoquant.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x16\n\x14GetServerInfoRequest\"]\n\x0fTissueClassInfo\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x13\n\x0bqupath_name\x18\x02 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x03 \x01(\t\x12\x11\n\tcolor_rgb\x18\x04 \x03(\x05\"\xa7\x01\n\rModelPackInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x0f\n\x07\x65ncoder\x18\x03 \x01(\t\x12\x14\n\x0cmodel_status\x18\x04 \x01(\t\x12\x0f\n\x07\x63lasses\x18\x05 \x03(\t\x12\x15\n\rspacing_um_px\x18\x06 \x01(\x01\x12\x15\n\rinput_size_px\x18\x07 \x01(\x05\x12\x14\n\x0clicence_note\x18\x08 \x01(\t\"\xaa\x03\n\nServerInfo\x12\x0f\n\x07version\x18\x01 \x01(\t\x12I\n\x10library_versions\x18\x02 \x03(\x0b\x32/.hepatoquant.v1.ServerInfo.LibraryVersionsEntry\x12-\n\x06models\x18\x03 \x03(\x0b\x32\x1d.hepatoquant.v1.ModelPackInfo\x12\x37\n\x0etissue_classes\x18\x04 \x03(\x0b\x32\x1f.hepatoquant.v1.TissueClassInfo\x12\x37\n\x0eregion_classes\x18\x05 \x03(\x0b\x32\x1f.hepatoquant.v1.TissueClassInfo\x12\x13\n\x0bslide_roots\x18\x06 \x03(\t\x12\x17\n\x0fmax_queued_jobs\x18\x07 \x01(\x05\x12\x19\n\x11max_message_bytes\x18\x08 \x01(\x05\x12\x0e\n\x06\x64\x65vice\x18\t \x01(\t\x12\x0e\n\x06notice\x18\n \x01(\t\x1a\x36\n\x14LibraryVersionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xdb\x04\n\x0f\x41nalysisRequest\x12\r\n\x05slide\x18\x01 \x01(\t\x12\x16\n\tmpp_um_px\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12\x17\n\x0fregions_geojson\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12\x17\n\x0fsegmenter_model\x18\x05 \x01(\t\x12\x19\n\x0ctile_size_px\x18\x06 \x01(\x05H\x01\x88\x01\x01\x12\x1f\n\x12tile_spacing_um_px\x18\x07 \x01(\x01H\x02\x88\x01\x01\x12 \n\x13min_tissue_fraction\x18\x08 \x01(\x01H\x03\x88\x01\x01\x12\x1a\n\x12tumour_class_names\x18\t \x03(\t\x12\x18\n\x10tile_object_type\x18\n \x01(\t\x12\x12\n\nomit_tiles\x18\x0b \x01(\x08\x12\x1a\n\x12include_embeddings\x18\x0c \x01(\x08\x12\x1d\n\x10tissue_threshold\x18\r \x01(\x05H\x04\x88\x01\x01\x12\x1b\n\x0ewindow_overlap\x18\x0e \x01(\x01H\x05\x88\x01\x01\x12\x16\n\tmin_focus\x18\x0f \x01(\x01H\x06\x88\x01\x01\x12\x16\n\x0ekeep_artefacts\x18\x10 \x01(\x08\x12\x11\n\tprecision\x18\x11 \x01(\t\x12\x19\n\x11\x65mbeddings_format\x18\x12 \x01(\tB\x0c\n\n_mpp_um_pxB\x0f\n\r_tile_size_pxB\x15\n\x13_tile_spacing_um_pxB\x16\n\x14_min_tissue_fractionB\x13\n\x11_tissue_thresholdB\x11\n\x0f_window_overlapB\x0c\n\n_min_focus\"e\n\x08Progress\x12\r\n\x05stage\x18\x01 \x01(\t\x12\x0c\n\x04\x64one\x18\x02 \x01(\x03\x12\r\n\x05total\x18\x03 \x01(\x03\x12\x18\n\x10items_per_second\x18\x04 \x01(\x01\x12\x13\n\x0b\x65ta_seconds\x18\x05 \x01(\x01\"\xbe\x02\n\x03Job\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\'\n\x05state\x18\x02 \x01(\x0e\x32\x18.hepatoquant.v1.JobState\x12\x30\n\x07request\x18\x03 \x01(\x0b\x32\x1f.hepatoquant.v1.AnalysisRequest\x12*\n\x08progress\x18\x04 \x01(\x0b\x32\x18.hepatoquant.v1.Progress\x12.\n\ncreated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nerror_code\x18\x07 \x01(\t\x12\x15\n\rerror_message\x18\x08 \x01(\t\x12\x15\n\rreused_result\x18\t \x01(\x08\"!\n\x0fWatchJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\"\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\"\n\x10GetResultRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\",\n\x08JobEvent\x12 \n\x03job\x18\x01 \x01(\x0b\x32\x13.hepatoquant.v1.Job\" \n\x0fListJobsRequest\x12\r\n\x05limit\x18\x01 \x01(\x05\"5\n\x10ListJobsResponse\x12!\n\x04jobs\x18\x01 \x03(\x0b\x32\x13.hepatoquant.v1.Job\"c\n\x10\x43lassComposition\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\r\n\x05tiles\x18\x02 \x01(\x03\x12\x10\n\x08\x61rea_mm2\x18\x03 \x01(\x01\x12\x14\n\x07percent\x18\x04 \x01(\x01H\x00\x88\x01\x01\x42\n\n\x08_percent\"\xbe\x01\n\x11RegionComposition\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0cregion_class\x18\x02 \x01(\t\x12\x0e\n\x06source\x18\x03 \x01(\t\x12\x17\n\x0fregion_area_mm2\x18\x04 \x01(\x01\x12\x12\n\ntile_count\x18\x05 \x01(\x03\x12\x15\n\rtile_area_mm2\x18\x06 \x01(\x01\x12\x31\n\x07\x63lasses\x18\x07 \x03(\x0b\x32 .hepatoquant.v1.ClassComposition\"\xc7\x03\n\x0e\x41nalysisResult\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x14\n\x0cmodel_status\x18\x02 \x01(\t\x12\x32\n\x07regions\x18\x03 \x03(\x0b\x32!.hepatoquant.v1.RegionComposition\x12\x39\n\x0eregion_classes\x18\x04 \x03(\x0b\x32!.hepatoquant.v1.RegionComposition\x12\x62\n\x1bheadline_indicators_percent\x18\x05 \x03(\x0b\x32=.hepatoquant.v1.AnalysisResult.HeadlineIndicatorsPercentEntry\x12\x13\n\x0breport_json\x18\x06 \x01(\t\x12\x16\n\x0equpath_geojson\x18\x07 \x01(\x0c\x12\x10\n\x08warnings\x18\x08 \x03(\t\x12\x12\n\ncohort_csv\x18\t \x01(\x0c\x12\x13\n\x0boverlay_png\x18\n \x01(\x0c\x12\x12\n\nslide_stem\x18\x0b \x01(\t\x1a@\n\x1eHeadlineIndicatorsPercentEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x86\x01\n\tTileBatch\x12\x0e\n\x06images\x18\x01 \x03(\x0c\x12\x14\n\x0craw_width_px\x18\x02 \x01(\x05\x12\x15\n\rraw_height_px\x18\x03 \x01(\x05\x12\x11\n\tmpp_um_px\x18\x04 \x01(\x01\x12\r\n\x05model\x18\x05 \x01(\t\x12\x1a\n\x12include_embeddings\x18\x06 \x01(\x08\"H\n\x0eTilePrediction\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x15\n\rprobabilities\x18\x02 \x03(\x02\x12\x11\n\tembedding\x18\x03 \x03(\x02\"m\n\x0fTilePredictions\x12\x0f\n\x07\x63lasses\x18\x01 \x03(\t\x12\x33\n\x0bpredictions\x18\x02 \x03(\x0b\x32\x1e.hepatoquant.v1.TilePrediction\x12\x14\n\x0cmodel_status\x18\x03 \x01(\t*\xb5\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x03\x12\x14\n\x10JOB_STATE_FAILED\x10\x04\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x05\x12\x19\n\x15JOB_STATE_INTERRUPTED\x10\x06\x32\xe2\x04\n\x0bHepatoQuant\x12Q\n\rGetServerInfo\x12$.hepatoquant.v1.GetServerInfoRequest\x1a\x1a.hepatoquant.v1.ServerInfo\x12\x46\n\x0eSubmitAnalysis\x12\x1f.hepatoquant.v1.AnalysisRequest\x1a\x13.hepatoquant.v1.Job\x12G\n\x08WatchJob\x12\x1f.hepatoquant.v1.WatchJobRequest\x1a\x18.hepatoquant.v1.JobEvent0\x01\x12<\n\x06GetJob\x12\x1d.hepatoquant.v1.GetJobRequest\x1a\x13.hepatoquant.v1.Job\x12M\n\tGetResult\x12 .hepatoquant.v1.GetResultRequest\x1a\x1e.hepatoquant.v1.AnalysisResult\x12\x42\n\tCancelJob\x12 .hepatoquant.v1.CancelJobRequest\x1a\x13.hepatoquant.v1.Job\x12M\n\x08ListJobs\x12\x1f.hepatoquant.v1.ListJobsRequest\x1a .hepatoquant.v1.ListJobsResponse\x12O\n\rClassifyTiles\x12\x19.hepatoquant.v1.TileBatch\x1a\x1f.hepatoquant.v1.TilePredictions(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,8 +36,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SERVERINFO_LIBRARYVERSIONSENTRY']._serialized_options = b'8\001'
   _globals['_ANALYSISRESULT_HEADLINEINDICATORSPERCENTENTRY']._loaded_options = None
   _globals['_ANALYSISRESULT_HEADLINEINDICATORSPERCENTENTRY']._serialized_options = b'8\001'
-  _globals['_JOBSTATE']._serialized_start=3186
-  _globals['_JOBSTATE']._serialized_end=3367
+  _globals['_JOBSTATE']._serialized_start=3213
+  _globals['_JOBSTATE']._serialized_end=3394
   _globals['_GETSERVERINFOREQUEST']._serialized_start=115
   _globals['_GETSERVERINFOREQUEST']._serialized_end=137
   _globals['_TISSUECLASSINFO']._serialized_start=139
@@ -49,39 +49,39 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SERVERINFO_LIBRARYVERSIONSENTRY']._serialized_start=777
   _globals['_SERVERINFO_LIBRARYVERSIONSENTRY']._serialized_end=831
   _globals['_ANALYSISREQUEST']._serialized_start=834
-  _globals['_ANALYSISREQUEST']._serialized_end=1410
-  _globals['_PROGRESS']._serialized_start=1412
-  _globals['_PROGRESS']._serialized_end=1513
-  _globals['_JOB']._serialized_start=1516
-  _globals['_JOB']._serialized_end=1834
-  _globals['_WATCHJOBREQUEST']._serialized_start=1836
-  _globals['_WATCHJOBREQUEST']._serialized_end=1869
-  _globals['_GETJOBREQUEST']._serialized_start=1871
-  _globals['_GETJOBREQUEST']._serialized_end=1902
-  _globals['_CANCELJOBREQUEST']._serialized_start=1904
-  _globals['_CANCELJOBREQUEST']._serialized_end=1938
-  _globals['_GETRESULTREQUEST']._serialized_start=1940
-  _globals['_GETRESULTREQUEST']._serialized_end=1974
-  _globals['_JOBEVENT']._serialized_start=1976
-  _globals['_JOBEVENT']._serialized_end=2020
-  _globals['_LISTJOBSREQUEST']._serialized_start=2022
-  _globals['_LISTJOBSREQUEST']._serialized_end=2054
-  _globals['_LISTJOBSRESPONSE']._serialized_start=2056
-  _globals['_LISTJOBSRESPONSE']._serialized_end=2109
-  _globals['_CLASSCOMPOSITION']._serialized_start=2111
-  _globals['_CLASSCOMPOSITION']._serialized_end=2210
-  _globals['_REGIONCOMPOSITION']._serialized_start=2213
-  _globals['_REGIONCOMPOSITION']._serialized_end=2403
-  _globals['_ANALYSISRESULT']._serialized_start=2406
-  _globals['_ANALYSISRESULT']._serialized_end=2861
-  _globals['_ANALYSISRESULT_HEADLINEINDICATORSPERCENTENTRY']._serialized_start=2797
-  _globals['_ANALYSISRESULT_HEADLINEINDICATORSPERCENTENTRY']._serialized_end=2861
-  _globals['_TILEBATCH']._serialized_start=2864
-  _globals['_TILEBATCH']._serialized_end=2998
-  _globals['_TILEPREDICTION']._serialized_start=3000
-  _globals['_TILEPREDICTION']._serialized_end=3072
-  _globals['_TILEPREDICTIONS']._serialized_start=3074
-  _globals['_TILEPREDICTIONS']._serialized_end=3183
-  _globals['_HEPATOQUANT']._serialized_start=3370
-  _globals['_HEPATOQUANT']._serialized_end=3980
+  _globals['_ANALYSISREQUEST']._serialized_end=1437
+  _globals['_PROGRESS']._serialized_start=1439
+  _globals['_PROGRESS']._serialized_end=1540
+  _globals['_JOB']._serialized_start=1543
+  _globals['_JOB']._serialized_end=1861
+  _globals['_WATCHJOBREQUEST']._serialized_start=1863
+  _globals['_WATCHJOBREQUEST']._serialized_end=1896
+  _globals['_GETJOBREQUEST']._serialized_start=1898
+  _globals['_GETJOBREQUEST']._serialized_end=1929
+  _globals['_CANCELJOBREQUEST']._serialized_start=1931
+  _globals['_CANCELJOBREQUEST']._serialized_end=1965
+  _globals['_GETRESULTREQUEST']._serialized_start=1967
+  _globals['_GETRESULTREQUEST']._serialized_end=2001
+  _globals['_JOBEVENT']._serialized_start=2003
+  _globals['_JOBEVENT']._serialized_end=2047
+  _globals['_LISTJOBSREQUEST']._serialized_start=2049
+  _globals['_LISTJOBSREQUEST']._serialized_end=2081
+  _globals['_LISTJOBSRESPONSE']._serialized_start=2083
+  _globals['_LISTJOBSRESPONSE']._serialized_end=2136
+  _globals['_CLASSCOMPOSITION']._serialized_start=2138
+  _globals['_CLASSCOMPOSITION']._serialized_end=2237
+  _globals['_REGIONCOMPOSITION']._serialized_start=2240
+  _globals['_REGIONCOMPOSITION']._serialized_end=2430
+  _globals['_ANALYSISRESULT']._serialized_start=2433
+  _globals['_ANALYSISRESULT']._serialized_end=2888
+  _globals['_ANALYSISRESULT_HEADLINEINDICATORSPERCENTENTRY']._serialized_start=2824
+  _globals['_ANALYSISRESULT_HEADLINEINDICATORSPERCENTENTRY']._serialized_end=2888
+  _globals['_TILEBATCH']._serialized_start=2891
+  _globals['_TILEBATCH']._serialized_end=3025
+  _globals['_TILEPREDICTION']._serialized_start=3027
+  _globals['_TILEPREDICTION']._serialized_end=3099
+  _globals['_TILEPREDICTIONS']._serialized_start=3101
+  _globals['_TILEPREDICTIONS']._serialized_end=3210
+  _globals['_HEPATOQUANT']._serialized_start=3397
+  _globals['_HEPATOQUANT']._serialized_end=4007
 # @@protoc_insertion_point(module_scope)

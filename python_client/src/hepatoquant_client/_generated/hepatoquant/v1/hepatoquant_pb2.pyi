@@ -95,7 +95,7 @@ class ServerInfo(_message.Message):
     def __init__(self, version: _Optional[str] = ..., library_versions: _Optional[_Mapping[str, str]] = ..., models: _Optional[_Iterable[_Union[ModelPackInfo, _Mapping]]] = ..., tissue_classes: _Optional[_Iterable[_Union[TissueClassInfo, _Mapping]]] = ..., region_classes: _Optional[_Iterable[_Union[TissueClassInfo, _Mapping]]] = ..., slide_roots: _Optional[_Iterable[str]] = ..., max_queued_jobs: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., device: _Optional[str] = ..., notice: _Optional[str] = ...) -> None: ...
 
 class AnalysisRequest(_message.Message):
-    __slots__ = ("slide", "mpp_um_px", "regions_geojson", "model", "segmenter_model", "tile_size_px", "tile_spacing_um_px", "min_tissue_fraction", "tumour_class_names", "tile_object_type", "omit_tiles", "include_embeddings", "tissue_threshold", "window_overlap", "min_focus", "keep_artefacts", "precision")
+    __slots__ = ("slide", "mpp_um_px", "regions_geojson", "model", "segmenter_model", "tile_size_px", "tile_spacing_um_px", "min_tissue_fraction", "tumour_class_names", "tile_object_type", "omit_tiles", "include_embeddings", "tissue_threshold", "window_overlap", "min_focus", "keep_artefacts", "precision", "embeddings_format")
     SLIDE_FIELD_NUMBER: _ClassVar[int]
     MPP_UM_PX_FIELD_NUMBER: _ClassVar[int]
     REGIONS_GEOJSON_FIELD_NUMBER: _ClassVar[int]
@@ -113,6 +113,7 @@ class AnalysisRequest(_message.Message):
     MIN_FOCUS_FIELD_NUMBER: _ClassVar[int]
     KEEP_ARTEFACTS_FIELD_NUMBER: _ClassVar[int]
     PRECISION_FIELD_NUMBER: _ClassVar[int]
+    EMBEDDINGS_FORMAT_FIELD_NUMBER: _ClassVar[int]
     slide: str
     mpp_um_px: float
     regions_geojson: str
@@ -130,7 +131,8 @@ class AnalysisRequest(_message.Message):
     min_focus: float
     keep_artefacts: bool
     precision: str
-    def __init__(self, slide: _Optional[str] = ..., mpp_um_px: _Optional[float] = ..., regions_geojson: _Optional[str] = ..., model: _Optional[str] = ..., segmenter_model: _Optional[str] = ..., tile_size_px: _Optional[int] = ..., tile_spacing_um_px: _Optional[float] = ..., min_tissue_fraction: _Optional[float] = ..., tumour_class_names: _Optional[_Iterable[str]] = ..., tile_object_type: _Optional[str] = ..., omit_tiles: _Optional[bool] = ..., include_embeddings: _Optional[bool] = ..., tissue_threshold: _Optional[int] = ..., window_overlap: _Optional[float] = ..., min_focus: _Optional[float] = ..., keep_artefacts: _Optional[bool] = ..., precision: _Optional[str] = ...) -> None: ...
+    embeddings_format: str
+    def __init__(self, slide: _Optional[str] = ..., mpp_um_px: _Optional[float] = ..., regions_geojson: _Optional[str] = ..., model: _Optional[str] = ..., segmenter_model: _Optional[str] = ..., tile_size_px: _Optional[int] = ..., tile_spacing_um_px: _Optional[float] = ..., min_tissue_fraction: _Optional[float] = ..., tumour_class_names: _Optional[_Iterable[str]] = ..., tile_object_type: _Optional[str] = ..., omit_tiles: _Optional[bool] = ..., include_embeddings: _Optional[bool] = ..., tissue_threshold: _Optional[int] = ..., window_overlap: _Optional[float] = ..., min_focus: _Optional[float] = ..., keep_artefacts: _Optional[bool] = ..., precision: _Optional[str] = ..., embeddings_format: _Optional[str] = ...) -> None: ...
 
 class Progress(_message.Message):
     __slots__ = ("stage", "done", "total", "items_per_second", "eta_seconds")
