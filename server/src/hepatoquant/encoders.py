@@ -17,6 +17,7 @@ import timm
 import torch
 from torch import nn
 
+from hepatoquant.checkpoint_layouts import CHECKPOINT_LAYOUTS, to_timm_names
 from hepatoquant.errors import InvalidParameterError, WeightsMismatchError, WeightsNotFoundError
 
 __all__ = [
@@ -55,6 +56,9 @@ class EncoderConfig:
     licence_note: str = ""
     weights_source: str = ""
     dynamic_img_size: bool = False  # built to take other input sizes (whole patches): segmenter windows
+    # How the published weights file names its tensors (hepatoquant.checkpoint_layouts): timm's own names, or
+    # transformers' ViTModel / Dinov2Model, renamed into timm's on loading.
+    checkpoint_layout: str = "timm"
 
 
 class Encoder(nn.Module):
@@ -89,6 +93,8 @@ def _register(config: EncoderConfig) -> Callable[[_Builder], _Builder]:
     def decorator(build: _Builder) -> _Builder:
         if config.pooling not in ("cls", "cls+mean_patch"):
             raise ValueError(f"unknown pooling {config.pooling!r} for encoder {config.name!r}")
+        if config.checkpoint_layout not in CHECKPOINT_LAYOUTS:
+            raise ValueError(f"unknown checkpoint layout {config.checkpoint_layout!r} for encoder {config.name!r}")
         _REGISTRY[config.name] = (config, build)
         return build
 
@@ -273,7 +279,7 @@ def create_encoder(
             return Encoder(build(), config).eval()
     with _default_device(torch.device("meta")):
         encoder = Encoder(build(), config)
-    state_dict = load_state_dict_file(weights)
+    state_dict = to_timm_names(load_state_dict_file(weights), config.checkpoint_layout)
     _load_strict(encoder.backbone, state_dict, source=Path(weights), encoder_name=name)
     return encoder.to(device).eval()
 
