@@ -4,23 +4,20 @@ for the hub's file endpoint (no network in tests) and a hub cache laid out as th
 
 from __future__ import annotations
 
-import hashlib
-import http.server
-import os
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from fake_hub import FakeHub, hub_environment, serving
+
 from hepatoquant.encoders import create_encoder
 from hepatoquant.hub import encoder_for_repository, hub_source
 from hepatoquant.model_pack import load_model_pack
 
-COMMIT = "0123456789abcdef0123456789abcdef01234567"
 REPO = "hepatoquant-tests/vit-micro"
 
 
@@ -32,66 +29,15 @@ def weights(tmp_path: Path) -> bytes:
     return path.read_bytes()
 
 
-class _Hub(http.server.BaseHTTPRequestHandler):
-    """The hub's `/{repo}/resolve/{revision}/{file}` as huggingface_hub calls it: headers, gated and missing
-    repositories and files answered with the hub's error codes."""
-
-    files: dict[str, dict[str, bytes]] = {}
-    gated: set[str] = set()
-    requests: list[str] = []
-
-    def _answer(self, body: bool) -> None:
-        self.requests.append(f"{self.command} {self.path}")
-        parts = self.path.split("?")[0].strip("/").split("/")
-        repo, filename = "/".join(parts[:2]), "/".join(parts[4:])
-        if repo in self.gated:
-            return self._error(403, "GatedRepo", f"Access to model {repo} is restricted. You must have access to it.")
-        if repo not in self.files:
-            return self._error(404, "RepoNotFound", "Repository not found")
-        if filename not in self.files[repo]:
-            return self._error(404, "EntryNotFound", "Entry not found")
-        data = self.files[repo][filename]
-        self.send_response(200)
-        self.send_header("X-Repo-Commit", COMMIT)
-        self.send_header("ETag", f'"{hashlib.sha256(data).hexdigest()}"')
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        if body:
-            self.wfile.write(data)
-
-    def _error(self, status: int, code: str, message: str) -> None:
-        self.send_response(status)
-        self.send_header("X-Error-Code", code)
-        self.send_header("X-Error-Message", message)
-        self.send_header("Content-Length", "0")
-        self.end_headers()
-
-    def do_HEAD(self) -> None:  # noqa: N802
-        self._answer(body=False)
-
-    def do_GET(self) -> None:  # noqa: N802
-        self._answer(body=True)
-
-    def log_message(self, *args) -> None:
-        pass
-
-
 @pytest.fixture()
 def hub(weights: bytes):
-    _Hub.files, _Hub.gated, _Hub.requests = {REPO: {"model.safetensors": weights}}, {"MahmoodLab/UNI"}, []
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Hub)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
+    FakeHub.files, FakeHub.gated, FakeHub.requests = {REPO: {"model.safetensors": weights}}, {"MahmoodLab/UNI"}, []
+    with serving() as endpoint:
+        yield endpoint
 
 
 def _add(tmp_path: Path, *args: str, endpoint: str = "http://127.0.0.1:9", offline: bool = False):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
-    env.update(HF_ENDPOINT=endpoint, HF_HUB_CACHE=str(tmp_path / "hub-cache"), HF_HOME=str(tmp_path / "hf-home"),
-               HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_ETAG_TIMEOUT="5", HF_HUB_DOWNLOAD_TIMEOUT="5")
-    if offline:
-        env["HF_HUB_OFFLINE"] = "1"
+    env = hub_environment(tmp_path, endpoint, offline=offline)
     return subprocess.run([sys.executable, "-m", "hepatoquant.cli", "--models-dir", str(tmp_path / "models"),
                            "models", "add", *args], capture_output=True, text=True, env=env, timeout=300)
 
@@ -100,18 +46,18 @@ def test_weights_are_downloaded_once_then_the_cache_serves_them_even_offline(hub
     first = _add(tmp_path, "--from-hub", REPO, "--hub-file", "model.safetensors", "--encoder", "test_vit_micro",
                  "--name", "from-hub", endpoint=hub)
     assert first.returncode == 0, first.stderr[-3000:]
-    assert any(r.startswith("GET ") for r in _Hub.requests)
+    assert any(r.startswith("GET ") for r in FakeHub.requests)
     pack = load_model_pack(tmp_path / "models" / "from-hub")
     expected = load_file(str(tmp_path / "model.safetensors"))
     stored = load_file(str(pack.encoder_weights))
     assert set(stored) == set(expected) and all(torch.equal(stored[k], expected[k]) for k in expected)
     cached = list((tmp_path / "hub-cache").glob("models--hepatoquant-tests--vit-micro/snapshots/*/model.safetensors"))
     assert len(cached) == 1 and cached[0].read_bytes() == weights  # the hub's own cache layout
-    _Hub.requests.clear()
+    FakeHub.requests.clear()
     second = _add(tmp_path, "--from-hub", REPO, "--hub-file", "model.safetensors", "--encoder", "test_vit_micro",
                   "--name", "offline", offline=True)  # no endpoint at all: the cache alone
     assert second.returncode == 0, second.stderr[-3000:]
-    assert _Hub.requests == [] and (tmp_path / "models" / "offline").is_dir()
+    assert FakeHub.requests == [] and (tmp_path / "models" / "offline").is_dir()
 
 
 @pytest.mark.parametrize(

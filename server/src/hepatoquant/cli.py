@@ -261,6 +261,13 @@ def _add_bench_parser(commands) -> None:
         sub.add_argument("--seed", type=int, default=0)
         sub.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the test CIs")
 
+    fetch = steps.add_parser("fetch", help="download HepatoBench from the Hugging Face Hub and lay it out for bench")
+    fetch.add_argument("--to", type=Path, required=True, help="new (or empty) folder for the dataset")
+    fetch.add_argument("--repo", default="xtxx/HepatoBench", help="the hub's dataset repository (default: %(default)s)")
+    fetch.add_argument("--revision", help="branch, tag or commit (default: main)")
+    fetch.add_argument("--partition", type=Path,
+                       help="the official partition as relpath,label,split,group (the hub publishes none): checked "
+                            "against the patches and written as split.csv")
     curate = step("curate", "find duplicates, near-duplicates, blurred, blank and off-colour patches")
     curate.add_argument("--config", type=Path, help="JSON of curation thresholds (default: the built-in ones)")
     curate.add_argument("--workers", type=int, default=4)
@@ -385,8 +392,12 @@ def _check_inputs(args: argparse.Namespace) -> None:
             validate_mpp(args.mpp, what="--mpp")
         require_writable_folder(args.out, what="--out")
     elif args.command == "bench":
-        require_folder(args.dataset, what="dataset")
-        require_writable_folder(args.work, what="--work")
+        if args.bench_command == "fetch":
+            if args.partition is not None:
+                require_input_file(args.partition, what="--partition")
+        else:
+            require_folder(args.dataset, what="dataset")
+            require_writable_folder(args.work, what="--work")
 
 
 def _analyze(args: argparse.Namespace) -> int:
@@ -639,6 +650,15 @@ def _seg_eval(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    if args.bench_command == "fetch":
+        from hepatoquant.bench.fetch import fetch_hepatobench
+
+        outcome = fetch_hepatobench(args.to, repository=args.repo, revision=args.revision, partition=args.partition)
+        print(f"{sum(outcome.patches.values())} patches in {outcome.root}/ (commit {outcome.revision}, "
+              f"{len(outcome.skipped)} left out); "
+              + ("split.csv written from --partition" if outcome.partition else
+                 "no partition: the hub publishes none; give --partition, or `bench split --metadata` with slides"))
+        return 0
     from hepatoquant.bench import protocol
 
     work: Path = args.work

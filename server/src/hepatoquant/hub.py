@@ -12,9 +12,9 @@ import re
 from pathlib import Path
 
 from hepatoquant.encoders import encoder_config, list_encoders
-from hepatoquant.errors import InvalidParameterError, WeightsNotFoundError
+from hepatoquant.errors import HepatoQuantError, InvalidParameterError, WeightsNotFoundError
 
-__all__ = ["download_encoder_weights", "hub_source", "encoder_for_repository"]
+__all__ = ["download_encoder_weights", "download_from_hub", "hub_source", "encoder_for_repository"]
 
 _SOURCE = re.compile(r"^hf_hub:\s*(?P<repo>[\w.-]+/[\w.-]+)\s*\((?P<file>[^)]+)\)")
 
@@ -38,6 +38,21 @@ def encoder_for_repository(repository: str) -> str:
 
 def download_encoder_weights(repository: str, filename: str, *, revision: str | None = None) -> Path:
     """The file from the hub (or the hub's cache), as a local path; errors say what the user can do."""
+    return download_from_hub(repository, filename, revision=revision, error=WeightsNotFoundError,
+                             wrong_file_hint="give the right one with --hub-file")
+
+
+def download_from_hub(
+    repository: str,
+    filename: str,
+    *,
+    revision: str | None = None,
+    repo_type: str = "model",
+    error: type[HepatoQuantError] = WeightsNotFoundError,
+    wrong_file_hint: str = "",
+) -> Path:
+    """``filename`` of a model or dataset repository from the hub (or the hub's cache), as a local path; the hub's
+    errors become ``error`` saying what the user can do."""
     from huggingface_hub import constants, hf_hub_download
     from huggingface_hub.errors import (
         EntryNotFoundError,
@@ -48,30 +63,30 @@ def download_encoder_weights(repository: str, filename: str, *, revision: str | 
         RevisionNotFoundError,
     )
 
-    page = f"https://huggingface.co/{repository}"
+    page = f"https://huggingface.co/{'datasets/' if repo_type == 'dataset' else ''}{repository}"
     try:
-        return Path(hf_hub_download(repo_id=repository, filename=filename, revision=revision))
+        return Path(hf_hub_download(repo_id=repository, filename=filename, revision=revision, repo_type=repo_type))
     except GatedRepoError as exc:
-        raise WeightsNotFoundError(
+        raise error(
             f"{repository} is gated and this account has not been given access yet: request it on {page}, wait for "
             "the approval, then run this again with the same token (HF_TOKEN, or `hf auth login`)"
         ) from exc
     except RepositoryNotFoundError as exc:
-        raise WeightsNotFoundError(
+        raise error(
             f"{repository} was not found on the hub, or it is gated and no token was sent: check the name, and set "
             "HF_TOKEN to a read token (https://huggingface.co/settings/tokens) or run `hf auth login`"
         ) from exc
     except RevisionNotFoundError as exc:
-        raise WeightsNotFoundError(f"{repository} has no revision {revision!r}: see {page}/tree/main") from exc
+        raise error(f"{repository} has no revision {revision!r}: see {page}/tree/main") from exc
     except LocalEntryNotFoundError as exc:
-        raise WeightsNotFoundError(
+        raise error(
             f"{repository}/{filename} is not in the hub cache ({constants.HF_HUB_CACHE}) and the hub cannot be "
             "reached (no network, or HF_HUB_OFFLINE=1): download it once where there is network (the same "
             "command), or copy that cache folder here"
         ) from exc
     except EntryNotFoundError as exc:
-        raise WeightsNotFoundError(
-            f"{repository} has no file {filename!r}: see {page}/tree/main and give the right one with --hub-file"
+        raise error(
+            f"{repository} has no file {filename!r}: see {page}/tree/main" + (f" and {wrong_file_hint}" if wrong_file_hint else "")
         ) from exc
     except HfHubHTTPError as exc:
-        raise WeightsNotFoundError(f"the hub refused {repository}/{filename} ({exc}); try again later") from exc
+        raise error(f"the hub refused {repository}/{filename} ({exc}); try again later") from exc
