@@ -43,7 +43,9 @@ __all__ = [
     "expected_state_dict_shapes",
 ]
 
-MODEL_NAMES = ("uni", "virchow2", "gigapath")
+MODEL_NAMES = ("uni", "virchow2", "gigapath", "uni2_h", "virchow", "phikon", "phikon_v2", "hoptimus0", "hoptimus1")
+# Saved by Hugging Face transformers (names renamed into timm's on loading: hepatoquant.checkpoint_layouts).
+TRANSFORMERS_CHECKPOINTS = {"phikon": "transformers_vit", "phikon_v2": "transformers_dinov2"}
 
 # --------------------------------------------------------------------------------------------
 # Sources (short keys used in the comments below).
@@ -108,6 +110,47 @@ SOURCES: dict[str, str] = {
         "'tile_encoder_outputs[tile_embeds].shape: torch.Size([810, 1536])'"
     ),
     "gigapath_pipeline": "https://github.com/prov-gigapath/prov-gigapath/blob/main/gigapath/pipeline.py",
+    # The encoder zoo (issue 21)
+    "trident_zoo": (
+        "mahmoodlab/TRIDENT trident/patch_encoder_models/load.py (commit 0120b8bf): UNIv2InferenceEncoder "
+        "(timm vit_giant_patch14_224, img_size 224, patch_size 14, depth 24, num_heads 24, init_values 1e-5, "
+        "embed_dim 1536, mlp_ratio 2.66667*2, num_classes 0, no_embed_class True, SwiGLUPacked, SiLU, reg_tokens 8, "
+        "dynamic_img_size True; 'download the required pytorch_model.bin from huggingface.co/MahmoodLab/UNI2-h'; "
+        "ImageNet mean/std; bf16); VirchowInferenceEncoder (vit_huge_patch14_224, img_size 224, init_values 1e-5, "
+        "num_classes 0, mlp_ratio 5.3375, global_pool '', dynamic_img_size True, SwiGLUPacked, SiLU; embedding "
+        "cat([output[:, 0], output[:, 1:].mean(1)]); fp16; pytorch_model.bin); PhikonInferenceEncoder "
+        "(ViTModel.from_pretrained('owkin/phikon', add_pooling_layer=False), last_hidden_state[:, 0, :]); "
+        "Phikonv2InferenceEncoder (AutoModel 'owkin/phikon-v2', last_hidden_state[:, 0, :], ImageNet, fp32); "
+        "hoptimus0 / hoptimus1 (vit_giant_patch14_reg4_dinov2, num_classes 0, img_size 224, global_pool token, "
+        "init_values 1e-5, dynamic_img_size True; H-optimus mean/std; fp16; pytorch_model.bin)"
+    ),
+    "pfmseg_zoo": (
+        "lingxitong/PFM_Segmentation models/pfm_seg_models.py and README: names uni_v2, virchow_v1, phikon, "
+        "phikon_v2, hoptimus_0, hoptimus_1 built as TRIDENT does (strict loads), patch tokens after skipping 9 "
+        "(uni_v2), 5 (hoptimus) and 1 (virchow_v1, phikon*) prefix tokens; README table: Phikon 85.8M, "
+        "Virchow 632M, Phikon-v2 300M; data/transforms.py: H-optimus mean/std for hoptimus_0/1, ImageNet otherwise"
+    ),
+    "uni_readme_zoo": "mahmoodlab/UNI README model table: 'UNI2-h | 01/2025 | ViT-h/14-reg8'",
+    "hoptimus0_card": (
+        "huggingface.co/bioptimus/H-optimus-0 card: 'a 1.1B parameter vision transformer'; 'expects images of size "
+        "224x224 that were extracted at 0.5 microns per pixel'; timm.create_model('hf-hub:bioptimus/H-optimus-0', "
+        "pretrained=True, init_values=1e-5, dynamic_img_size=False); Normalize(mean=(0.707223, 0.578729, "
+        "0.703617), std=(0.211883, 0.230117, 0.177517)); config.json: architecture "
+        "vit_giant_patch14_reg4_dinov2, num_features 1536, global_pool token, licence Apache 2.0; files: "
+        "pytorch_model.bin 4.54 GB"
+    ),
+    "hoptimus1_blog": "Bioptimus launch post: 'H-Optimus-1 is a 1.1 billion parameter vision transformer'",
+    "phikon_config": (
+        "huggingface.co/owkin/phikon config.json (transformers 4.34): ViTModel, hidden_size 768, "
+        "num_hidden_layers 12, num_attention_heads 12, intermediate_size 3072, image_size 224, patch_size 16, "
+        "qkv_bias true, hidden_act gelu, layer_norm_eps 1e-12 (a later commit 'Update layer_norm_eps to match "
+        "timm'); files model.safetensors and pytorch_model.bin, 346 MB each"
+    ),
+    "phikon_v2_card": (
+        "huggingface.co/owkin/phikon-v2 card: 'a Vision Transformer Large pre-trained with Dinov2 ... on PANCAN-XL, "
+        "450M 20x magnification histology images'; 'ViT-L/16 via DINOv2'; the CLS token of last_hidden_state; "
+        "files: config.json, model.safetensors 1.21 GB (config.json itself not readable here)"
+    ),
     # Secondary, third-party, exact parameter counts
     "third_party_counts": (
         "Public code that sums p.numel() over the loaded models (not attributable to a named "
@@ -238,7 +281,56 @@ ARCHITECTURES: dict[str, dict] = {
         "no_embed_class": False,
         "qkv_bias": True,
     },
+    # --- the encoder zoo (issue 21): sources in SOURCES (trident_zoo, pfmseg_zoo, ...) --------------------------
+    "uni2_h": {
+        # FACT (trident_zoo, pfmseg_zoo: the same kwargs, strict loads of pytorch_model.bin); the card's recipe as
+        # many public copies reproduce it. ViT-h/14-reg8 (uni_readme_zoo).
+        "timm_name": "vit_giant_patch14_224", "img_size": 224, "patch_size": 14, "in_chans": 3, "embed_dim": 1536,
+        "depth": 24, "num_heads": 24,
+        # DERIVED: int(1536 * 2.66667 * 2) = 8192 packed (gate, value); fc2 from half of it.
+        "mlp": "swiglu_packed", "mlp_fc1_out": 8192, "mlp_fc2_in": 4096, "activation": "SiLU",
+        "layer_scale": True, "class_token": True, "reg_tokens": 8,
+        "no_embed_class": True,  # FACT (kwargs): the position table covers the 256 patches only
+        "qkv_bias": True,
+    },
+    "virchow": {
+        # FACT (trident_zoo): Virchow2's kwargs without reg_tokens; embedding cat(output[:,0], output[:,1:].mean(1)).
+        "timm_name": "vit_huge_patch14_224", "img_size": 224, "patch_size": 14, "in_chans": 3, "embed_dim": 1280,
+        "depth": 32, "num_heads": 16, "mlp": "swiglu_packed", "mlp_fc1_out": 6832, "mlp_fc2_in": 3416,
+        "activation": "SiLU", "layer_scale": True, "class_token": True, "reg_tokens": 0, "no_embed_class": False,
+        "qkv_bias": True,
+    },
+    "phikon": {
+        # FACT (phikon_config): ViT-B/16, 768-d, 12 layers, 12 heads, intermediate 3072, qkv bias, GELU; no
+        # LayerScale in transformers' ViT. The file's names are transformers' (TRANSFORMERS_CHECKPOINTS); these
+        # are the same tensors in timm's names.
+        "timm_name": "vit_base_patch16_224", "img_size": 224, "patch_size": 16, "in_chans": 3, "embed_dim": 768,
+        "depth": 12, "num_heads": 12, "mlp": "plain", "mlp_fc1_out": 3072, "mlp_fc2_in": 3072,
+        "activation": "GELU", "layer_scale": False, "class_token": True, "reg_tokens": 0, "no_embed_class": False,
+        "qkv_bias": True,
+    },
+    "phikon_v2": {
+        # FACT (phikon_v2_card): ViT-L/16 via DINOv2 (transformers' Dinov2Model: LayerScale, GELU MLP ratio 4, qkv
+        # bias). INFERENCE: image_size 224 in its config.json (not readable here): a 224 px position table makes
+        # 303,351,808 values = 1.2134 GB in fp32, the repository's '1.21 GB'; DINOv2's default 518 px would make
+        # 1.2189 GB. The mask token (training only) is in the file but not in the model.
+        "timm_name": "vit_large_patch16_224", "img_size": 224, "patch_size": 16, "in_chans": 3, "embed_dim": 1024,
+        "depth": 24, "num_heads": 16, "mlp": "plain", "mlp_fc1_out": 4096, "mlp_fc2_in": 4096,
+        "activation": "GELU", "layer_scale": True, "class_token": True, "reg_tokens": 0, "no_embed_class": False,
+        "qkv_bias": True,
+    },
+    "hoptimus0": {
+        # FACT (hoptimus0_card config.json: vit_giant_patch14_reg4_dinov2, global_pool token, 1536 features;
+        # trident_zoo, pfmseg_zoo: the same build, strict loads). timm's definition of that name: ViT-g/14, 40
+        # blocks, 24 heads, SwiGLU (DINOv2's 4096 hidden, packed 8192), 4 registers, no_embed_class.
+        "timm_name": "vit_giant_patch14_reg4_dinov2", "img_size": 224, "patch_size": 14, "in_chans": 3,
+        "embed_dim": 1536, "depth": 40, "num_heads": 24, "mlp": "swiglu_packed", "mlp_fc1_out": 8192,
+        "mlp_fc2_in": 4096, "activation": "SiLU", "layer_scale": True, "class_token": True, "reg_tokens": 4,
+        "no_embed_class": True, "qkv_bias": True,
+    },
 }
+# FACT (trident_zoo, pfmseg_zoo): H-optimus-1 is built and loaded exactly as H-optimus-0.
+ARCHITECTURES["hoptimus1"] = ARCHITECTURES["hoptimus0"]
 
 
 def _block_shapes(i: int, d: int, fc1_out: int, fc2_in: int, layer_scale: bool, qkv_bias: bool):
@@ -332,6 +424,14 @@ PUBLISHED_PARAMETER_COUNTS: dict[str, int] = {
     #   owners' pipeline for the timm model built from the hub config. Also in third_party_counts.
     #   Equals derived_parameter_count("gigapath").
     "gigapath": 1_134_953_984,
+    # The zoo. Owners publish rounded figures only (APPROXIMATE_PUBLISHED_COUNTS, checked in the tests); the
+    # exact values below are DERIVED from the facts above, and tied to the files where their size is published.
+    "uni2_h": 681_394_176,  # no owner count found (a DeepWiki page's '632M' contradicts the architecture)
+    "virchow": 631_229_184,  # FACT (third_party_counts: KNOWN_PARAMS 'virchow': 631229184, and a second table)
+    "phikon": 85_798_656,  # + ViTModel's pooler (590,592) = 86,389,248 x 4 B = the 346 MB files
+    "phikon_v2": 303_350_784,  # + the mask token (1,024) = 303,351,808 x 4 B = the 1.21 GB file
+    "hoptimus0": 1_134_774_272,  # x 4 B = 4.54 GB, the size of its pytorch_model.bin (hoptimus0_card)
+    "hoptimus1": 1_134_774_272,
 }
 
 # Owner-published approximate figures, for reference only.
@@ -339,6 +439,17 @@ APPROXIMATE_PUBLISHED_COUNTS: dict[str, str] = {
     "uni": "ViT-L/16, ~0.3B (uni_paper)",
     "virchow2": "632M (virchow2_card, virchow2_paper)",
     "gigapath": "ViT-g/14 tile encoder, ~1.13B (Nature 2024 paper; exact count in gigapath_notebook)",
+    "uni2_h": "ViT-h/14-reg8 (uni_readme_zoo); no count",
+    "virchow": "632M (pfmseg_zoo README table)",
+    "phikon": "85.8M (pfmseg_zoo README table)",
+    "phikon_v2": "300M (pfmseg_zoo README table)",
+    "hoptimus0": "1.1B (hoptimus0_card)",
+    "hoptimus1": "1.1B (hoptimus1_blog)",
+}
+# The same, as (millions, the figure's decimals) for a check: the exact count rounds to the published figure.
+# (Virchow's '632M' does not: 631.2M; its exact count is published, as is Virchow2's, also called 632M.)
+ROUNDED_PUBLISHED_MILLIONS: dict[str, tuple[float, int]] = {
+    "phikon": (85.8, 1), "phikon_v2": (300, -2), "hoptimus0": (1100, -2), "hoptimus1": (1100, -2),
 }
 
 
@@ -392,6 +503,12 @@ PREPROCESSING: dict[str, dict] = {
         "interpolation": "bicubic",
         "notes": "Tiles are 256x256 at 0.5 um/px (20x) (Nature 2024 paper, Fig. 1).",
     },
+    # The zoo: ImageNet statistics for all but H-optimus (trident_zoo, pfmseg_zoo data/transforms.py).
+    **{name: {"input_size": (3, 224, 224), "mean": IMAGENET_MEAN, "std": IMAGENET_STD}
+       for name in ("uni2_h", "virchow", "phikon", "phikon_v2")},
+    **{name: {"input_size": (3, 224, 224), "mean": (0.707223, 0.578729, 0.703617),
+              "std": (0.211883, 0.230117, 0.177517), "notes": "224 px at 0.5 um/px (hoptimus0_card)"}
+       for name in ("hoptimus0", "hoptimus1")},
 }
 
 # --------------------------------------------------------------------------------------------
@@ -410,6 +527,7 @@ RECOMMENDED_EMBEDDING: dict[str, dict] = {
         #   embedding = torch.cat([class_token, patch_tokens.mean(1)], dim=-1) -> 1 x 2560.
         "dim": 2560,
         "num_prefix_tokens": 5,
+        "pooling": "cls+mean_patch",
         "recipe": "cat([out[:, 0], out[:, 5:].mean(1)], -1)",
     },
     "gigapath": {
@@ -418,6 +536,14 @@ RECOMMENDED_EMBEDDING: dict[str, dict] = {
         "dim": 1536,
         "recipe": "model(x) with num_classes=0, global_pool 'token' (CLS token after final norm)",
     },
+    # The zoo (trident_zoo, pfmseg_zoo): the class token after the final norm, except Virchow (class token and
+    # the patch tokens' mean, as Virchow2).
+    "uni2_h": {"dim": 1536, "num_prefix_tokens": 9, "recipe": "model(x), global_pool token"},
+    "virchow": {"dim": 2560, "pooling": "cls+mean_patch", "recipe": "cat([out[:, 0], out[:, 1:].mean(1)], -1)"},
+    "phikon": {"dim": 768, "recipe": "last_hidden_state[:, 0, :]"},
+    "phikon_v2": {"dim": 1024, "recipe": "last_hidden_state[:, 0, :]"},
+    "hoptimus0": {"dim": 1536, "num_prefix_tokens": 5, "recipe": "model(x), global_pool token"},
+    "hoptimus1": {"dim": 1536, "num_prefix_tokens": 5, "recipe": "model(x), global_pool token"},
 }
 
 

@@ -83,3 +83,21 @@ def test_an_incomplete_attention_is_left_for_the_strict_load_to_name(tmp_path: P
     assert "blocks.1.attn.qkv.weight" not in renamed and "encoder.layer.1.attention.attention.query.weight" in renamed
     with pytest.raises(RuntimeError, match="blocks.1.attn.qkv.weight"):
         _timm_vit(mlp_ratio=2.0).load_state_dict(renamed, strict=True)
+
+
+def test_phikon_as_transformers_saves_it_loads_into_the_registered_encoder(tmp_path: Path) -> None:
+    """The registered ``phikon`` (timm modules) with a file transformers writes for Phikon's config.json: same
+    embedding as transformers' model (the class token of the last hidden state), on 86M real parameters. The
+    LayerNorm eps is the 1e-6 its repository's config was changed to "to match timm"."""
+    from hepatoquant.encoders import create_encoder
+
+    torch.manual_seed(0)
+    config = ViTConfig(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+                       image_size=224, patch_size=16, qkv_bias=True, layer_norm_eps=1e-6)
+    reference = ViTModel(config).eval()  # with its pooler, as the published file
+    reference.save_pretrained(tmp_path)
+    encoder = create_encoder("phikon", weights=tmp_path / "model.safetensors")
+    pixels = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        expected = reference(pixel_values=pixels).last_hidden_state[:, 0]
+        torch.testing.assert_close(encoder(pixels), expected, rtol=1e-4, atol=1e-4)

@@ -18,6 +18,8 @@ from published_checkpoints import (
     PREPROCESSING,
     PUBLISHED_PARAMETER_COUNTS,
     RECOMMENDED_EMBEDDING,
+    ROUNDED_PUBLISHED_MILLIONS,
+    TRANSFORMERS_CHECKPOINTS,
     expected_state_dict_shapes,
 )
 from safetensors.torch import save_file
@@ -181,6 +183,40 @@ def test_published_parameter_count(published: tuple[str, Encoder]) -> None:
     assert set(encoder.backbone.state_dict()) == {n for n, _ in encoder.backbone.named_parameters()}
 
 
+@pytest.mark.parametrize("name", sorted(ROUNDED_PUBLISHED_MILLIONS))
+def test_exact_counts_round_to_the_owners_figures(name: str) -> None:
+    """Where owners publish only a rounded count, the exact one derived from their architecture rounds to it."""
+    millions, decimals = ROUNDED_PUBLISHED_MILLIONS[name]
+    assert round(_parameter_count(name) / 1e6, decimals) == millions
+
+
+@pytest.mark.parametrize("name", sorted(TRANSFORMERS_CHECKPOINTS))
+def test_transformers_checkpoints_fit_after_renaming(name: str) -> None:
+    """Phikon's and Phikon-v2's files are written by transformers: its own model, built on the meta device from
+    the published config, gives the file's names and shapes (``revert_weight_conversion`` is what
+    ``save_pretrained`` writes); renamed into timm's, they are exactly our encoder's."""
+    from transformers import Dinov2Config, Dinov2Model, ViTConfig, ViTModel
+    from transformers.core_model_loading import revert_weight_conversion
+
+    from hepatoquant.checkpoint_layouts import to_timm_names
+
+    facts = ARCHITECTURES[name]
+    common = {"hidden_size": facts["embed_dim"], "num_hidden_layers": facts["depth"],
+              "num_attention_heads": facts["num_heads"], "patch_size": facts["patch_size"],
+              "image_size": facts["img_size"], "qkv_bias": facts["qkv_bias"]}
+    with torch.device("meta"):
+        if TRANSFORMERS_CHECKPOINTS[name] == "transformers_vit":
+            reference = ViTModel(ViTConfig(intermediate_size=facts["mlp_fc1_out"], **common))  # with its pooler
+        else:
+            reference = Dinov2Model(Dinov2Config(mlp_ratio=facts["mlp_fc1_out"] // facts["embed_dim"], **common))
+    published = revert_weight_conversion(reference, reference.state_dict())
+    assert any(".attention.attention.query." in key for key in published)  # the names of the files
+    renamed = {k: tuple(v.shape) for k, v in to_timm_names(published, TRANSFORMERS_CHECKPOINTS[name]).items()}
+    ours = {k: tuple(v.shape) for k, v in _meta_encoder(name).backbone.state_dict().items()}
+    assert renamed == ours
+    assert encoder_config(name).checkpoint_layout == TRANSFORMERS_CHECKPOINTS[name]
+
+
 def test_published_preprocessing_and_embedding(published: tuple[str, Encoder]) -> None:
     name, encoder = published
     config = encoder.config
@@ -193,8 +229,8 @@ def test_published_preprocessing_and_embedding(published: tuple[str, Encoder]) -
     expected_prefix = 1 + ARCHITECTURES[name]["reg_tokens"]
     assert encoder.num_prefix_tokens == expected_prefix
     assert encoder.num_prefix_tokens == RECOMMENDED_EMBEDDING[name].get("num_prefix_tokens", 1)
-    # Pooling as the card prescribes: Virchow2 is cls + mean of patch tokens, the others the class token.
-    assert config.pooling == ("cls+mean_patch" if name == "virchow2" else "cls")
+    # Pooling as the card prescribes: Virchow and Virchow2 are cls + mean of patch tokens, the others the class token.
+    assert config.pooling == RECOMMENDED_EMBEDDING[name].get("pooling", "cls")
 
     pixels = torch.empty(1, 3, height, width, device="meta")
     tokens = encoder.forward_tokens(pixels)

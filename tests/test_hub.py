@@ -87,6 +87,12 @@ def test_no_network_and_nothing_cached_says_so(tmp_path: Path) -> None:
 def test_the_encoder_is_found_from_the_repository_and_bad_combinations_are_refused(tmp_path: Path) -> None:
     assert encoder_for_repository("MahmoodLab/UNI") == "uni" and hub_source("uni") == ("MahmoodLab/UNI", "pytorch_model.bin")
     assert encoder_for_repository("paige-ai/Virchow2") == "virchow2"
+    zoo = {"MahmoodLab/UNI2-h": ("uni2_h", "pytorch_model.bin"), "paige-ai/Virchow": ("virchow", "pytorch_model.bin"),
+           "owkin/phikon": ("phikon", "model.safetensors"), "owkin/phikon-v2": ("phikon_v2", "model.safetensors"),
+           "bioptimus/H-optimus-0": ("hoptimus0", "pytorch_model.bin"),
+           "bioptimus/H-optimus-1": ("hoptimus1", "pytorch_model.bin")}
+    for repository, (encoder, filename) in zoo.items():  # issue 21's zoo: the file each repository publishes
+        assert encoder_for_repository(repository) == encoder and hub_source(encoder) == (repository, filename)
     with pytest.raises(Exception, match="no registered encoder"):
         encoder_for_repository("someone/else")
     neither = _add(tmp_path, "--name", "x")

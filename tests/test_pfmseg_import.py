@@ -383,6 +383,19 @@ def test_a_checkpoint_for_another_backbone_is_refused(pfm_checkpoint, tmp_path: 
                       classes=SEG_CLASS_NAMES, name="y", spacing_um_px=2.0)
 
 
+@pytest.mark.parametrize(("their_name", "ours"), [("uni_v2", "uni2_h"), ("virchow_v1", "virchow"), ("phikon", "phikon"),
+                                               ("phikon_v2", "phikon_v2"), ("hoptimus_0", "hoptimus0"),
+                                               ("hoptimus_1", "hoptimus1")])
+def test_every_zoo_backbone_is_known_by_pfm_segmentations_name(pfm_checkpoint, tmp_path: Path, their_name: str,
+                                                               ours: str) -> None:
+    """Issue 21: a checkpoint trained on any of their backbones that timm builds names our encoder for it (their
+    names, configs/config.yaml of PFM_Segmentation), and that encoder is registered."""
+    named = pfm_checkpoint(pfm_name=their_name)
+    with pytest.raises(WeightsMismatchError, match=rf"trained on '{their_name}'.*--backbone {ours} with its weights"):
+        import_pfmseg(named["checkpoint"], backbone="uni", backbone_weights=tmp_path / "absent.bin",
+                      classes=SEG_CLASS_NAMES, name="y", spacing_um_px=2.0)
+
+
 def test_full_fine_tunes_other_modes_and_bad_settings_are_refused(pfm_checkpoint, tmp_path: Path) -> None:
     made = pfm_checkpoint(mode="frozen", whole_model=True)
     checkpoint = torch.load(made["checkpoint"], weights_only=False)

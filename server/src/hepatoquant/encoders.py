@@ -3,7 +3,8 @@
 Callers use :func:`create_encoder` and :func:`list_encoders` only, and never branch on a name: everything that
 differs between models (input size, normalisation, embedding size and how tokens are pooled into it) is in
 the :class:`EncoderConfig` attached to the built :class:`Encoder`. Weights are read from local files only;
-the large published models (UNI, Virchow2, Prov-GigaPath) are gated downloads that users provide.
+the large published models (UNI, UNI2-h, Virchow, Virchow2, Prov-GigaPath, Phikon, Phikon-v2, H-optimus-0 and -1)
+are downloads that users provide (most are gated), as local files or through ``models add --from-hub``.
 """
 
 from __future__ import annotations
@@ -168,6 +169,127 @@ def gigapath() -> nn.Module:
         "vit_giant_patch14_dinov2", pretrained=False, img_size=224, in_chans=3, patch_size=16, embed_dim=1536,
         depth=40, num_heads=24, init_values=1e-5, mlp_ratio=5.33334, num_classes=0, dynamic_img_size=True,
     )
+
+
+# The rest of PFM_Segmentation's backbones that timm builds (its names: uni_v2, virchow_v1, phikon, phikon_v2,
+# hoptimus_0, hoptimus_1). Arguments as the owners' cards and TRIDENT's loaders (mahmoodlab/TRIDENT,
+# trident/patch_encoder_models/load.py) give them; tests/published_checkpoints.py records each fact's source.
+
+
+@_register(
+    EncoderConfig(
+        name="uni2_h",
+        description="UNI2-h (Mahmood Lab), ViT-H/14 with SwiGLU and 8 register tokens, DINOv2 on 200M+ tiles",
+        input_size_px=224,
+        embedding_dim=1536,
+        patch_size_px=14,
+        pooling="cls",
+        licence_note="CC BY-NC-ND 4.0, research use only; weights from the gated MahmoodLab/UNI2-h repository",
+        weights_source="hf_hub: MahmoodLab/UNI2-h (pytorch_model.bin)",
+        dynamic_img_size=True,
+    )
+)
+def uni2_h() -> nn.Module:
+    # timm arguments of the UNI2-h model card (as TRIDENT and PFM_Segmentation build it).
+    return timm.create_model(
+        "vit_giant_patch14_224", pretrained=False, img_size=224, patch_size=14, depth=24, num_heads=24,
+        init_values=1e-5, embed_dim=1536, mlp_ratio=2.66667 * 2, num_classes=0, no_embed_class=True,
+        mlp_layer=timm.layers.SwiGLUPacked, act_layer=nn.SiLU, reg_tokens=8, dynamic_img_size=True,
+    )
+
+
+@_register(
+    EncoderConfig(
+        name="virchow",
+        description="Virchow (Paige), ViT-H/14 with SwiGLU, no register tokens",
+        input_size_px=224,
+        embedding_dim=2560,
+        patch_size_px=14,
+        pooling="cls+mean_patch",
+        recommended_dtype="float16",
+        licence_note="CC BY-NC-ND 4.0, research use only; weights from the gated paige-ai/Virchow repository",
+        weights_source="hf_hub: paige-ai/Virchow (pytorch_model.bin)",
+        dynamic_img_size=True,
+    )
+)
+def virchow() -> nn.Module:
+    # TRIDENT's arguments for Virchow (v1): Virchow2's without the register tokens.
+    return timm.create_model(
+        "vit_huge_patch14_224", pretrained=False, img_size=224, init_values=1e-5, num_classes=0,
+        mlp_ratio=5.3375, global_pool="", dynamic_img_size=True,
+        mlp_layer=timm.layers.SwiGLUPacked, act_layer=nn.SiLU,
+    )
+
+
+@_register(
+    EncoderConfig(
+        name="phikon",
+        description="Phikon (Owkin), ViT-B/16, iBOT on 40M TCGA tiles",
+        input_size_px=224,
+        embedding_dim=768,
+        patch_size_px=16,
+        pooling="cls",
+        recommended_dtype="float32",
+        licence_note="Owkin non-commercial licence (see its model card); weights from owkin/phikon",
+        weights_source="hf_hub: owkin/phikon (model.safetensors)",
+        dynamic_img_size=True,
+        checkpoint_layout="transformers_vit",
+    )
+)
+def phikon() -> nn.Module:
+    # The ViTModel of its config.json (768-d, 12 layers, 12 heads, MLP 3072, qkv bias) in timm's modules; the
+    # embedding is the class token of the last hidden state, after the final LayerNorm (TRIDENT). LayerNorm eps:
+    # timm's 1e-6, which the repository's config was changed to ("to match timm": it was trained with timm).
+    return timm.create_model("vit_base_patch16_224", pretrained=False, img_size=224, num_classes=0,
+                             dynamic_img_size=True)
+
+
+@_register(
+    EncoderConfig(
+        name="phikon_v2",
+        description="Phikon-v2 (Owkin), ViT-L/16, DINOv2 on 450M tiles of PANCAN-XL",
+        input_size_px=224,
+        embedding_dim=1024,
+        patch_size_px=16,
+        pooling="cls",
+        recommended_dtype="float32",
+        licence_note="Owkin non-commercial licence (LICENSE.pdf in its repository); weights from owkin/phikon-v2",
+        weights_source="hf_hub: owkin/phikon-v2 (model.safetensors)",
+        dynamic_img_size=True,
+        checkpoint_layout="transformers_dinov2",
+    )
+)
+def phikon_v2() -> nn.Module:
+    # transformers' Dinov2Model at ViT-L/16 (LayerScale, GELU MLP of ratio 4, LayerNorm eps 1e-6) in timm's
+    # modules; DINOv2's training mask token is not part of the model.
+    return timm.create_model("vit_large_patch16_224", pretrained=False, img_size=224, init_values=1.0,
+                             num_classes=0, dynamic_img_size=True)
+
+
+HOPTIMUS_MEAN = (0.707223, 0.578729, 0.703617)  # the H-optimus cards and config.json
+HOPTIMUS_STD = (0.211883, 0.230117, 0.177517)
+
+
+def _hoptimus() -> nn.Module:
+    # config.json: vit_giant_patch14_reg4_dinov2, global_pool token; card: init_values 1e-5. dynamic_img_size as
+    # TRIDENT and PFM_Segmentation build it (224 px inputs are unchanged).
+    return timm.create_model("vit_giant_patch14_reg4_dinov2", pretrained=False, img_size=224, init_values=1e-5,
+                             num_classes=0, global_pool="token", dynamic_img_size=True)
+
+
+for _name, _repo, _text, _licence in (
+    ("hoptimus0", "bioptimus/H-optimus-0", "H-optimus-0 (Bioptimus), ViT-g/14 with 4 register tokens, 500k+ slides",
+     "Apache 2.0 (config.json); weights from bioptimus/H-optimus-0"),
+    ("hoptimus1", "bioptimus/H-optimus-1", "H-optimus-1 (Bioptimus), ViT-g/14 with 4 register tokens, 1M+ slides",
+     "non-commercial terms of the gated bioptimus/H-optimus-1 repository (see its model card)"),
+):
+    _register(
+        EncoderConfig(
+            name=_name, description=_text, input_size_px=224, embedding_dim=1536, patch_size_px=14, pooling="cls",
+            mean=HOPTIMUS_MEAN, std=HOPTIMUS_STD, recommended_dtype="float16", licence_note=_licence,
+            weights_source=f"hf_hub: {_repo} (pytorch_model.bin)", dynamic_img_size=True,
+        )
+    )(_hoptimus)
 
 
 # --- small architectures for the demo and the tests ----------------------------------------------------
