@@ -43,7 +43,8 @@ __all__ = [
     "expected_state_dict_shapes",
 ]
 
-MODEL_NAMES = ("uni", "virchow2", "gigapath", "uni2_h", "virchow", "phikon", "phikon_v2", "hoptimus0", "hoptimus1")
+MODEL_NAMES = ("uni", "virchow2", "gigapath", "uni2_h", "virchow", "phikon", "phikon_v2", "hoptimus0", "hoptimus1",
+               "conch_v15")
 # Saved by Hugging Face transformers (names renamed into timm's on loading: hepatoquant.checkpoint_layouts).
 TRANSFORMERS_CHECKPOINTS = {"phikon": "transformers_vit", "phikon_v2": "transformers_dinov2"}
 
@@ -138,6 +139,21 @@ SOURCES: dict[str, str] = {
         "0.703617), std=(0.211883, 0.230117, 0.177517)); config.json: architecture "
         "vit_giant_patch14_reg4_dinov2, num_features 1536, global_pool token, licence Apache 2.0; files: "
         "pytorch_model.bin 4.54 GB"
+    ),
+    "conch_v15_code": (
+        "lingxitong/PFM_Segmentation models/build_conch_v1_5.py (a copy of TITAN's conch_v1_5.py; commit 5d3330a8) "
+        "and its ConchConfig (the same class as TITAN's configuration_titan.py): VisionTransformer(patch_size 16, "
+        "embed_dim=context_dim 1024, depth 24, num_heads 16, mlp_ratio 4, qkv_bias True, init_values 1e-6; "
+        "img_size 448 '#CWM'; LayerNorm eps 1e-6, GELU, class token, no_embed_class False, global_pool token); "
+        "Conch_V1_5_AttentionalPooler(d_model=embed_dim 768, context_dim 1024, n_head 8, n_queries 1): query "
+        "[n_queries, d_model], ln_k LayerNorm(context_dim), ln_q LayerNorm(d_model), to_q Linear(d_model, inner, "
+        "bias=False), to_kv Linear(context_dim, 2 inner, bias=False), to_out Linear(inner, d_model, bias=False), "
+        "inner = d_model; forward: q = to_q(ln_q(query)), k, v = to_kv(ln_k(x)).chunk(2), softmax(q k^T * "
+        "dim_head^-0.5) v, to_out; EncoderWithConch_V1_5_AttentionalPooler: trunk, attn_pool_contrast, ln_contrast "
+        "= nn.LayerNorm(768); embedding = ln_contrast(attn_pool_contrast(trunk(x, return_all_tokens=True))[:, 0]); "
+        "model.load_state_dict(torch.load(checkpoint), strict=True). TRIDENT: img_size 448, fp16, "
+        "'pytorch_model_vision.bin' from huggingface.co/MahmoodLab/conchv1_5; PFM_Segmentation README: "
+        "'CONCHv1.5 | 307M | 1024 | 16x16'; patch tokens trunk.forward_features(x)[:, 1:] (1024-d)"
     ),
     "hoptimus1_blog": "Bioptimus launch post: 'H-Optimus-1 is a 1.1 billion parameter vision transformer'",
     "phikon_config": (
@@ -329,6 +345,16 @@ ARCHITECTURES: dict[str, dict] = {
         "no_embed_class": True, "qkv_bias": True,
     },
 }
+ARCHITECTURES["conch_v15"] = {
+    # FACT (conch_v15_code): the trunk, a timm-style ViT-L/16 (timm's names) under "trunk."; the pooler beside it.
+    # INFERENCE: the file's position table is for 448 px (785 rows): the owners' loader builds the trunk at its
+    # default img_size and loads strictly, and PFM_Segmentation changed that default from 224 to 448 to load it.
+    "timm_name": "vit_large_patch16_224", "img_size": 448, "patch_size": 16, "in_chans": 3, "embed_dim": 1024,
+    "depth": 24, "num_heads": 16, "mlp": "plain", "mlp_fc1_out": 4096, "mlp_fc2_in": 4096, "activation": "GELU",
+    "layer_scale": True, "class_token": True, "reg_tokens": 0, "no_embed_class": False, "qkv_bias": True,
+    "state_dict_prefix": "trunk.",
+    "attentional_pooler": {"d_model": 768, "context_dim": 1024, "n_queries": 1, "heads": 8},
+}
 # FACT (trident_zoo, pfmseg_zoo): H-optimus-1 is built and loaded exactly as H-optimus-0.
 ARCHITECTURES["hoptimus1"] = ARCHITECTURES["hoptimus0"]
 
@@ -398,6 +424,19 @@ def expected_state_dict_shapes(name: str) -> dict[str, tuple[int, ...]]:
         )
     shapes["norm.weight"] = (d,)
     shapes["norm.bias"] = (d,)
+    shapes = {a.get("state_dict_prefix", "") + k: v for k, v in shapes.items()}
+    if "attentional_pooler" in a:  # CONCH v1.5 (conch_v15_code): attn_pool_contrast and ln_contrast
+        pooler = a["attentional_pooler"]
+        width, context = pooler["d_model"], pooler["context_dim"]
+        shapes.update({
+            "attn_pool_contrast.query": (pooler["n_queries"], width),
+            "attn_pool_contrast.ln_k.weight": (context,), "attn_pool_contrast.ln_k.bias": (context,),
+            "attn_pool_contrast.ln_q.weight": (width,), "attn_pool_contrast.ln_q.bias": (width,),
+            "attn_pool_contrast.to_q.weight": (width, width),
+            "attn_pool_contrast.to_kv.weight": (2 * width, context),
+            "attn_pool_contrast.to_out.weight": (width, width),
+            "ln_contrast.weight": (width,), "ln_contrast.bias": (width,),
+        })
     return shapes
 
 
@@ -432,6 +471,7 @@ PUBLISHED_PARAMETER_COUNTS: dict[str, int] = {
     "phikon_v2": 303_350_784,  # + the mask token (1,024) = 303,351,808 x 4 B = the 1.21 GB file
     "hoptimus0": 1_134_774_272,  # x 4 B = 4.54 GB, the size of its pytorch_model.bin (hoptimus0_card)
     "hoptimus1": 1_134_774_272,
+    "conch_v15": 306_711_296,  # trunk 303,952,896 + pooler 2,756,864 + ln_contrast 1,536
 }
 
 # Owner-published approximate figures, for reference only.
@@ -445,11 +485,13 @@ APPROXIMATE_PUBLISHED_COUNTS: dict[str, str] = {
     "phikon_v2": "300M (pfmseg_zoo README table)",
     "hoptimus0": "1.1B (hoptimus0_card)",
     "hoptimus1": "1.1B (hoptimus1_blog)",
+    "conch_v15": "307M (conch_v15_code: PFM_Segmentation README table)",
 }
 # The same, as (millions, the figure's decimals) for a check: the exact count rounds to the published figure.
 # (Virchow's '632M' does not: 631.2M; its exact count is published, as is Virchow2's, also called 632M.)
 ROUNDED_PUBLISHED_MILLIONS: dict[str, tuple[float, int]] = {
     "phikon": (85.8, 1), "phikon_v2": (300, -2), "hoptimus0": (1100, -2), "hoptimus1": (1100, -2),
+    "conch_v15": (307, 0),
 }
 
 
@@ -509,6 +551,8 @@ PREPROCESSING: dict[str, dict] = {
     **{name: {"input_size": (3, 224, 224), "mean": (0.707223, 0.578729, 0.703617),
               "std": (0.211883, 0.230117, 0.177517), "notes": "224 px at 0.5 um/px (hoptimus0_card)"}
        for name in ("hoptimus0", "hoptimus1")},
+    "conch_v15": {"input_size": (3, 448, 448), "mean": IMAGENET_MEAN, "std": IMAGENET_STD,
+                  "notes": "512 px at 20x resized to 448 (TITAN's TRIDENT recipe); ImageNet (pfmseg_zoo)"},
 }
 
 # --------------------------------------------------------------------------------------------
@@ -544,6 +588,8 @@ RECOMMENDED_EMBEDDING: dict[str, dict] = {
     "phikon_v2": {"dim": 1024, "recipe": "last_hidden_state[:, 0, :]"},
     "hoptimus0": {"dim": 1536, "num_prefix_tokens": 5, "recipe": "model(x), global_pool token"},
     "hoptimus1": {"dim": 1536, "num_prefix_tokens": 5, "recipe": "model(x), global_pool token"},
+    "conch_v15": {"dim": 768, "pooling": "attentional",
+                  "recipe": "ln_contrast(attn_pool_contrast(trunk(x, return_all_tokens=True))[:, 0])"},
 }
 
 

@@ -70,7 +70,7 @@ def test_registry_holds_published_and_small_encoders() -> None:
 def test_registry_entry_builds_and_gives_embedding_of_config_size(name: str) -> None:
     config = encoder_config(name)
     assert config.name == name
-    assert config.pooling in ("cls", "cls+mean_patch")
+    assert config.pooling in ("cls", "cls+mean_patch", "attentional")
     assert config.input_size_px % config.patch_size_px == 0
     assert len(config.mean) == 3 and len(config.std) == 3 and all(s > 0 for s in config.std)
     assert config.spacing_um_px > 0
@@ -85,8 +85,9 @@ def test_registry_entry_builds_and_gives_embedding_of_config_size(name: str) -> 
     pixels = _pixels(encoder)
     tokens = encoder.forward_tokens(pixels)
     grid = config.input_size_px // config.patch_size_px
-    width = config.embedding_dim if config.pooling == "cls" else config.embedding_dim // 2
-    assert tuple(tokens.shape) == (2, encoder.num_prefix_tokens + grid * grid, width)
+    assert tuple(tokens.shape) == (2, encoder.num_prefix_tokens + grid * grid, encoder.backbone.embed_dim)
+    if config.pooling != "attentional":  # the learned pooler (CONCH v1.5) has a width of its own
+        assert config.embedding_dim == encoder.backbone.embed_dim * (1 if config.pooling == "cls" else 2)
 
     embedding = encoder(pixels)
     assert tuple(embedding.shape) == (2, config.embedding_dim)
@@ -405,3 +406,37 @@ def test_a_pickle_of_arbitrary_objects_is_refused(tmp_path: Path) -> None:
         create_encoder("test_vit_micro", weights=path)
     assert str(path) in str(info.value)
     assert "not a readable PyTorch checkpoint" in str(info.value)
+
+
+def test_conch_v15s_attentional_pooler_is_multi_head_attention_of_a_learned_query() -> None:
+    """The pooler (CoCa's, as CONCH v1.5's code writes it: q = to_q(ln_q(query)), k, v = to_kv(ln_k(tokens)), 8
+    heads, no biases, to_out) computes what PyTorch's own nn.MultiheadAttention computes with those weights."""
+    from hepatoquant.attentional_pooling import AttentionalPooler
+
+    torch.manual_seed(0)
+    pooler = AttentionalPooler(d_model=48, context_dim=64, n_head=8, n_queries=1).eval()
+    with torch.no_grad():
+        for parameter in pooler.parameters():
+            parameter.normal_(0, 0.5)
+    reference = torch.nn.MultiheadAttention(48, 8, bias=False, kdim=64, vdim=64, batch_first=True).eval()
+    with torch.no_grad():
+        reference.q_proj_weight.copy_(pooler.to_q.weight)
+        reference.k_proj_weight.copy_(pooler.to_kv.weight[:48])
+        reference.v_proj_weight.copy_(pooler.to_kv.weight[48:])
+        reference.out_proj.weight.copy_(pooler.to_out.weight)
+    tokens = torch.randn(3, 17, 64)
+    with torch.inference_mode():
+        query = pooler.ln_q(pooler.query).expand(3, -1, -1)
+        keys = pooler.ln_k(tokens)
+        expected, _ = reference(query, keys, keys, need_weights=False)
+        torch.testing.assert_close(pooler(tokens), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_conch_v15_embeds_through_its_pooler_and_segments_from_its_trunks_tokens() -> None:
+    encoder = _meta_encoder("conch_v15")
+    pixels = torch.empty(2, 3, 448, 448, device="meta")
+    tokens = encoder.forward_tokens(pixels)
+    assert tuple(tokens.shape) == (2, 1 + 28 * 28, 1024)  # PFM_Segmentation: trunk.forward_features(x)[:, 1:]
+    assert tuple(encoder(pixels).shape) == (2, 768)
+    assert encoder.backbone.blocks is encoder.backbone.trunk.blocks
+    assert tuple(encoder.forward_tokens(torch.empty(1, 3, 224, 224, device="meta")).shape) == (1, 197, 1024)

@@ -90,7 +90,8 @@ def test_the_encoder_is_found_from_the_repository_and_bad_combinations_are_refus
     zoo = {"MahmoodLab/UNI2-h": ("uni2_h", "pytorch_model.bin"), "paige-ai/Virchow": ("virchow", "pytorch_model.bin"),
            "owkin/phikon": ("phikon", "model.safetensors"), "owkin/phikon-v2": ("phikon_v2", "model.safetensors"),
            "bioptimus/H-optimus-0": ("hoptimus0", "pytorch_model.bin"),
-           "bioptimus/H-optimus-1": ("hoptimus1", "pytorch_model.bin")}
+           "bioptimus/H-optimus-1": ("hoptimus1", "pytorch_model.bin"),
+           "MahmoodLab/conchv1_5": ("conch_v15", "pytorch_model_vision.bin")}
     for repository, (encoder, filename) in zoo.items():  # issue 21's zoo: the file each repository publishes
         assert encoder_for_repository(repository) == encoder and hub_source(encoder) == (repository, filename)
     with pytest.raises(Exception, match="no registered encoder"):

@@ -40,8 +40,9 @@ class EncoderConfig:
 
     Tiles are read at ``spacing_um_px`` and resized to ``input_size_px`` square, scaled to [0, 1] and
     normalised with ``mean``/``std``. ``pooling`` turns the token sequence into the ``embedding_dim``
-    embedding: ``"cls"`` (class token) or ``"cls+mean_patch"`` (class token concatenated with the mean of the
-    patch tokens, register tokens excluded, as Virchow2 prescribes).
+    embedding: ``"cls"`` (class token), ``"cls+mean_patch"`` (class token concatenated with the mean of the
+    patch tokens, register tokens excluded, as Virchow2 prescribes) or ``"attentional"`` (the backbone's own
+    learned pooler, its ``pool``: CONCH v1.5).
     """
 
     name: str
@@ -76,6 +77,8 @@ class Encoder(nn.Module):
         return self.backbone.forward_features(pixels)
 
     def pool(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.config.pooling == "attentional":
+            return self.backbone.pool(tokens)
         cls_token = tokens[:, 0]
         if self.config.pooling == "cls":
             return cls_token
@@ -87,12 +90,13 @@ class Encoder(nn.Module):
 
 
 _Builder = Callable[[], nn.Module]
+POOLINGS = ("cls", "cls+mean_patch", "attentional")
 _REGISTRY: dict[str, tuple[EncoderConfig, _Builder]] = {}
 
 
 def _register(config: EncoderConfig) -> Callable[[_Builder], _Builder]:
     def decorator(build: _Builder) -> _Builder:
-        if config.pooling not in ("cls", "cls+mean_patch"):
+        if config.pooling not in POOLINGS:
             raise ValueError(f"unknown pooling {config.pooling!r} for encoder {config.name!r}")
         if config.checkpoint_layout not in CHECKPOINT_LAYOUTS:
             raise ValueError(f"unknown checkpoint layout {config.checkpoint_layout!r} for encoder {config.name!r}")
@@ -172,7 +176,7 @@ def gigapath() -> nn.Module:
 
 
 # The rest of PFM_Segmentation's backbones that timm builds (its names: uni_v2, virchow_v1, phikon, phikon_v2,
-# hoptimus_0, hoptimus_1). Arguments as the owners' cards and TRIDENT's loaders (mahmoodlab/TRIDENT,
+# hoptimus_0, hoptimus_1, conch_v1_5). Arguments as the owners' cards and TRIDENT's loaders (mahmoodlab/TRIDENT,
 # trident/patch_encoder_models/load.py) give them; tests/published_checkpoints.py records each fact's source.
 
 
@@ -264,6 +268,26 @@ def phikon_v2() -> nn.Module:
     # modules; DINOv2's training mask token is not part of the model.
     return timm.create_model("vit_large_patch16_224", pretrained=False, img_size=224, init_values=1.0,
                              num_classes=0, dynamic_img_size=True)
+
+
+@_register(
+    EncoderConfig(
+        name="conch_v15",
+        description="CONCH v1.5 (Mahmood Lab) vision tower, ViT-L/16 at 448 px with an attentional pooler (CoCa)",
+        input_size_px=448,
+        embedding_dim=768,
+        patch_size_px=16,
+        pooling="attentional",
+        recommended_dtype="float16",
+        licence_note="CC BY-NC-ND 4.0, research use only; weights from the gated MahmoodLab/conchv1_5 repository",
+        weights_source="hf_hub: MahmoodLab/conchv1_5 (pytorch_model_vision.bin)",
+        dynamic_img_size=True,
+    )
+)
+def conch_v15() -> nn.Module:
+    from hepatoquant.attentional_pooling import ConchV15Vision
+
+    return ConchV15Vision()
 
 
 HOPTIMUS_MEAN = (0.707223, 0.578729, 0.703617)  # the H-optimus cards and config.json
