@@ -35,7 +35,8 @@ from hepatoquant.service.server import start_server
 
 TOKEN = "client-s3cret"
 CODES = ["TUM", "FIB", "INF", "NEC", "NOR", "REA", "STE"]
-OUTPUT_NAMES = ["synthetic.csv", "synthetic.geojson", "synthetic.overlay.png", "synthetic.report.json"]
+OUTPUT_NAMES = ["synthetic.csv", "synthetic.geojson", "synthetic.overlay.png", "synthetic.region-mask.tif",
+                "synthetic.report.json", "synthetic.tissue-map.tif"]
 SLOW = {"tile_size_px": 16, "omit_tiles": True}  # ~180 batches on the 2048 px slide: time to act mid-job
 
 
@@ -128,13 +129,26 @@ def test_analyze_end_to_end_reports_progress_and_writes_outputs(first_analysis, 
     assert json.loads((out / "synthetic.report.json").read_text())["tiles"]["count"] == whole.tile_count
     assert len((out / "synthetic.csv").read_text().strip().splitlines()) == 2
     assert (out / "synthetic.overlay.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the rasters (issue 21) as the server wrote them: one pixel per tile position holding its class, with um/px
+    import tifffile
+
+    with tifffile.TiffFile(out / "synthetic.tissue-map.tif") as tiff:
+        tile_map = tiff.pages[0].asarray()
+        x_resolution = tiff.pages[0].tags["XResolution"].value
+    assert (tile_map > 0).sum() == whole.tile_count and tile_map.max() <= len(CODES)
+    assert x_resolution[0] / x_resolution[1] > 0  # pixels per centimetre, from the tile pitch
+    with tifffile.TiffFile(out / "synthetic.region-mask.tif") as tiff:
+        assert tiff.pages[0].asarray().any()
     objects = outcome.qupath_objects()
     assert sum(o.object_type == "detection" for o in objects) == whole.tile_count
     assert sum(o.object_type == "annotation" for o in objects) >= 1
 
     # A stem with a folder part never leaves the output folder; writing again replaces the files.
     escaped = dataclasses.replace(outcome, slide_stem="../evil")
-    assert [p.parent for p in escaped.write(out)] == [out] * 4 and (out / "evil.geojson").is_file()
+    assert [p.parent for p in escaped.write(out)] == [out] * 6 and (out / "evil.geojson").is_file()
+    # a result from a server that sends no rasters writes the other four
+    older = dataclasses.replace(outcome, slide_stem="older", tissue_map_tiff=b"", region_mask_tiff=b"")
+    assert [p.name for p in older.write(out)] == ["older.geojson", "older.report.json", "older.csv", "older.overlay.png"]
     assert not (out.parent / "evil.geojson").exists()
 
 

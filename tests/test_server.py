@@ -284,6 +284,7 @@ def test_demo_command_runs_the_main_job_through_the_server(synthetic_slide: Path
     err = capsys.readouterr().err
     assert "server started" in err and "server stopped" in err and "UNTRAINED DEMO" in err
     assert sorted(p.name for p in out.iterdir()) == ["synthetic.csv", "synthetic.geojson", "synthetic.overlay.png",
-                                                     "synthetic.report.json"]
+                                                     "synthetic.region-mask.tif", "synthetic.report.json",
+                                                     "synthetic.tissue-map.tif"]
     report = json.loads((out / "synthetic.report.json").read_text())
     assert report["model_status"] == "untrained-demo" and report["tiles"]["count"] > 30

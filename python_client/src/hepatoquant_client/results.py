@@ -42,6 +42,8 @@ _OUTPUT_FILES: tuple[tuple[str, str], ...] = (
     (".report.json", "report_json"),
     (".csv", "cohort_csv"),
     (".overlay.png", "overlay_png"),
+    (".tissue-map.tif", "tissue_map_tiff"),  # these two are empty from servers that did not send them
+    (".region-mask.tif", "region_mask_tiff"),
 )
 
 
@@ -67,6 +69,8 @@ class AnalysisOutcome:
     slide_stem: str
     warnings: tuple[str, ...]
     report_json: str = field(default="", repr=False, compare=False)  # the report as the server wrote it
+    tissue_map_tiff: bytes = field(default=b"", repr=False)  # one pixel per tile position: its class (0 = none)
+    region_mask_tiff: bytes = field(default=b"", repr=False)  # the regions as a label raster
 
     @classmethod
     def from_proto(cls, message: pb.AnalysisResult) -> AnalysisOutcome:
@@ -90,6 +94,8 @@ class AnalysisOutcome:
             slide_stem=message.slide_stem,
             warnings=tuple(message.warnings),
             report_json=report_text or json.dumps(report, indent=2),
+            tissue_map_tiff=bytes(message.tissue_map_tiff),
+            region_mask_tiff=bytes(message.region_mask_tiff),
         )
 
     @property
@@ -99,11 +105,16 @@ class AnalysisOutcome:
         return stem if stem not in ("", ".", "..") else self.job_id
 
     def output_names(self) -> list[str]:
-        """The file names :meth:`write` writes: ``<stem>.geojson``, ``.report.json``, ``.csv``, ``.overlay.png``."""
-        return [f"{self.stem}{suffix}" for suffix, _ in _OUTPUT_FILES]
+        """The file names :meth:`write` writes: ``<stem>.geojson``, ``.report.json``, ``.csv``, ``.overlay.png``
+        and, where the server sent them, ``.tissue-map.tif`` and ``.region-mask.tif``."""
+        return [f"{self.stem}{suffix}" for suffix, attribute in self._outputs()]
+
+    def _outputs(self) -> list[tuple[str, str]]:
+        return [(suffix, attribute) for suffix, attribute in _OUTPUT_FILES
+                if getattr(self, attribute) or not attribute.endswith("_tiff")]
 
     def write(self, out_dir: str | os.PathLike[str]) -> list[Path]:
-        """Write the four outputs into ``out_dir`` (created if needed), each atomically (temporary file in the
+        """Write the outputs (:meth:`output_names`) into ``out_dir`` (created if needed), each atomically (temporary file in the
         same folder, then ``os.replace``): a reader never sees half a file. Returns the paths written."""
         folder = Path(out_dir)
         try:
@@ -114,7 +125,7 @@ class AnalysisOutcome:
                 "choose a folder you can write to"
             ) from None
         written = []
-        for suffix, attribute in _OUTPUT_FILES:
+        for suffix, attribute in self._outputs():
             value = getattr(self, attribute)
             data = value.encode() if isinstance(value, str) else value
             target = folder / f"{self.stem}{suffix}"

@@ -222,7 +222,7 @@ class SlideReport:
 
     def to_proto(
         self, *, job_id: str, report_json: str, qupath_geojson: bytes, cohort_csv: bytes, overlay_png: bytes,
-        slide_stem: str,
+        slide_stem: str, tissue_map_tiff: bytes = b"", region_mask_tiff: bytes = b"",
     ) -> pb.AnalysisResult:
         """The API's result message, with the outputs' files (``report_json`` is the report as written)."""
         return pb.AnalysisResult(
@@ -237,6 +237,8 @@ class SlideReport:
             cohort_csv=cohort_csv,
             overlay_png=overlay_png,
             slide_stem=slide_stem,
+            tissue_map_tiff=tissue_map_tiff,
+            region_mask_tiff=region_mask_tiff,
         )
 
     def to_row(self, *, slide: str, job_id: str | None = None) -> dict[str, Any]:

@@ -75,7 +75,8 @@ def job_to_proto(record: JobRecord) -> pb.Job:
 
 
 def result_to_proto(job_id: str, result_dir: Path) -> pb.AnalysisResult:
-    """The stored outputs of a job (report, GeoJSON, CSV, overlay) as the API's result message."""
+    """The stored outputs of a job (report, GeoJSON, CSV, overlay, rasters) as the API's result message; the
+    rasters are absent from results stored before they were written (empty fields)."""
     report_path = next(result_dir.glob("*.report.json"))
     report_json = report_path.read_text()
     stem = report_path.name.removesuffix(".report.json")
@@ -85,8 +86,14 @@ def result_to_proto(job_id: str, result_dir: Path) -> pb.AnalysisResult:
         qupath_geojson=(result_dir / f"{stem}.geojson").read_bytes(),
         cohort_csv=(result_dir / f"{stem}.csv").read_bytes(),
         overlay_png=(result_dir / f"{stem}.overlay.png").read_bytes(),
+        tissue_map_tiff=_read_if_present(result_dir / f"{stem}.tissue-map.tif"),
+        region_mask_tiff=_read_if_present(result_dir / f"{stem}.region-mask.tif"),
         slide_stem=stem,
     )
+
+
+def _read_if_present(path: Path) -> bytes:
+    return path.read_bytes() if path.is_file() else b""
 
 
 def pack_to_proto(pack: ModelPack) -> pb.ModelPackInfo:

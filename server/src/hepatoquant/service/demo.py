@@ -12,6 +12,7 @@ from pathlib import Path
 
 import grpc
 from hepatoquant_client.proto import pb, pb_grpc
+from hepatoquant_client.results import AnalysisOutcome
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -47,13 +48,7 @@ def run_demo(slide: Path, out_dir: Path, *, models_dir: Path | None, model: str,
         finally:
             running.stop(grace_seconds=2)
             console.print("server stopped")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stem = result.slide_stem
-    for suffix, data in ((".geojson", result.qupath_geojson), (".report.json", result.report_json.encode()),
-                         (".csv", result.cohort_csv), (".overlay.png", result.overlay_png)):
-        partial = out_dir / f".{stem}{suffix}.partial"
-        partial.write_bytes(data)
-        partial.replace(out_dir / f"{stem}{suffix}")
+    AnalysisOutcome.from_proto(result).write(out_dir)  # as the Python client writes a result, rasters included
     for warning in result.warnings:
         console.print(f"[yellow]warning:[/] {warning}")
     console.print(_table(result))

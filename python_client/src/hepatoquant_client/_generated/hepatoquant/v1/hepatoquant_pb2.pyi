@@ -243,7 +243,7 @@ class RegionComposition(_message.Message):
     def __init__(self, name: _Optional[str] = ..., region_class: _Optional[str] = ..., source: _Optional[str] = ..., region_area_mm2: _Optional[float] = ..., tile_count: _Optional[int] = ..., tile_area_mm2: _Optional[float] = ..., classes: _Optional[_Iterable[_Union[ClassComposition, _Mapping]]] = ...) -> None: ...
 
 class AnalysisResult(_message.Message):
-    __slots__ = ("job_id", "model_status", "regions", "region_classes", "headline_indicators_percent", "report_json", "qupath_geojson", "warnings", "cohort_csv", "overlay_png", "slide_stem")
+    __slots__ = ("job_id", "model_status", "regions", "region_classes", "headline_indicators_percent", "report_json", "qupath_geojson", "warnings", "cohort_csv", "overlay_png", "slide_stem", "tissue_map_tiff", "region_mask_tiff")
     class HeadlineIndicatorsPercentEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -262,6 +262,8 @@ class AnalysisResult(_message.Message):
     COHORT_CSV_FIELD_NUMBER: _ClassVar[int]
     OVERLAY_PNG_FIELD_NUMBER: _ClassVar[int]
     SLIDE_STEM_FIELD_NUMBER: _ClassVar[int]
+    TISSUE_MAP_TIFF_FIELD_NUMBER: _ClassVar[int]
+    REGION_MASK_TIFF_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     model_status: str
     regions: _containers.RepeatedCompositeFieldContainer[RegionComposition]
@@ -273,7 +275,9 @@ class AnalysisResult(_message.Message):
     cohort_csv: bytes
     overlay_png: bytes
     slide_stem: str
-    def __init__(self, job_id: _Optional[str] = ..., model_status: _Optional[str] = ..., regions: _Optional[_Iterable[_Union[RegionComposition, _Mapping]]] = ..., region_classes: _Optional[_Iterable[_Union[RegionComposition, _Mapping]]] = ..., headline_indicators_percent: _Optional[_Mapping[str, float]] = ..., report_json: _Optional[str] = ..., qupath_geojson: _Optional[bytes] = ..., warnings: _Optional[_Iterable[str]] = ..., cohort_csv: _Optional[bytes] = ..., overlay_png: _Optional[bytes] = ..., slide_stem: _Optional[str] = ...) -> None: ...
+    tissue_map_tiff: bytes
+    region_mask_tiff: bytes
+    def __init__(self, job_id: _Optional[str] = ..., model_status: _Optional[str] = ..., regions: _Optional[_Iterable[_Union[RegionComposition, _Mapping]]] = ..., region_classes: _Optional[_Iterable[_Union[RegionComposition, _Mapping]]] = ..., headline_indicators_percent: _Optional[_Mapping[str, float]] = ..., report_json: _Optional[str] = ..., qupath_geojson: _Optional[bytes] = ..., warnings: _Optional[_Iterable[str]] = ..., cohort_csv: _Optional[bytes] = ..., overlay_png: _Optional[bytes] = ..., slide_stem: _Optional[str] = ..., tissue_map_tiff: _Optional[bytes] = ..., region_mask_tiff: _Optional[bytes] = ...) -> None: ...
 
 class TileBatch(_message.Message):
     __slots__ = ("images", "raw_width_px", "raw_height_px", "mpp_um_px", "model", "include_embeddings")
