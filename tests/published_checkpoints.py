@@ -44,7 +44,7 @@ __all__ = [
 ]
 
 MODEL_NAMES = ("uni", "virchow2", "gigapath", "uni2_h", "virchow", "phikon", "phikon_v2", "hoptimus0", "hoptimus1",
-               "conch_v15")
+               "conch_v15", "lunit_vits8")
 # Saved by Hugging Face transformers (names renamed into timm's on loading: hepatoquant.checkpoint_layouts).
 TRANSFORMERS_CHECKPOINTS = {"phikon": "transformers_vit", "phikon_v2": "transformers_dinov2"}
 
@@ -154,6 +154,13 @@ SOURCES: dict[str, str] = {
         "model.load_state_dict(torch.load(checkpoint), strict=True). TRIDENT: img_size 448, fp16, "
         "'pytorch_model_vision.bin' from huggingface.co/MahmoodLab/conchv1_5; PFM_Segmentation README: "
         "'CONCHv1.5 | 307M | 1024 | 16x16'; patch tokens trunk.forward_features(x)[:, 1:] (1024-d)"
+    ),
+    "lunit_zoo": (
+        "lingxitong/PFM_Segmentation models/pfm_seg_models.py: lunit_vits8 = timm.create_model('vit_small_patch8_224', "
+        "checkpoint_path=..., img_size=224) from 1aurent/vit_small_patch8_224.lunit_dino (model.safetensors), "
+        "forward_features (class token first); slide2vec's registry (encoders/lunit.py): encode_dim 384, input 224, "
+        "patch 8, 0.5 um/px, fp32, mean (0.70322989, 0.53606487, 0.66096631), std (0.21716536, 0.26081574, "
+        "0.20723464), 'Lunit-S training stats, as documented by kaiko-ai/eva'"
     ),
     "hoptimus1_blog": "Bioptimus launch post: 'H-Optimus-1 is a 1.1 billion parameter vision transformer'",
     "phikon_config": (
@@ -355,6 +362,13 @@ ARCHITECTURES["conch_v15"] = {
     "state_dict_prefix": "trunk.",
     "attentional_pooler": {"d_model": 768, "context_dim": 1024, "n_queries": 1, "heads": 8},
 }
+ARCHITECTURES["lunit_vits8"] = {
+    # FACT (lunit_zoo): timm's vit_small_patch8_224 (ViT-S: 384-d, 12 blocks, 6 heads, MLP 4x, GELU, no
+    # LayerScale), loaded by timm from a timm-format file.
+    "timm_name": "vit_small_patch8_224", "img_size": 224, "patch_size": 8, "in_chans": 3, "embed_dim": 384,
+    "depth": 12, "num_heads": 6, "mlp": "plain", "mlp_fc1_out": 1536, "mlp_fc2_in": 1536, "activation": "GELU",
+    "layer_scale": False, "class_token": True, "reg_tokens": 0, "no_embed_class": False, "qkv_bias": True,
+}
 # FACT (trident_zoo, pfmseg_zoo): H-optimus-1 is built and loaded exactly as H-optimus-0.
 ARCHITECTURES["hoptimus1"] = ARCHITECTURES["hoptimus0"]
 
@@ -472,6 +486,7 @@ PUBLISHED_PARAMETER_COUNTS: dict[str, int] = {
     "hoptimus0": 1_134_774_272,  # x 4 B = 4.54 GB, the size of its pytorch_model.bin (hoptimus0_card)
     "hoptimus1": 1_134_774_272,
     "conch_v15": 306_711_296,  # trunk 303,952,896 + pooler 2,756,864 + ln_contrast 1,536
+    "lunit_vits8": 21_670_272,  # ViT-S/8 at 224 px (DERIVED; no count published)
 }
 
 # Owner-published approximate figures, for reference only.
@@ -551,6 +566,8 @@ PREPROCESSING: dict[str, dict] = {
     **{name: {"input_size": (3, 224, 224), "mean": (0.707223, 0.578729, 0.703617),
               "std": (0.211883, 0.230117, 0.177517), "notes": "224 px at 0.5 um/px (hoptimus0_card)"}
        for name in ("hoptimus0", "hoptimus1")},
+    "lunit_vits8": {"input_size": (3, 224, 224), "mean": (0.70322989, 0.53606487, 0.66096631),
+                    "std": (0.21716536, 0.26081574, 0.20723464), "notes": "224 px at 0.5 um/px (lunit_zoo)"},
     "conch_v15": {"input_size": (3, 448, 448), "mean": IMAGENET_MEAN, "std": IMAGENET_STD,
                   "notes": "512 px at 20x resized to 448 (TITAN's TRIDENT recipe); ImageNet (pfmseg_zoo)"},
 }
@@ -588,6 +605,7 @@ RECOMMENDED_EMBEDDING: dict[str, dict] = {
     "phikon_v2": {"dim": 1024, "recipe": "last_hidden_state[:, 0, :]"},
     "hoptimus0": {"dim": 1536, "num_prefix_tokens": 5, "recipe": "model(x), global_pool token"},
     "hoptimus1": {"dim": 1536, "num_prefix_tokens": 5, "recipe": "model(x), global_pool token"},
+    "lunit_vits8": {"dim": 384, "recipe": "forward_features(x)[:, 0] (timm global_pool token)"},
     "conch_v15": {"dim": 768, "pooling": "attentional",
                   "recipe": "ln_contrast(attn_pool_contrast(trunk(x, return_all_tokens=True))[:, 0])"},
 }

@@ -91,7 +91,8 @@ def test_the_encoder_is_found_from_the_repository_and_bad_combinations_are_refus
            "owkin/phikon": ("phikon", "model.safetensors"), "owkin/phikon-v2": ("phikon_v2", "model.safetensors"),
            "bioptimus/H-optimus-0": ("hoptimus0", "pytorch_model.bin"),
            "bioptimus/H-optimus-1": ("hoptimus1", "pytorch_model.bin"),
-           "MahmoodLab/conchv1_5": ("conch_v15", "pytorch_model_vision.bin")}
+           "MahmoodLab/conchv1_5": ("conch_v15", "pytorch_model_vision.bin"),
+           "1aurent/vit_small_patch8_224.lunit_dino": ("lunit_vits8", "model.safetensors")}
     for repository, (encoder, filename) in zoo.items():  # issue 21's zoo: the file each repository publishes
         assert encoder_for_repository(repository) == encoder and hub_source(encoder) == (repository, filename)
     with pytest.raises(Exception, match="no registered encoder"):

@@ -385,7 +385,8 @@ def test_a_checkpoint_for_another_backbone_is_refused(pfm_checkpoint, tmp_path: 
 
 @pytest.mark.parametrize(("their_name", "ours"), [("uni_v2", "uni2_h"), ("virchow_v1", "virchow"), ("phikon", "phikon"),
                                                ("phikon_v2", "phikon_v2"), ("hoptimus_0", "hoptimus0"),
-                                               ("hoptimus_1", "hoptimus1"), ("conch_v1_5", "conch_v15")])
+                                               ("hoptimus_1", "hoptimus1"), ("conch_v1_5", "conch_v15"),
+                                               ("lunit_vits8", "lunit_vits8")])
 def test_every_zoo_backbone_is_known_by_pfm_segmentations_name(pfm_checkpoint, tmp_path: Path, their_name: str,
                                                                ours: str) -> None:
     """Issue 21: a checkpoint trained on any of their backbones that timm builds names our encoder for it (their

@@ -80,7 +80,7 @@ def _build_parser() -> argparse.ArgumentParser:
     pfm.add_argument("--checkpoint", type=Path, required=True,
                      help="best_lora_and_decoder_head.pth (lora) or best_decoder_head.pth (frozen)")
     pfm.add_argument("--backbone", required=True, help="registered encoder it was trained on (uni, uni2_h, virchow, virchow2, gigapath, "
-                          "phikon, phikon_v2, hoptimus0, hoptimus1, conch_v15)")
+                          "phikon, phikon_v2, hoptimus0, hoptimus1, conch_v15, lunit_vits8)")
     pfm.add_argument("--backbone-weights", type=Path, required=True, help="that foundation model's own checkpoint")
     pfm.add_argument("--classes", nargs="+", required=True,
                      help="the checkpoint's output channels in order, each background, non_tumour or tumour")

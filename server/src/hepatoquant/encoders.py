@@ -176,7 +176,7 @@ def gigapath() -> nn.Module:
 
 
 # The rest of PFM_Segmentation's backbones that timm builds (its names: uni_v2, virchow_v1, phikon, phikon_v2,
-# hoptimus_0, hoptimus_1, conch_v1_5). Arguments as the owners' cards and TRIDENT's loaders (mahmoodlab/TRIDENT,
+# hoptimus_0, hoptimus_1, conch_v1_5, lunit_vits8). Arguments as the owners' cards and TRIDENT's loaders (mahmoodlab/TRIDENT,
 # trident/patch_encoder_models/load.py) give them; tests/published_checkpoints.py records each fact's source.
 
 
@@ -288,6 +288,28 @@ def conch_v15() -> nn.Module:
     from hepatoquant.attentional_pooling import ConchV15Vision
 
     return ConchV15Vision()
+
+
+@_register(
+    EncoderConfig(
+        name="lunit_vits8",
+        description="Lunit DINO ViT-S/8 (Lunit), 19M tiles of 36k slides",
+        input_size_px=224,
+        embedding_dim=384,
+        patch_size_px=8,
+        pooling="cls",
+        mean=(0.70322989, 0.53606487, 0.66096631),  # Lunit's training statistics
+        std=(0.21716536, 0.26081574, 0.20723464),
+        recommended_dtype="float32",
+        licence_note="Lunit's non-commercial licence; timm weights re-hosted as 1aurent/vit_small_patch8_224.lunit_dino",
+        weights_source="hf_hub: 1aurent/vit_small_patch8_224.lunit_dino (model.safetensors)",
+        dynamic_img_size=True,
+    )
+)
+def lunit_vits8() -> nn.Module:
+    # PFM_Segmentation's lunit_vits8: timm vit_small_patch8_224 at 224 px, the class token.
+    return timm.create_model("vit_small_patch8_224", pretrained=False, img_size=224, num_classes=0,
+                             dynamic_img_size=True)
 
 
 HOPTIMUS_MEAN = (0.707223, 0.578729, 0.703617)  # the H-optimus cards and config.json

@@ -45,7 +45,8 @@ __all__ = ["LORA_SCALINGS", "PFM_NAMES", "import_pfmseg"]
 # Their ``model.pfm_name`` for the registry's encoders (a checkpoint's config naming another one is refused).
 PFM_NAMES = {"uni": "uni_v1", "virchow2": "virchow_v2", "gigapath": "gigapath", "uni2_h": "uni_v2",
              "virchow": "virchow_v1", "phikon": "phikon", "phikon_v2": "phikon_v2", "hoptimus0": "hoptimus_0",
-             "hoptimus1": "hoptimus_1", "conch_v15": "conch_v1_5"}
+             "hoptimus1": "hoptimus_1", "conch_v15": "conch_v1_5",
+             "lunit_vits8": "lunit_vits8"}
 LORA_SCALINGS = ("alpha", "alpha/r")
 _LORA_KEY = re.compile(r"^pfm\.(?P<module>.+)\.(?P<which>lora_a|lora_b)$")
 
