@@ -36,9 +36,11 @@ import tifffile
 import torch
 from safetensors.torch import save_file
 
-from hepatoquant.classify import choose_device, load_classifier, predict_batches
+from hepatoquant.analysis import ModelCache
+from hepatoquant.classify import choose_device, predict_batches
 from hepatoquant.encoders import create_encoder, encoder_config
 from hepatoquant.pack_import import add_model_pack
+from hepatoquant.inference_backend import resolve_backend
 from hepatoquant.precision import resolve_precision
 from hepatoquant.segmentation.pack import ensure_demo_segmentation_pack
 from hepatoquant.tile_reader import TileBatch
@@ -95,8 +97,8 @@ def random_classifier_pack(encoder: str, models: Path) -> object:
 
 
 def bare_tiles_per_second(pack, device: torch.device, batch_size: int, precision: str, batches: int) -> float:
-    """Encoder + head on uint8 tiles already decoded, through the pipeline's own batch predictor."""
-    model = load_classifier(pack, device)
+    """Encoder + head on uint8 tiles already decoded, through the pipeline's own batch predictor and backend."""
+    model = ModelCache().classifier(pack, device, resolve_backend("auto", device), precision)
     size = pack.input_size_px
     pixels = np.random.default_rng(0).integers(0, 255, (batch_size, size, size, 3), dtype=np.uint8)
     warm = [TileBatch(0, pixels) for _ in range(2)]

@@ -7,13 +7,17 @@ config: 150 px at 0.5 um/px, resize to 224, ImageNet normalisation. WSInfer down
 imported; here it is pointed at a local empty registry instead, so nothing is downloaded.
 
 Runs, alternating ``--repeats`` times: ``wsinfer run`` on a folder holding one slide, and ``hepatoquant analyze`` on
-the same slide (whole tissue, no segmenter, at HepatoQuant's default precision). Each tool's wall time counts its
+the same slide (whole tissue, no segmenter, at HepatoQuant's default precision and ``--backend``, default auto;
+its converted OpenVINO graph is cached before the runs, as after a user's first run). Each tool's wall time counts its
 whole process (start-up included), peak memory is the process's maximum RSS; tiles/s = that tool's tile count /
 seconds. Each tool's efficiency = its tiles/s against its own model alone on the same number of decoded tiles
 (WSInfer's: the TorchScript model in fp32, as WSInfer runs it; HepatoQuant's: the classifier at its precision).
 
-Usage: python benchmarks/peer_wsinfer.py [--slides CMU TCGA generated] [--repeats 2] [--wsinfer-venv PATH]
-       [--generated-size 8192] [--encoder demo_vit_tiny|bench_vit_small]
+``mosaic`` is issue 20's CPU slide: ``--mosaic-repeat`` copies (default 6 x 6 = 13,320 x 17,802 px, about 4,000
+tiles) of CMU-1-Small-Region's real H&E, built as benchmarks/gpu_e2e.py builds it (zlib tiles, not JPEG).
+
+Usage: python benchmarks/peer_wsinfer.py [--slides CMU TCGA generated mosaic] [--repeats 2] [--wsinfer-venv PATH]
+       [--generated-size 8192] [--mosaic-repeat 6 6] [--encoder demo_vit_tiny|bench_vit_small]
 """
 
 from __future__ import annotations
@@ -124,10 +128,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--wsinfer-venv", type=Path, default=REPO / ".tools" / "wsinfer-venv")
     parser.add_argument("--generated-size", type=int, default=8192)
+    parser.add_argument("--mosaic-repeat", type=int, nargs=2, default=(6, 6), metavar=("ACROSS", "DOWN"))
+    parser.add_argument("--backend", default="auto", choices=("auto", "torch", "openvino"),
+                        help="HepatoQuant's classifier backend (its default: auto, OpenVINO on a CPU)")
     parser.add_argument("--encoder", default="demo_vit_tiny", choices=("demo_vit_tiny", "bench_vit_small"),
                         help="the encoder both tools run (random weights): ViT-Ti/16 or ViT-S/16")
     args = parser.parse_args()
-    from hepatoquant.classify import load_classifier
+    from hepatoquant.analysis import ModelCache
+    from hepatoquant.inference_backend import resolve_backend
     from hepatoquant.model_pack import ensure_demo_pack
     from hepatoquant.precision import resolve_precision
     from hepatoquant.synthetic import Ellipse, SyntheticSlideSpec, write_synthetic_slide
@@ -145,14 +153,21 @@ def main() -> None:
                 slides[name] = TESTDATA / "CMU-1-Small-Region.svs"
             elif name == "TCGA":
                 slides[name] = TESTDATA / "TCGA-CR-7395-01A-01-TS1.svs"
+            elif name == "mosaic":
+                sys.path.insert(0, str(Path(__file__).parent))
+                from gpu_e2e import build_mosaic
+
+                slides[name], _ = build_mosaic(TESTDATA / "CMU-1-Small-Region.svs", base / "mosaic.tiff",
+                                               tuple(args.mosaic_repeat))
             else:
                 size = args.generated_size
                 slides[name] = write_synthetic_slide(base / "generated.tiff", SyntheticSlideSpec(
                     width_px=size, height_px=size, tumour=(Ellipse(size * 0.3, size * 0.4, size * 0.1, size * 0.12),)))
         env = {**os.environ, "HEPATOQUANT_MODELS_DIR": str(base / "models")}
-        classifier = load_classifier(pack, torch.device("cpu"))
         exported = torch.jit.load(str(model_path))
         precision = resolve_precision("auto", torch.device("cpu"))
+        backend = resolve_backend(args.backend, torch.device("cpu"))  # HepatoQuant's bare model: what analyze runs
+        classifier = ModelCache().classifier(pack, torch.device("cpu"), backend, precision)
         for name, slide in slides.items():
             folder = base / f"in-{name}"
             folder.mkdir()
@@ -169,7 +184,8 @@ def main() -> None:
                                                   "-c", str(config_path), "-b", "32", "-n", "2"]) + (wsinfer_tiles(out),))
                 out = base / f"hq-{name}-{repeat}"
                 seconds, peak = timed([str(REPO / ".venv" / "bin" / "hepatoquant"), "analyze", str(slide), "--out",
-                                       str(out), "--device", "cpu", "--seg-model", "none", "--no-progress", *mpp], env)
+                                       str(out), "--device", "cpu", "--backend", args.backend, "--seg-model", "none",
+                                       "--no-progress", *mpp], env)
                 [report] = out.glob("*.report.json")
                 runs["hepatoquant"].append((seconds, peak, json.loads(report.read_text())["tiles"]["count"]))
             rates = {}

@@ -20,8 +20,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hepatoquant.analysis import AnalysisOptions, analyze_slide
-from hepatoquant.classify import choose_device, load_classifier, predict_batches
+from hepatoquant.analysis import AnalysisOptions, ModelCache, analyze_slide
+from hepatoquant.classify import choose_device, predict_batches
+from hepatoquant.encoders import encoder_config
+from hepatoquant.inference_backend import resolve_backend
+from hepatoquant.precision import resolve_precision
 from hepatoquant.pack_lookup import resolve_model_pack
 from hepatoquant.outputs import write_outputs
 from hepatoquant.synthetic import SyntheticSlideSpec, write_synthetic_slide
@@ -44,11 +47,14 @@ def main() -> None:
         slide = write_synthetic_slide(Path(tmp) / "bench.tiff", SyntheticSlideSpec(width_px=args.size, height_px=args.size))
         options = AnalysisOptions(batch_size=args.batch_size, num_workers=args.workers, device=args.device)
 
-        # Warm-up (first-call allocations, lazy imports) on the bare model, outside both timings.
-        model = load_classifier(pack, device)
+        # Warm-up (first-call allocations, lazy imports) on the bare model, outside both timings. The bare model is
+        # the one analyze runs: same backend and precision (each analysis below loads its own, as a run does).
+        models = ModelCache()
+        precision = resolve_precision("auto", device, encoder_config(pack.encoder_name).recommended_dtype)
+        model = models.classifier(pack, device, resolve_backend("auto", device), precision)
         size = pack.input_size_px
         warm = TileBatch(0, np.zeros((args.batch_size, size, size, 3), np.uint8))
-        list(predict_batches(model, [warm], device))
+        list(predict_batches(model, [warm], device, precision=precision))
 
         # Alternate the two measurements and take medians: this machine's speed drifts between runs.
         pipeline_runs, bare_runs = [], []
@@ -63,7 +69,7 @@ def main() -> None:
                 pixels = rng.integers(0, 256, (tiles, size, size, 3), dtype=np.uint8)
                 batches = [TileBatch(i, pixels[i : i + args.batch_size]) for i in range(0, tiles, args.batch_size)]
             started = time.perf_counter()
-            for _ in predict_batches(model, batches, device):
+            for _ in predict_batches(model, batches, device, precision=precision):
                 pass
             bare_runs.append(time.perf_counter() - started)
         pipeline_s, bare_s = statistics.median(pipeline_runs), statistics.median(bare_runs)

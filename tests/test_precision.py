@@ -84,3 +84,44 @@ def test_bf16_agrees_with_fp32_on_real_he_with_a_trained_head(real_tiles) -> Non
     agreement = (fp32.probabilities.argmax(axis=1) == bf16.probabilities.argmax(axis=1)).mean()
     assert agreement >= 0.99
     assert np.abs(fp32.probabilities - bf16.probabilities).max() < 0.1  # measured: 0.043 on these 149 tiles
+
+
+def test_openvino_agrees_with_pytorch_fp32_on_real_he_with_a_trained_head(real_tiles, tmp_path: Path) -> None:
+    """The OpenVINO backend (the CPU default) against PyTorch fp32, the reference, on the same real tiles: its
+    f32 graph gives the same probabilities; its bf16 graph agrees on top-1 at least as the bf16 autocast must."""
+    from safetensors.torch import save_file
+
+    from hepatoquant.analysis import ModelCache
+    from hepatoquant.classify import load_classifier
+    from hepatoquant.pack_import import add_model_pack
+
+    patches, labels, slide_tiles = real_tiles
+    kept = labels != CRC_CLASSES.index("MUC")  # seven of the eight classes: a pack names HepatoQuant's seven codes
+    patches, labels = patches[kept], np.unique(labels[kept], return_inverse=True)[1]
+    codes = ("TUM", "FIB", "INF", "NEC", "NOR", "REA", "STE")  # names only: the pack needs codes, the test none
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        encoder = create_encoder("demo_vit_tiny").eval()
+    save_file({k: v.contiguous() for k, v in encoder.backbone.state_dict().items()}, str(tmp_path / "encoder.safetensors"))
+    model = PatchClassifier(encoder, torch.nn.Linear(encoder.config.embedding_dim, len(codes)),
+                            codes, encoder.config.mean, encoder.config.std).eval()
+    with torch.inference_mode():
+        _, embeddings = model(torch.from_numpy(patches))
+    head = train_probe(embeddings.numpy(), labels, embeddings.numpy(), labels, len(codes),
+                       ProbeConfig(method="lbfgs"))
+    save_file({k: v.contiguous() for k, v in head.head_state().items()}, str(tmp_path / "head.safetensors"))
+    pack = add_model_pack(tmp_path / "encoder.safetensors", encoder="demo_vit_tiny", name="crc", head=tmp_path /
+                          "head.safetensors", classes=codes, models_dir=tmp_path / "models")
+    tiles = np.concatenate([patches, slide_tiles])
+    [reference] = predict_batches(load_classifier(pack, CPU), [TileBatch(0, tiles)], CPU, precision="fp32",
+                                  keep_embeddings=True)
+    assert (reference.probabilities[:len(labels)].argmax(axis=1) == labels).mean() == 1.0  # the head is trained
+    models = ModelCache()
+    for chosen, largest_difference in (("fp32", 1e-4), ("bf16", 0.1)):
+        compiled = models.classifier(pack, CPU, "openvino", chosen)
+        assert type(compiled).__name__ == "CompiledClassifier" and compiled.precision == chosen
+        [measured] = predict_batches(compiled, [TileBatch(0, tiles)], CPU, precision=chosen, keep_embeddings=True)
+        agreement = (measured.probabilities.argmax(axis=1) == reference.probabilities.argmax(axis=1)).mean()
+        assert agreement == 1.0 if chosen == "fp32" else agreement >= 0.99
+        assert np.abs(measured.probabilities - reference.probabilities).max() < largest_difference
+        assert measured.embeddings.shape == reference.embeddings.shape

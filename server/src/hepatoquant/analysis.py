@@ -25,6 +25,7 @@ from hepatoquant.errors import InvalidParameterError, ModelPackError, NoTissueEr
 from hepatoquant.heap import freeze_long_lived
 from hepatoquant.encoders import encoder_config
 from hepatoquant.model_pack import ModelPack
+from hepatoquant.inference_backend import resolve_backend
 from hepatoquant.precision import resolve_precision
 from hepatoquant.quantify import Composition, assign_tiles, quantify
 from hepatoquant.run_clock import RunClock
@@ -64,6 +65,7 @@ class AnalysisOptions:
     tile_object_type: str = "detection"
     windows: SlidingWindowParams = field(default_factory=SlidingWindowParams)
     precision: str = "auto"  # see hepatoquant.precision
+    backend: str = "auto"  # the classifier's: torch, or openvino on CPUs (see hepatoquant.inference_backend)
     # Tiles whose focus score (tile_reader.focus_score) is below this are left out of the composition and
     # counted as excluded (blur); 0 keeps every tile. Measured on 60 tiles each of CMU-1-Small-Region and the
     # TCGA slide at 150 px: in focus, 5th percentile 697 / 214 (lowest of all their tiles 449 / 62); the same
@@ -105,6 +107,7 @@ class AnalysisResult:
     segmenter: dict | None = None  # the segmenter pack's summary when it made the regions
     segmentation: SegmentationMap | None = None
     precision: str = "fp32"  # the classifier's resolved precision (fp32, bf16, fp16)
+    backend: str = "torch"  # the classifier's resolved backend (torch, openvino)
     focus: np.ndarray | None = None  # (tiles,) focus score of each kept tile
     excluded_tiles: dict[str, int] = field(default_factory=dict)  # reason (artefact kind, "blur") -> tiles left out
 
@@ -155,8 +158,14 @@ class ModelCache:
                     freeze_long_lived()
             return self._models[key]
 
-    def classifier(self, pack: ModelPack, device: torch.device):
-        return self._get("classifier", pack, device, load_classifier)
+    def classifier(self, pack: ModelPack, device: torch.device, backend: str = "torch", precision: str = "fp32"):
+        """The pack's classifier: PyTorch's, or compiled by OpenVINO at ``precision`` (one per precision)."""
+        if backend == "torch":
+            return self._get("classifier", pack, device, load_classifier)
+        from hepatoquant.inference_backend import load_openvino_classifier
+
+        return self._get(f"classifier-{backend}-{precision}", pack, device, lambda pack, device:
+                         load_openvino_classifier(pack, precision, lambda: load_classifier(pack, device)))
 
     def segmenter(self, pack: ModelPack, device: torch.device):
         from hepatoquant.segmentation.pack import load_segmenter
@@ -301,8 +310,9 @@ def analyze_slide(
 
     device = choose_device(options.device)
     precision = resolve_precision(options.precision, device, encoder_config(pack.encoder_name).recommended_dtype)
+    backend = resolve_backend(options.backend, device)
     with clock.stage("model_loading"):
-        model = models.classifier(pack, device)
+        model = models.classifier(pack, device, backend, precision)
 
     with clock.stage("classification"):
         probabilities, embeddings, focus = _classify(slide_path, grid, pack, model, device, precision, options,
@@ -337,6 +347,7 @@ def analyze_slide(
         model=pack.summary(),
         device=str(device),
         precision=precision,
+        backend=backend,
         classes=pack.classes,
         tissue=tissue,
         grid=grid,
@@ -368,7 +379,7 @@ def _classify(
     batches."""
     probabilities = np.empty((len(grid), len(pack.classes)), dtype=np.float32)
     embeddings = (
-        np.empty((len(grid), model.encoder.config.embedding_dim), dtype=np.float32) if options.keep_embeddings else None
+        np.empty((len(grid), encoder_config(pack.encoder_name).embedding_dim), dtype=np.float32) if options.keep_embeddings else None
     )
     batches = iter_tile_batches(
         slide_path, grid, out_size_px=pack.input_size_px, batch_size=options.batch_size,

@@ -6,7 +6,7 @@ Every entry point maps onto the request and nothing else: ``hepatoquant analyze`
 HTTP/JSON gateway (the proto's JSON mapping) and the QuPath scripts' settings. Defaults live here only: a
 field that is absent takes the pack's value or the documented default; a field that is given, 0 included, is
 validated by the options it lands in and never replaced. What is not part of a request is the process's
-:class:`Runtime` (device, batch size, reader threads, default precision): one machine's business, set when it
+:class:`Runtime` (device, backend, batch size, reader threads, default precision): one machine's business, set when it
 starts (``analyze`` and ``cohort run`` flags, ``serve`` flags), not per slide.
 """
 
@@ -69,6 +69,7 @@ class Runtime:
     batch_size: int = 32
     num_workers: int = 2  # tile and window reading threads
     precision: str = "auto"  # used when a request leaves its precision empty
+    backend: str = "auto"  # the classifier's: torch, or openvino on CPUs (hepatoquant.inference_backend)
 
 
 def resolve_options(
@@ -111,6 +112,7 @@ def resolve_options(
         batch_size=runtime.batch_size,
         num_workers=runtime.num_workers,
         device=runtime.device,
+        backend=runtime.backend,
         keep_embeddings=request.include_embeddings,
         embeddings_formats=embeddings_formats,
         tile_object_type=request.tile_object_type or "detection",

@@ -44,6 +44,8 @@ def _build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--batch-size", type=int, default=32)
     analyze.add_argument("--workers", type=int, default=2, help="parallel tile readers")
     analyze.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    analyze.add_argument("--backend", choices=("auto", "torch", "openvino"), default="auto",
+                         help="what runs the classifier: auto (OpenVINO on a CPU, PyTorch on a GPU), torch, openvino")
     analyze.add_argument("--no-progress", action="store_true", help="no progress bar (for logs)")
     analyze.add_argument("--profile", type=Path, metavar="TRACE.json",
                          help="also write where the time went: the stages as a Chrome trace (open in "
@@ -113,6 +115,8 @@ def _build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--model", default="demo", help="default classifier pack")
     serve.add_argument("--seg-model", default=os.environ.get("HEPATOQUANT_SEG_MODEL", "none"), help="default segmenter pack")
     serve.add_argument("--device", default="auto")
+    serve.add_argument("--backend", choices=("auto", "torch", "openvino"), default="auto",
+                       help="what runs the classifier: auto (OpenVINO on a CPU, PyTorch on a GPU), torch, openvino")
     serve.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
                        help="encoder precision (auto: bf16 on CPUs with AVX512-BF16/AMX and on GPUs, else fp32)")
     serve.add_argument("--workers", type=int, default=1, help="jobs run at once (one per device is safest)")
@@ -234,6 +238,8 @@ def _add_cohort_parser(commands) -> None:
     run.add_argument("--address", help="Ray cluster address (auto, ray://host:10001); default: Ray on this machine")
     run.add_argument("--workers", type=int, default=1, help="slides analysed at once (one model copy each)")
     run.add_argument("--device", default="cpu", help="cpu, cuda, or auto")
+    run.add_argument("--backend", choices=("auto", "torch", "openvino"), default="auto",
+                     help="what runs the classifier: auto (OpenVINO on a CPU, PyTorch on a GPU), torch, openvino")
     run.add_argument("--batch-size", type=int, default=32)
     run.add_argument("--reader-workers", type=int, default=2, help="tile-reading threads per slide")
     _add_request_flags(run)
@@ -421,7 +427,7 @@ def _analyze(args: argparse.Namespace) -> int:
     shown_first = [demo_model_warning(p) for p in (pack, segmenter) if p is not None and p.is_untrained_demo]
     for warning in shown_first:
         console.print(f"[bold yellow]warning:[/] {warning}")
-    runtime = Runtime(device=args.device, batch_size=args.batch_size, num_workers=args.workers)
+    runtime = Runtime(device=args.device, backend=args.backend, batch_size=args.batch_size, num_workers=args.workers)
     options = resolve_options(request, pack, runtime, regions_path=args.regions)
     profiler = cProfile.Profile() if args.profile else None
     with progress_bar(console, disabled=args.no_progress) as on_progress, \
@@ -576,6 +582,7 @@ def _server_config(args: argparse.Namespace):
         default_segmenter=args.seg_model,
         device=args.device,
         precision=args.precision,
+        backend=args.backend,
         workers=args.workers,
         max_queued_jobs=args.max_queued,
         max_results=args.max_results,
@@ -731,7 +738,8 @@ def _cohort_run(args: argparse.Namespace) -> int:
         resolve_model_pack(request.segmenter_model, args.models_dir)
     settings = CohortSettings(
         request=request, models_dir=str(args.models_dir) if args.models_dir else None,
-        runtime=Runtime(device=args.device, batch_size=args.batch_size, num_workers=args.reader_workers),
+        runtime=Runtime(device=args.device, backend=args.backend, batch_size=args.batch_size,
+                        num_workers=args.reader_workers),
     )
     console = Console(stderr=True)
     counts = {"done": 0, "failed": 0, "skipped": 0, "tiles": 0}

@@ -14,12 +14,20 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import timm
 import torch
 from torch import nn
 
 from hepatoquant.checkpoint_layouts import CHECKPOINT_LAYOUTS, to_timm_names
 from hepatoquant.errors import InvalidParameterError, WeightsMismatchError, WeightsNotFoundError
+
+
+def _timm():
+    """timm, imported when an encoder is first built: importing it costs about 3 s here (it loads torchvision and
+    torch._dynamo), which a run with a converted classifier (hepatoquant.inference_backend) and no segmenter never
+    needs."""
+    import timm
+
+    return timm
 
 __all__ = [
     "EncoderConfig",
@@ -124,7 +132,7 @@ def _register(config: EncoderConfig) -> Callable[[_Builder], _Builder]:
 )
 def uni() -> nn.Module:
     # timm arguments from the UNI model card.
-    return timm.create_model(
+    return _timm().create_model(
         "vit_large_patch16_224", pretrained=False, img_size=224, patch_size=16, init_values=1e-5,
         num_classes=0, dynamic_img_size=True,
     )
@@ -146,10 +154,10 @@ def uni() -> nn.Module:
 )
 def virchow2() -> nn.Module:
     # timm arguments from the Virchow2 model card (config.json model_args plus the SwiGLU / SiLU layers).
-    return timm.create_model(
+    return _timm().create_model(
         "vit_huge_patch14_224", pretrained=False, img_size=224, init_values=1e-5, num_classes=0,
         mlp_ratio=5.3375, reg_tokens=4, global_pool="", dynamic_img_size=True,
-        mlp_layer=timm.layers.SwiGLUPacked, act_layer=nn.SiLU,
+        mlp_layer=_timm().layers.SwiGLUPacked, act_layer=nn.SiLU,
     )
 
 
@@ -169,7 +177,7 @@ def virchow2() -> nn.Module:
 def gigapath() -> nn.Module:
     # timm arguments from the Prov-GigaPath config.json (architecture vit_giant_patch14_dinov2); dynamic_img_size
     # as PFM_Segmentation builds it, so its segmenters can use larger windows (224 px inputs are unchanged).
-    return timm.create_model(
+    return _timm().create_model(
         "vit_giant_patch14_dinov2", pretrained=False, img_size=224, in_chans=3, patch_size=16, embed_dim=1536,
         depth=40, num_heads=24, init_values=1e-5, mlp_ratio=5.33334, num_classes=0, dynamic_img_size=True,
     )
@@ -195,10 +203,10 @@ def gigapath() -> nn.Module:
 )
 def uni2_h() -> nn.Module:
     # timm arguments of the UNI2-h model card (as TRIDENT and PFM_Segmentation build it).
-    return timm.create_model(
+    return _timm().create_model(
         "vit_giant_patch14_224", pretrained=False, img_size=224, patch_size=14, depth=24, num_heads=24,
         init_values=1e-5, embed_dim=1536, mlp_ratio=2.66667 * 2, num_classes=0, no_embed_class=True,
-        mlp_layer=timm.layers.SwiGLUPacked, act_layer=nn.SiLU, reg_tokens=8, dynamic_img_size=True,
+        mlp_layer=_timm().layers.SwiGLUPacked, act_layer=nn.SiLU, reg_tokens=8, dynamic_img_size=True,
     )
 
 
@@ -218,10 +226,10 @@ def uni2_h() -> nn.Module:
 )
 def virchow() -> nn.Module:
     # TRIDENT's arguments for Virchow (v1): Virchow2's without the register tokens.
-    return timm.create_model(
+    return _timm().create_model(
         "vit_huge_patch14_224", pretrained=False, img_size=224, init_values=1e-5, num_classes=0,
         mlp_ratio=5.3375, global_pool="", dynamic_img_size=True,
-        mlp_layer=timm.layers.SwiGLUPacked, act_layer=nn.SiLU,
+        mlp_layer=_timm().layers.SwiGLUPacked, act_layer=nn.SiLU,
     )
 
 
@@ -244,7 +252,7 @@ def phikon() -> nn.Module:
     # The ViTModel of its config.json (768-d, 12 layers, 12 heads, MLP 3072, qkv bias) in timm's modules; the
     # embedding is the class token of the last hidden state, after the final LayerNorm (TRIDENT). LayerNorm eps:
     # timm's 1e-6, which the repository's config was changed to ("to match timm": it was trained with timm).
-    return timm.create_model("vit_base_patch16_224", pretrained=False, img_size=224, num_classes=0,
+    return _timm().create_model("vit_base_patch16_224", pretrained=False, img_size=224, num_classes=0,
                              dynamic_img_size=True)
 
 
@@ -266,7 +274,7 @@ def phikon() -> nn.Module:
 def phikon_v2() -> nn.Module:
     # transformers' Dinov2Model at ViT-L/16 (LayerScale, GELU MLP of ratio 4, LayerNorm eps 1e-6) in timm's
     # modules; DINOv2's training mask token is not part of the model.
-    return timm.create_model("vit_large_patch16_224", pretrained=False, img_size=224, init_values=1.0,
+    return _timm().create_model("vit_large_patch16_224", pretrained=False, img_size=224, init_values=1.0,
                              num_classes=0, dynamic_img_size=True)
 
 
@@ -308,7 +316,7 @@ def conch_v15() -> nn.Module:
 )
 def lunit_vits8() -> nn.Module:
     # PFM_Segmentation's lunit_vits8: timm vit_small_patch8_224 at 224 px, the class token.
-    return timm.create_model("vit_small_patch8_224", pretrained=False, img_size=224, num_classes=0,
+    return _timm().create_model("vit_small_patch8_224", pretrained=False, img_size=224, num_classes=0,
                              dynamic_img_size=True)
 
 
@@ -319,7 +327,7 @@ HOPTIMUS_STD = (0.211883, 0.230117, 0.177517)
 def _hoptimus() -> nn.Module:
     # config.json: vit_giant_patch14_reg4_dinov2, global_pool token; card: init_values 1e-5. dynamic_img_size as
     # TRIDENT and PFM_Segmentation build it (224 px inputs are unchanged).
-    return timm.create_model("vit_giant_patch14_reg4_dinov2", pretrained=False, img_size=224, init_values=1e-5,
+    return _timm().create_model("vit_giant_patch14_reg4_dinov2", pretrained=False, img_size=224, init_values=1e-5,
                              num_classes=0, global_pool="token", dynamic_img_size=True)
 
 
@@ -354,7 +362,7 @@ for _name, _repo, _text, _licence in (
     )
 )
 def demo_vit_tiny() -> nn.Module:
-    return timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0)
+    return _timm().create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0)
 
 
 @_register(
@@ -370,7 +378,7 @@ def demo_vit_tiny() -> nn.Module:
     )
 )
 def bench_vit_small() -> nn.Module:
-    return timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=0)
+    return _timm().create_model("vit_small_patch16_224", pretrained=False, num_classes=0)
 
 
 @_register(
@@ -386,7 +394,7 @@ def bench_vit_small() -> nn.Module:
     )
 )
 def test_vit_micro() -> nn.Module:
-    return timm.create_model(
+    return _timm().create_model(
         "vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=32, depth=2,
         num_heads=2, init_values=1e-5, num_classes=0,
     )
@@ -405,10 +413,10 @@ def test_vit_micro() -> nn.Module:
     )
 )
 def test_vit_micro_reg() -> nn.Module:
-    return timm.create_model(
+    return _timm().create_model(
         "vit_tiny_patch16_224", pretrained=False, img_size=28, patch_size=7, embed_dim=32, depth=2,
         num_heads=2, init_values=1e-5, num_classes=0, reg_tokens=2, global_pool="", mlp_ratio=2.0,
-        mlp_layer=timm.layers.SwiGLUPacked, act_layer=nn.SiLU,
+        mlp_layer=_timm().layers.SwiGLUPacked, act_layer=nn.SiLU,
     )
 
 

@@ -22,12 +22,14 @@ REPORT_SCHEMA_PATH = Path(__file__).resolve().parents[1] / "schemas" / "report.s
 # 2.0: tiles counted in the region containing their centre (QuPath's rule; was: largest overlap); a region without
 # tiles has class_percent null (was: every class 0 %) and says why in no_data; tiles.outside_regions added.
 # 2.1: artefacts (area and share of the slide per kind), tiles.excluded, tiles.min_focus, tiles.keep_artefacts.
-REPORT_SCHEMA_VERSION = "2.1"
+# 2.2: parameters.backend (torch or openvino), versions.openvino when it ran the classifier.
+REPORT_SCHEMA_VERSION = "2.2"
 
 
-def _versions() -> dict[str, str]:
+def _versions(backend: str) -> dict[str, str]:
     versions = {"hepatoquant": __version__, "python": platform.python_version()}
-    for dist in ("torch", "timm", "openslide-python", "openslide-bin", "shapely", "numpy", "hepatoquant-client"):
+    libraries = ("torch", "timm", "openslide-python", "openslide-bin", "shapely", "numpy", "hepatoquant-client")
+    for dist in libraries + (("openvino",) if backend == "openvino" else ()):
         try:
             versions[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
@@ -45,7 +47,7 @@ def build_report(result: AnalysisResult, *, outputs: dict[str, str]) -> dict:
         "segmenter_model_status": result.segmenter["model_status"] if result.segmenter else None,
         "warnings": list(result.warnings),
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "versions": _versions(),
+        "versions": _versions(result.backend),
         "slide": dataclasses.asdict(result.slide),
         "parameters": {
             "tile_size_px": options.tile.tile_size_px,
@@ -59,6 +61,7 @@ def build_report(result: AnalysisResult, *, outputs: dict[str, str]) -> dict:
             "num_workers": options.num_workers,
             "device": result.device,
             "precision": result.precision,
+            "backend": result.backend,
             "tile_object_type": options.tile_object_type,
         },
         "model": result.model,

@@ -42,6 +42,7 @@ from hepatoquant.errors import (
     StorageFullError,
     StorageUnavailableError,
 )
+from hepatoquant.inference_backend import CompiledClassifier, resolve_backend
 from hepatoquant.precision import resolve_precision
 from hepatoquant.model_pack import MANIFEST_NAME, ModelPack, default_models_dir, list_model_packs
 from hepatoquant.pack_lookup import pack_by_name, resolve_model_pack
@@ -87,6 +88,7 @@ class ServerConfig:
     default_segmenter: str = "none"
     device: str = "auto"
     precision: str = "auto"  # see hepatoquant.precision
+    backend: str = "auto"  # the classifier's: torch, or openvino on CPUs (hepatoquant.inference_backend)
     workers: int = 1
     max_queued_jobs: int = 16
     max_message_bytes: int = 64 * 2**20
@@ -160,6 +162,7 @@ class ServerEngine:
             on_success=self._apply_retention,
         )
         self.device = choose_device(config.device)
+        resolve_backend(config.backend, self.device)  # --backend openvino with a GPU fails at start, not per job
         # The jobs' models, loaded once (a foundation model takes seconds to load), then frozen (hepatoquant.heap).
         self._models = ModelCache(freeze_after_load=True)
         self._submit_lock = threading.Lock()
@@ -267,7 +270,8 @@ class ServerEngine:
 
     def _runtime(self) -> Runtime:
         return Runtime(device=str(self.device), batch_size=self.config.batch_size,
-                       num_workers=self.config.reader_workers, precision=self.config.precision)
+                       num_workers=self.config.reader_workers, precision=self.config.precision,
+                       backend=self.config.backend)
 
     def _request_key(self, request: pb.AnalysisRequest, slide: Path, packs: list[ModelPack | None]) -> str:
         """Same request, same slide file (path, size, modification time), same model manifests, same report
@@ -355,9 +359,13 @@ class ServerEngine:
         return job_to_proto(record)
 
     # -- tiles -------------------------------------------------------------------------------------------
-    def _classifier(self, name: str) -> tuple[ModelPack, PatchClassifier]:
+    def _classifier(self, name: str) -> tuple[ModelPack, PatchClassifier | CompiledClassifier, str]:
+        """The pack, its model (the jobs' copy: one per pack, device, backend and precision) and the precision."""
         pack = self._pack(name, self.config.default_model)
-        return pack, self._models.classifier(pack, self.device)  # the jobs' copy: one per pack and device
+        precision = resolve_precision(self.config.precision, self.device,
+                                      encoder_config(pack.encoder_name).recommended_dtype)
+        backend = resolve_backend(self.config.backend, self.device)
+        return pack, self._models.classifier(pack, self.device, backend, precision), precision
 
     def classify_tiles(self, batch: pb.TileBatch) -> pb.TilePredictions:
         """Predictions for tiles the caller holds; each tile must show about one tile of the pack's size."""
@@ -368,7 +376,7 @@ class ServerEngine:
             raise InvalidParameterError(
                 f"the tile batch has {count} images; send at most {MAX_TILES_PER_BATCH} per batch message"
             )
-        pack, model = self._classifier(batch.model)
+        pack, model, precision = self._classifier(batch.model)
         size = pack.input_size_px
         pixels = np.empty((count, size, size, 3), dtype=np.uint8)
         for index, data in enumerate(batch.images):
@@ -384,8 +392,6 @@ class ServerEngine:
                         "send tiles of that physical size"
                     )
             pixels[index] = cv2.resize(tile, (size, size), interpolation=cv2.INTER_AREA if tile.shape[0] > size else cv2.INTER_LINEAR)
-        precision = resolve_precision(self.config.precision, self.device,
-                                      encoder_config(pack.encoder_name).recommended_dtype)
         [prediction] = predict_batches(model, [ReaderBatch(0, pixels)], self.device,
                                        keep_embeddings=batch.include_embeddings, precision=precision)
         classes = list(pack.classes)
