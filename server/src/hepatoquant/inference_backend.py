@@ -47,8 +47,9 @@ def import_openvino():
     OpenVINO's model conversion sends usage data to Google Analytics unless the user has opted out (a consent file
     under ``~/intel``): it writes a client id and statistics there and sends them from a forked process. HepatoQuant
     runs on hospital machines and beside gRPC's threads (which a fork disturbs), so OpenVINO is imported with its
-    telemetry package hidden, and its conversion API then uses its own stub: its documented fallback when the
-    package is absent. Only OpenVINO's optional telemetry is affected.
+    telemetry package hidden, and its conversion modules then use their own stub (each imports
+    ``openvino.tools.ovc.telemetry_stub`` when ``openvino_telemetry`` cannot be imported). Only OpenVINO's optional
+    telemetry is affected; tests/test_inference_backend.py checks the stub is the one used.
     """
     if "openvino" not in sys.modules:
         sys.modules.setdefault("openvino_telemetry", None)  # an import of it raises ImportError: OpenVINO's stub
