@@ -588,3 +588,20 @@ def test_jobs_and_classify_tiles_share_one_loaded_copy_of_a_model(start, monkeyp
         assert compiled == ["demo"] and loads in ([], ["demo"])
     finally:
         channel.close()
+
+
+def test_the_servers_backend_reaches_the_jobs_report(start) -> None:
+    """`serve --backend` is the server's choice for every job (a machine's setting, like --device)."""
+    for backend in ("torch", "openvino"):
+        running = start(backend=backend)
+        channel = grpc.insecure_channel(f"127.0.0.1:{running.grpc_port}")
+        try:
+            stub = pb_grpc.HepatoQuantStub(channel)
+            job = stub.SubmitAnalysis(pb.AnalysisRequest(slide="synthetic.tiff", omit_tiles=True), metadata=AUTH,
+                                      timeout=30)
+            assert list(stub.WatchJob(pb.WatchJobRequest(job_id=job.job_id), metadata=AUTH, timeout=120))[-1] \
+                .job.state == pb.JOB_STATE_SUCCEEDED
+            result = stub.GetResult(pb.GetResultRequest(job_id=job.job_id), metadata=AUTH, timeout=30)
+            assert json.loads(result.report_json)["parameters"]["backend"] == backend
+        finally:
+            channel.close()
