@@ -28,6 +28,7 @@ from hepatoquant_client import (
 )
 from hepatoquant_client.cli import main
 from hepatoquant_client.proto import pb
+from slow_jobs import throttle
 
 from hepatoquant.model_pack import ensure_demo_pack
 from hepatoquant.service.engine import ServerConfig
@@ -37,7 +38,7 @@ TOKEN = "client-s3cret"
 CODES = ["TUM", "FIB", "INF", "NEC", "NOR", "REA", "STE"]
 OUTPUT_NAMES = ["synthetic.csv", "synthetic.geojson", "synthetic.overlay.png", "synthetic.region-mask.tif",
                 "synthetic.report.json", "synthetic.tissue-map.tif"]
-SLOW = {"tile_size_px": 16, "omit_tiles": True}  # ~180 batches on the 2048 px slide: time to act mid-job
+SLOW = {"tile_size_px": 16, "omit_tiles": True}  # 183 batches on the 2048 px slide, each slowed: time to act mid-job
 
 
 @pytest.fixture(scope="module")
@@ -52,9 +53,11 @@ def server(tmp_path_factory: pytest.TempPathFactory, synthetic_slide: Path):
     token_file.write_text(TOKEN + "\n")
     config = ServerConfig(slide_roots=(root.resolve(),), state_dir=base / "state", models_dir=models, token=TOKEN,
                           max_queued_jobs=64)
-    running = start_server(config, host="127.0.0.1", grpc_port=0, http_host="127.0.0.1", http_port=0)
-    yield {"target": f"127.0.0.1:{running.grpc_port}", "root": root.resolve(), "token_file": token_file}
-    running.stop(grace_seconds=1)
+    with pytest.MonkeyPatch.context() as patch:
+        throttle(patch)  # batches slowed (slow_jobs): jobs last long enough to act on mid-way on any machine
+        running = start_server(config, host="127.0.0.1", grpc_port=0, http_host="127.0.0.1", http_port=0)
+        yield {"target": f"127.0.0.1:{running.grpc_port}", "root": root.resolve(), "token_file": token_file}
+        running.stop(grace_seconds=1)
 
 
 @pytest.fixture()

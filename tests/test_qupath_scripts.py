@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 from hepatoquant_client.project_plan import UriMappingError, map_image_uri, parse_mappings
 from hepatoquant_client.qupath_geojson import parse_qupath_geojson
+from slow_jobs import throttle
 
 import hepatoquant.service.engine as engine
 from hepatoquant.errors import CorruptSlideError
@@ -82,9 +83,11 @@ def server(groovy: list[str], tmp_path_factory: pytest.TempPathFactory, syntheti
     ensure_demo_pack(models, encoder="test_vit_micro")
     config = ServerConfig(slide_roots=(root.resolve(),), state_dir=base / "state", models_dir=models, token=TOKEN,
                           max_queued_jobs=64)
-    running = start_server(config, host="127.0.0.1", grpc_port=0, http_host="127.0.0.1", http_port=0)
-    yield {"url": f"http://127.0.0.1:{running.http_port}", "grpc_port": running.grpc_port, "root": root.resolve()}
-    running.stop(grace_seconds=1)
+    with pytest.MonkeyPatch.context() as patch:
+        throttle(patch)  # batches slowed (slow_jobs): a script can stop a job mid-way on any machine
+        running = start_server(config, host="127.0.0.1", grpc_port=0, http_host="127.0.0.1", http_port=0)
+        yield {"url": f"http://127.0.0.1:{running.http_port}", "grpc_port": running.grpc_port, "root": root.resolve()}
+        running.stop(grace_seconds=1)
 
 
 @pytest.fixture(autouse=True)

@@ -15,7 +15,6 @@ import shutil
 import signal
 import sqlite3
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -25,13 +24,14 @@ from pathlib import Path
 import grpc
 import pytest
 from hepatoquant_client.proto import pb, pb_grpc
+from slow_jobs import cli_command, throttle
 
 from hepatoquant.model_pack import ensure_demo_pack
 from hepatoquant.service.engine import ServerConfig
 from hepatoquant.service.server import RunningServer, start_server
 
 SLIDE = "synthetic.tiff"
-SLOW = {"tile_size_px": 16, "omit_tiles": True}  # ~180 batches of 32 tiles on the 2048 px slide
+SLOW = {"tile_size_px": 16, "omit_tiles": True}  # 183 batches of 32 tiles on the 2048 px slide, each slowed (slow_jobs)
 BOOT_SECONDS = 60  # `hepatoquant serve` prints its ports within this (imports torch: ~4 s here)
 JOB_SECONDS = 120  # any job here ends well within this
 STOP_GRACE_SECONDS = 40  # executor join (30 s) + gRPC grace (10 s): the most a graceful stop may take
@@ -70,8 +70,9 @@ class Served:
 
 @pytest.fixture()
 def serve(slide_root: Path, models: Path, tmp_path: Path) -> Iterator[Callable[..., Served]]:
-    """Factory: ``serve(state_dir, *extra_args)`` starts `hepatoquant serve` on free loopback ports and waits for
-    its "serving" line. Whatever is still running at teardown is killed (only the processes started here)."""
+    """Factory: ``serve(state_dir, *extra_args)`` starts `hepatoquant serve` (batches slowed) on free loopback ports
+    and waits for its "serving" line. Whatever is still running at teardown is killed (only the processes started
+    here)."""
     started: list[Served] = []
 
     def start(state_dir: Path, *extra: str) -> Served:
@@ -79,7 +80,7 @@ def serve(slide_root: Path, models: Path, tmp_path: Path) -> Iterator[Callable[.
         env = dict(os.environ, HEPATOQUANT_MODELS_DIR=str(models), PYTHONUNBUFFERED="1")
         env.pop("HEPATOQUANT_TOKEN", None)
         command = [
-            sys.executable, "-m", "hepatoquant.cli", "--models-dir", str(models), "serve",
+            *cli_command(), "--models-dir", str(models), "serve",
             "--slide-root", str(slide_root), "--state-dir", str(state_dir), "--host", "127.0.0.1", "--port", "0",
             "--http-host", "127.0.0.1", "--http-port", "0", "--device", "cpu", "--seg-model", "none", *extra,
         ]
@@ -126,8 +127,10 @@ def _config(state_dir: Path, slide_root: Path, models: Path, **overrides) -> Ser
 
 
 @pytest.fixture()
-def start_local(slide_root: Path, models: Path, tmp_path: Path) -> Iterator[Callable[..., tuple[RunningServer, pb_grpc.HepatoQuantStub]]]:
-    """Factory: an in-process server (one job worker unless told otherwise) and a stub for it; stopped at teardown."""
+def start_local(slide_root: Path, models: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., tuple[RunningServer, pb_grpc.HepatoQuantStub]]]:
+    """Factory: an in-process server (one job worker unless told otherwise, batches slowed) and a stub for it;
+    stopped at teardown."""
+    throttle(monkeypatch)
     running: list[tuple[RunningServer, grpc.Channel]] = []
 
     def start(state_dir: Path | None = None, **overrides) -> tuple[RunningServer, pb_grpc.HepatoQuantStub]:
@@ -157,7 +160,7 @@ def _wait_final(stub, job_id: str, timeout: float = JOB_SECONDS) -> pb.Job:
 
 def _watch_until_mid_tiles(stub, job_id: str):
     """Watch the job until it is RUNNING part-way through its tiles; returns the live stream and that event's job.
-    Fails if the job ends first (then it is too fast to interrupt: make SLOW slower)."""
+    Fails if the job ends first (then it is too fast to interrupt: raise slow_jobs.SECONDS_PER_BATCH)."""
     stream = stub.WatchJob(pb.WatchJobRequest(job_id=job_id), timeout=JOB_SECONDS)
     for event in stream:
         job = event.job

@@ -22,6 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hepatoquant_client.proto import pb, pb_grpc
 from PIL import Image
 from rss_sampler import RssSampler
+from slow_jobs import throttle
 
 from hepatoquant.errors import InvalidParameterError
 from hepatoquant.model_pack import ensure_demo_pack
@@ -206,8 +207,10 @@ class _FailingConnection:
 
 
 @pytest.fixture()
-def own_server(tmp_path: Path, synthetic_slide: Path):
-    """A server of its own (its store is tampered with), with a failing-capable job store connection."""
+def own_server(tmp_path: Path, synthetic_slide: Path, monkeypatch: pytest.MonkeyPatch):
+    """A server of its own (its store is tampered with), with a failing-capable job store connection and slowed
+    batches (slow_jobs: a job is still running when a test breaks the store)."""
+    throttle(monkeypatch)
     root = tmp_path / "slides"
     root.mkdir()
     shutil.copy(synthetic_slide, root / "synthetic.tiff")

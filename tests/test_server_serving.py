@@ -10,7 +10,6 @@ import shutil
 import socket
 import ssl
 import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -21,6 +20,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hepatoquant_client.proto import pb, pb_grpc
 from rss_sampler import RssSampler
+from slow_jobs import cli_command
 
 from hepatoquant.model_pack import ensure_demo_pack
 from hepatoquant.service import engine as engine_module
@@ -272,8 +272,8 @@ def test_a_chunked_body_is_read_and_the_next_request_on_the_connection_is_answer
 
 
 def _serve_command(site: dict, state: Path, *options: str) -> list[str]:
-    """`hepatoquant serve` on free loopback ports, CPU, no segmenter, plus ``options``."""
-    return [sys.executable, "-m", "hepatoquant.cli", "--models-dir", str(site["models"]), "serve",
+    """`hepatoquant serve` on free loopback ports, CPU, no segmenter, batches slowed (slow_jobs), plus ``options``."""
+    return [*cli_command(), "--models-dir", str(site["models"]), "serve",
             "--slide-root", str(site["root"]), "--state-dir", str(state), "--host", "127.0.0.1", "--port", "0",
             "--http-host", "127.0.0.1", "--http-port", "0", "--device", "cpu", "--seg-model", "none", *options]
 
