@@ -1,6 +1,7 @@
-"""The classifier's backend: what ``auto`` chooses per device, refusals, the converted-graph cache (reused without
-loading PyTorch weights, rebuilt when damaged or when the pack's files change, harmless when unwritable), and that
-the choice reaches the report. Agreement with PyTorch on real H&E: tests/test_precision.py."""
+"""The models' backend: what ``auto`` chooses per device, refusals, the converted-graph cache (reused without
+loading PyTorch weights, rebuilt when damaged or when the pack's files change, harmless when unwritable), the
+segmenter's graph (LoRA adapter included), and that the choice reaches the report. Agreement with PyTorch on real
+H&E: tests/test_precision.py (classifier) and tests/test_seg_train.py (a trained segmenter)."""
 
 from __future__ import annotations
 
@@ -18,8 +19,10 @@ import torch
 
 from hepatoquant.classify import load_classifier, predict_batches
 from hepatoquant.errors import InvalidParameterError, ModelPackError
-from hepatoquant.inference_backend import load_openvino_classifier, resolve_backend
+from hepatoquant.inference_backend import load_openvino_classifier, load_openvino_segmenter, resolve_backend
 from hepatoquant.model_pack import load_model_pack
+from hepatoquant.segmentation.inference import WindowSegmenter
+from hepatoquant.segmentation.pack import load_segmenter
 from hepatoquant.tile_reader import TileBatch
 
 CPU = torch.device("cpu")
@@ -161,3 +164,109 @@ def test_converting_a_model_sends_no_telemetry(tiny_classifier_pack, tmp_path: P
                                                            "HEPATOQUANT_CACHE_DIR": str(tmp_path / "cache")})
     assert completed.stdout.split() == ["module", "openvino.tools.ovc.telemetry_stub"]
     assert list(home.iterdir()) == []  # no ~/intel/openvino_ga_cid, no ~/intel/stats
+
+
+_MODELS_RELEASED_OUT_OF_ORDER = """
+import gc, os, signal, sys, torch
+from hepatoquant.classify import load_classifier
+from hepatoquant.inference_backend import load_openvino_classifier
+from hepatoquant.model_pack import load_model_pack
+pack = load_model_pack(sys.argv[1])
+first, second = (load_openvino_classifier(pack, precision, lambda: load_classifier(pack, torch.device("cpu")))
+                 for precision in ("fp32", "bf16"))
+del first; gc.collect()
+del second; gc.collect()
+signal.signal(signal.SIGUSR1, lambda *_: print("handled", flush=True))
+os.kill(os.getpid(), signal.SIGUSR1)
+print("alive")
+"""
+
+
+def test_models_released_in_any_order_leave_signals_working(tiny_classifier_pack, tmp_path: Path) -> None:
+    """OpenVINO's CPU plugin swaps the thread's alternate signal stack per Core and puts the previous one back when
+    the Core goes: released first-made-first, the thread was left on an unmapped stack and the next signal Python
+    handled killed the process (SIGSEGV; a server whose child ended, or a SIGTERM). One Core per process."""
+    completed = subprocess.run([sys.executable, "-X", "faulthandler", "-c", _MODELS_RELEASED_OUT_OF_ORDER,
+                                str(tiny_classifier_pack.path)], capture_output=True, text=True,
+                               env={**os.environ, "HEPATOQUANT_CACHE_DIR": str(tmp_path / "cache")})
+    assert (completed.returncode, completed.stdout.split()) == (0, ["handled", "alive"]), completed.stderr[-2000:]
+
+
+@pytest.fixture()
+def micro_segmenter_pack(tmp_path: Path):
+    """A segmenter pack on the micro test encoder whose LoRA adapter matters: LayerScale gammas 1 (timm starts them
+    near zero, which hides what the blocks compute) and LoRA B matrices drawn at random (peft starts them at zero;
+    a trained adapter's are not)."""
+    from hepatoquant.segmentation.model import LoRASettings, build_segmentation_model
+    from hepatoquant.segmentation.pack import write_segmentation_pack
+
+    lora = LoRASettings(rank=4, alpha=8.0, dropout=0.0)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = build_segmentation_model("test_vit_micro", lora=lora, decoder_width=32)
+        for name, parameter in model.encoder.backbone.named_parameters():
+            if name.endswith(".gamma"):
+                parameter.data.fill_(1.0)
+            elif "lora_B" in name:
+                parameter.data.normal_(0.0, 0.5)
+    return write_segmentation_pack(tmp_path / "models" / "micro-seg", model, lora=lora, decoder_width=32)
+
+
+def _windows(pack, count: int = 3) -> torch.Tensor:
+    size = pack.input_size_px
+    return torch.from_numpy(np.random.default_rng(1).integers(0, 256, (count, size, size, 3), dtype=np.uint8))
+
+
+def _torch_segmenter(pack) -> WindowSegmenter:
+    return WindowSegmenter(load_segmenter(pack, CPU), pack.mean, pack.std).eval()
+
+
+def test_the_segmenter_with_its_lora_adapter_is_converted_cached_and_reused(micro_segmenter_pack, tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HEPATOQUANT_CACHE_DIR", str(tmp_path / "cache"))
+    pack = micro_segmenter_pack
+    windows = _windows(pack)
+    with torch.inference_mode():
+        reference = _torch_segmenter(pack)(windows)
+        without_adapter = WindowSegmenter(_base_only(pack), pack.mean, pack.std)(windows)
+    assert (reference - without_adapter).abs().max() > 1e-2  # the adapter changes the logits: it must be converted
+    loads = []
+    first = load_openvino_segmenter(pack, "fp32", lambda: loads.append(1) or _torch_segmenter(pack))
+    assert loads == [1]
+    [graph] = (tmp_path / "cache" / "openvino").glob("segmenter-*/segmenter.xml")
+    again = load_openvino_segmenter(pack, "bf16", _never_loaded)
+    assert (first.input_size_px, first.patch_size_px, first.classes) == (pack.input_size_px, 8, pack.classes)
+    logits = first(windows)
+    assert logits.shape == reference.shape
+    np.testing.assert_allclose(logits.numpy(), reference.numpy(), atol=1e-4)
+    assert (again(windows).argmax(1) == reference.argmax(1)).float().mean() >= 0.95
+
+
+def _base_only(pack):
+    """The pack's segmenter with its LoRA layers switched off (peft's disable_adapter)."""
+    model = load_segmenter(pack, CPU)
+    model.peft_model.base_model.disable_adapter_layers()
+    return model
+
+
+def test_a_changed_adapter_is_converted_again(micro_segmenter_pack, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keyed by every file of the pack: a retrained adapter (backbone and decoder unchanged) gets its own graph."""
+    from safetensors.torch import load_file, save_file
+
+    monkeypatch.setenv("HEPATOQUANT_CACHE_DIR", str(tmp_path / "cache"))
+    pack = micro_segmenter_pack
+    load_openvino_segmenter(pack, "fp32", lambda: _torch_segmenter(pack))
+    adapter = pack.path / "adapter" / "adapter_model.safetensors"
+    save_file({name: -tensor for name, tensor in load_file(str(adapter)).items()}, str(adapter))
+    loads = []
+    changed = load_openvino_segmenter(pack, "fp32", lambda: loads.append(1) or _torch_segmenter(pack))
+    assert loads == [1] and len(list((tmp_path / "cache" / "openvino").iterdir())) == 2
+    windows = _windows(pack)
+    with torch.inference_mode():
+        np.testing.assert_allclose(changed(windows).numpy(), _torch_segmenter(pack)(windows).numpy(), atol=1e-4)
+
+
+def test_a_classifier_pack_is_refused_as_a_segmenter(tiny_classifier_pack) -> None:
+    with pytest.raises(ModelPackError, match="not a segmenter pack"):
+        load_openvino_segmenter(tiny_classifier_pack, "fp32", lambda: _torch_segmenter(tiny_classifier_pack))

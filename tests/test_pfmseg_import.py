@@ -484,6 +484,27 @@ def test_a_missing_lora_tensor_is_named_not_blamed_on_the_backbone(pfm_checkpoin
     assert "another backbone" not in message
 
 
+def test_an_imported_pack_runs_on_openvino_as_in_pytorch_at_any_batch_size(pfm_checkpoint, tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Their decoder's channels reordered, a class it lacks filled in: the graph OpenVINO converts (from one
+    window) must hold that for any number of windows, with PyTorch's logits."""
+    from hepatoquant.analysis import ModelCache
+
+    monkeypatch.setenv("HEPATOQUANT_CACHE_DIR", str(tmp_path / "cache"))
+    pack = _import(pfm_checkpoint(num_classes=2), tmp_path, classes=("tumour", "non_tumour"))
+    models = ModelCache()
+    on_torch, on_openvino = models.segmenter(pack, CPU), models.segmenter(pack, CPU, "openvino", "fp32")
+    size = pack.input_size_px
+    for count in (3, 1):
+        windows = torch.from_numpy(np.random.default_rng(count).integers(0, 256, (count, size, size, 3), np.uint8))
+        with torch.inference_mode():
+            expected = on_torch(windows)
+        got = on_openvino(windows)
+        assert got.shape == (count, len(SEG_CLASS_NAMES), size, size)
+        np.testing.assert_allclose(got.numpy(), expected.numpy(), atol=1e-4)
+        assert (got[:, SEG_CLASS_NAMES.index("background")] == expected[:, 0]).all()  # the absent class's constant
+
+
 # --- the commands, and the packs on the real slides -----------------------------------------------------------
 def test_imported_packs_run_in_analyze_on_the_real_slides(pfm_checkpoint, tmp_path: Path, cmu_slide: Path,
                                                           tcga_slide: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -36,7 +36,7 @@ from hepatoquant.regions import (
     regions_from_objects,
     whole_tissue_region,
 )
-from hepatoquant.segmentation.inference import SegmentationMap, SlidingWindowParams, segment_slide
+from hepatoquant.segmentation.inference import SegmentationMap, SlidingWindowParams, WindowSegmenter, segment_slide
 from hepatoquant.slide import Slide, SlideInfo
 from hepatoquant.tile_reader import iter_tile_batches
 from hepatoquant.tiling import TileGrid, TileSpec, build_tile_grid, without_artefacts
@@ -65,7 +65,7 @@ class AnalysisOptions:
     tile_object_type: str = "detection"
     windows: SlidingWindowParams = field(default_factory=SlidingWindowParams)
     precision: str = "auto"  # see hepatoquant.precision
-    backend: str = "auto"  # the classifier's: torch, or openvino on CPUs (see hepatoquant.inference_backend)
+    backend: str = "auto"  # the models': torch, or openvino on CPUs (see hepatoquant.inference_backend)
     # Tiles whose focus score (tile_reader.focus_score) is below this are left out of the composition and
     # counted as excluded (blur); 0 keeps every tile. Measured on 60 tiles each of CMU-1-Small-Region and the
     # TCGA slide at 150 px: in focus, 5th percentile 697 / 214 (lowest of all their tiles 449 / 62); the same
@@ -167,10 +167,20 @@ class ModelCache:
         return self._get(f"classifier-{backend}-{precision}", pack, device, lambda pack, device:
                          load_openvino_classifier(pack, precision, lambda: load_classifier(pack, device)))
 
-    def segmenter(self, pack: ModelPack, device: torch.device):
+    def segmenter(self, pack: ModelPack, device: torch.device, backend: str = "torch", precision: str = "fp32"):
+        """The pack's segmenter on uint8 windows (:class:`WindowSegmenter`): PyTorch's, or compiled by OpenVINO at
+        ``precision``."""
         from hepatoquant.segmentation.pack import load_segmenter
 
-        return self._get("segmenter", pack, device, load_segmenter)
+        def load_torch(pack: ModelPack, device: torch.device) -> WindowSegmenter:
+            return WindowSegmenter(load_segmenter(pack, device), pack.mean, pack.std).eval()
+
+        if backend == "torch":
+            return self._get("segmenter", pack, device, load_torch)
+        from hepatoquant.inference_backend import load_openvino_segmenter
+
+        return self._get(f"segmenter-{backend}-{precision}", pack, device, lambda pack, device:
+                         load_openvino_segmenter(pack, precision, lambda: load_torch(pack, device)))
 
 
 def _segment(
@@ -190,9 +200,10 @@ def _segment(
     if segmenter.is_untrained_demo:
         warnings.append(demo_model_warning(segmenter))
     device = choose_device(options.device)
-    with clock.stage("segmenter_loading"):
-        model = models.segmenter(segmenter, device)
     precision = resolve_precision(options.precision, device, encoder_config(segmenter.encoder_name).recommended_dtype)
+    backend = resolve_backend(options.backend, device)
+    with clock.stage("segmenter_loading"):
+        model = models.segmenter(segmenter, device, backend, precision)
     with clock.stage("segmentation"):
         segmentation = segment_slide(
             slide_path,
@@ -208,6 +219,7 @@ def _segment(
             progress=lambda done, total: report_progress("windows", done, total),
             precision=precision,
         )
+        segmentation = dataclasses.replace(segmentation, backend=backend)
     with clock.stage("regions"):
         regions = regions_from_label_mask(
             segmentation.mask, downsample=segmentation.downsample, mpp_um_px=slide_info.mpp_um_px

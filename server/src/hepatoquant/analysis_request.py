@@ -69,7 +69,7 @@ class Runtime:
     batch_size: int = 32
     num_workers: int = 2  # tile and window reading threads
     precision: str = "auto"  # used when a request leaves its precision empty
-    backend: str = "auto"  # the classifier's: torch, or openvino on CPUs (hepatoquant.inference_backend)
+    backend: str = "auto"  # the models': torch, or openvino on CPUs (hepatoquant.inference_backend)
 
 
 def resolve_options(

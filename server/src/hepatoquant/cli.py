@@ -45,7 +45,8 @@ def _build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--workers", type=int, default=2, help="parallel tile readers")
     analyze.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     analyze.add_argument("--backend", choices=("auto", "torch", "openvino"), default="auto",
-                         help="what runs the classifier: auto (OpenVINO on a CPU, PyTorch on a GPU), torch, openvino")
+                         help="what runs the classifier and the segmenter: auto (OpenVINO on a CPU, PyTorch on a GPU), "
+                       "torch, openvino")
     analyze.add_argument("--no-progress", action="store_true", help="no progress bar (for logs)")
     analyze.add_argument("--profile", type=Path, metavar="TRACE.json",
                          help="also write where the time went: the stages as a Chrome trace (open in "
@@ -116,7 +117,8 @@ def _build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--seg-model", default=os.environ.get("HEPATOQUANT_SEG_MODEL", "none"), help="default segmenter pack")
     serve.add_argument("--device", default="auto")
     serve.add_argument("--backend", choices=("auto", "torch", "openvino"), default="auto",
-                       help="what runs the classifier: auto (OpenVINO on a CPU, PyTorch on a GPU), torch, openvino")
+                       help="what runs the classifier and the segmenter: auto (OpenVINO on a CPU, PyTorch on a GPU), "
+                       "torch, openvino")
     serve.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
                        help="encoder precision (auto: bf16 on CPUs with AVX512-BF16/AMX and on GPUs, else fp32)")
     serve.add_argument("--workers", type=int, default=1, help="jobs run at once (one per device is safest)")
@@ -239,7 +241,8 @@ def _add_cohort_parser(commands) -> None:
     run.add_argument("--workers", type=int, default=1, help="slides analysed at once (one model copy each)")
     run.add_argument("--device", default="cpu", help="cpu, cuda, or auto")
     run.add_argument("--backend", choices=("auto", "torch", "openvino"), default="auto",
-                     help="what runs the classifier: auto (OpenVINO on a CPU, PyTorch on a GPU), torch, openvino")
+                     help="what runs the classifier and the segmenter: auto (OpenVINO on a CPU, PyTorch on a GPU), "
+                     "torch, openvino")
     run.add_argument("--batch-size", type=int, default=32)
     run.add_argument("--reader-workers", type=int, default=2, help="tile-reading threads per slide")
     _add_request_flags(run)

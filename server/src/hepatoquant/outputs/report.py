@@ -23,13 +23,14 @@ REPORT_SCHEMA_PATH = Path(__file__).resolve().parents[1] / "schemas" / "report.s
 # tiles has class_percent null (was: every class 0 %) and says why in no_data; tiles.outside_regions added.
 # 2.1: artefacts (area and share of the slide per kind), tiles.excluded, tiles.min_focus, tiles.keep_artefacts.
 # 2.2: parameters.backend (torch or openvino), versions.openvino when it ran the classifier.
-REPORT_SCHEMA_VERSION = "2.2"
+# 2.3: segmentation.backend (what ran the segmenter's windows); versions.openvino when it ran either model.
+REPORT_SCHEMA_VERSION = "2.3"
 
 
-def _versions(backend: str) -> dict[str, str]:
+def _versions(backends: set[str]) -> dict[str, str]:
     versions = {"hepatoquant": __version__, "python": platform.python_version()}
     libraries = ("torch", "timm", "openslide-python", "openslide-bin", "shapely", "numpy", "hepatoquant-client")
-    for dist in libraries + (("openvino",) if backend == "openvino" else ()):
+    for dist in libraries + (("openvino",) if "openvino" in backends else ()):
         try:
             versions[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
@@ -47,7 +48,7 @@ def build_report(result: AnalysisResult, *, outputs: dict[str, str]) -> dict:
         "segmenter_model_status": result.segmenter["model_status"] if result.segmenter else None,
         "warnings": list(result.warnings),
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "versions": _versions(result.backend),
+        "versions": _versions({result.backend, result.segmentation.backend if result.segmentation else "torch"}),
         "slide": dataclasses.asdict(result.slide),
         "parameters": {
             "tile_size_px": options.tile.tile_size_px,
@@ -73,6 +74,7 @@ def build_report(result: AnalysisResult, *, outputs: dict[str, str]) -> dict:
             "windows_run": result.segmentation.windows_run,
             "windows_total": result.segmentation.windows_total,
             "precision": result.segmentation.precision,
+            "backend": result.segmentation.backend,
             "window_overlap": options.windows.overlap,
         },
         "tissue": {

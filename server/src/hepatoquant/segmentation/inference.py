@@ -18,6 +18,7 @@ import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from hepatoquant.classify import normalisation_buffers, normalise_uint8_nhwc
 from hepatoquant.errors import InvalidParameterError
@@ -28,7 +29,7 @@ from hepatoquant.tile_reader import iter_tile_batches
 from hepatoquant.tiling import TileGrid, TileSpec, tissue_fraction_grid
 from hepatoquant.tissue import TissueMask
 
-__all__ = ["SlidingWindowParams", "SegmentationMap", "window_grid", "segment_slide", "blend_weights"]
+__all__ = ["SlidingWindowParams", "SegmentationMap", "WindowSegmenter", "window_grid", "segment_slide", "blend_weights"]
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,26 @@ class SegmentationMap:
     windows_total: int
     windows_run: int
     precision: str = "fp32"  # the resolved precision the windows ran at (hepatoquant.precision)
+    backend: str = "torch"  # what ran them: torch, or openvino (hepatoquant.inference_backend)
+
+
+class WindowSegmenter(nn.Module):
+    """uint8 NHWC windows, as the tile reader gives them -> per-pixel logits (B, classes, H, W): the pack's
+    normalisation and the segmenter as one module. PyTorch runs it in :func:`segment_slide`; OpenVINO converts it
+    whole (:func:`hepatoquant.inference_backend.load_openvino_segmenter`), so both take the same input."""
+
+    def __init__(self, model: SegmentationModel, mean: tuple[float, float, float], std: tuple[float, float, float]):
+        super().__init__()
+        self.model = model
+        mean_255, std_255 = normalisation_buffers(mean, std)
+        self.register_buffer("mean_255", mean_255.to(next(model.parameters()).device), persistent=False)
+        self.register_buffer("std_255", std_255.to(next(model.parameters()).device), persistent=False)
+        self.classes = model.classes
+        self.input_size_px = model.input_size_px
+        self.patch_size_px = model.patch_size_px
+
+    def forward(self, windows_uint8_nhwc: torch.Tensor) -> torch.Tensor:
+        return self.model(normalise_uint8_nhwc(windows_uint8_nhwc, self.mean_255, self.std_255))
 
 
 def window_grid(
@@ -101,7 +122,7 @@ def segment_slide(
     slide_size_px: tuple[int, int],
     slide_mpp_um_px: float,
     tissue: TissueMask,
-    model: SegmentationModel,
+    model,
     *,
     mean: tuple[float, float, float],
     std: tuple[float, float, float],
@@ -111,8 +132,15 @@ def segment_slide(
     progress: Callable[[int, int], None] | None = None,
     precision: str = "fp32",
 ) -> SegmentationMap:
-    """Segment a slide into background / non-tumour / tumour at ``params.map_spacing_um_px``, the model under
-    autocast at the resolved ``precision`` (:func:`hepatoquant.precision.resolve_precision`)."""
+    """Segment a slide into background / non-tumour / tumour at ``params.map_spacing_um_px``.
+
+    ``model``: a :class:`SegmentationModel`, run here with the pack's ``mean`` and ``std`` under autocast at the
+    resolved ``precision`` (:func:`hepatoquant.precision.resolve_precision`); or one that takes the reader's uint8
+    windows itself, normalisation included (a :class:`WindowSegmenter`, or OpenVINO's compiled copy of one, whose
+    precision is then the one it was compiled at).
+    """
+    if isinstance(model, SegmentationModel):
+        model = WindowSegmenter(model, mean, std)
     window_px = model.input_size_px
     if window_px % model.patch_size_px:
         raise InvalidParameterError(
@@ -135,15 +163,13 @@ def segment_slide(
     logit_sum = np.zeros((num_classes, map_h, map_w), dtype=np.float32)
     weight_sum = np.zeros((map_h, map_w), dtype=np.float32)
     weights = blend_weights(window_map_px)
-    mean_255, std_255 = (t.to(device) for t in normalisation_buffers(mean, std))
     done = 0
     batches = iter_tile_batches(
         slide_path, grid, out_size_px=window_px, batch_size=params.batch_size, num_workers=params.num_workers
     )
     with contextlib.closing(batches), torch.inference_mode(), autocast_for(device, precision):
         for batch in batches:
-            pixels = normalise_uint8_nhwc(torch.from_numpy(batch.pixels).to(device), mean_255, std_255)
-            logits = model(pixels).float()
+            logits = model(torch.from_numpy(batch.pixels).to(device, non_blocking=True)).float()
             small = F.interpolate(logits, size=(window_map_px, window_map_px), mode="area").cpu().numpy()
             for offset, window_logits in enumerate(small):
                 index = batch.start + offset

@@ -96,8 +96,12 @@ class PFMSegDecoder(nn.Module):
         self.segmentation_head = nn.Sequential(nn.Conv2d(DECODER_CHANNELS[-1], len(source_classes), 3, padding=1),
                                                nn.Identity())
         self.source_classes = tuple(source_classes)
-        targets = torch.tensor([SEG_CLASS_NAMES.index(name) for name in source_classes])
-        self.register_buffer("_targets", targets, persistent=False)
+        # HepatoQuant's channel i is the checkpoint's channel sources[i]; a class it lacks reads the extra channel
+        # of _ABSENT_CLASS_LOGIT appended after its own. A gather, not an in-place write, so that the graph OpenVINO
+        # converts from it keeps a free batch size.
+        sources = [source_classes.index(name) if name in source_classes else len(source_classes)
+                   for name in SEG_CLASS_NAMES]
+        self.register_buffer("_sources", torch.tensor(sources), persistent=False)
 
     def forward(self, grid: torch.Tensor, out_size: tuple[int, int]) -> torch.Tensor:
         logits = self.segmentation_head(self.decoder(grid))
@@ -107,7 +111,5 @@ class PFMSegDecoder(nn.Module):
             )
         if self.source_classes == SEG_CLASS_NAMES:
             return logits
-        shape = (logits.shape[0], len(SEG_CLASS_NAMES), *logits.shape[-2:])
-        ordered = logits.new_full(shape, _ABSENT_CLASS_LOGIT)
-        ordered[:, self._targets] = logits
-        return ordered
+        absent = torch.full_like(logits[:, :1], _ABSENT_CLASS_LOGIT)
+        return torch.cat([logits, absent], dim=1).index_select(1, self._sources)

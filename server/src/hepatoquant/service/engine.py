@@ -88,7 +88,7 @@ class ServerConfig:
     default_segmenter: str = "none"
     device: str = "auto"
     precision: str = "auto"  # see hepatoquant.precision
-    backend: str = "auto"  # the classifier's: torch, or openvino on CPUs (hepatoquant.inference_backend)
+    backend: str = "auto"  # the models': torch, or openvino on CPUs (hepatoquant.inference_backend)
     workers: int = 1
     max_queued_jobs: int = 16
     max_message_bytes: int = 64 * 2**20
