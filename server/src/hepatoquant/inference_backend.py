@@ -16,8 +16,8 @@ run reads it (0.02 s) and compiles it (0.3 s) without loading the PyTorch model 
 be read is converted again, with a warning; one that cannot be written costs the conversion next time.
 
 The region segmenter (LoRA-adapted encoder and decoder, normalisation included) is converted and cached the same
-way, keyed by every file of its pack: the demo segmenter's windows ran at 125 windows/s in OpenVINO bf16 against
-55 under PyTorch's bf16 autocast on the same CPU (f32: 77 against 26, logits within 4e-6 of PyTorch's).
+way, keyed by every file of its pack: the demo segmenter's windows ran at 130.8 windows/s in OpenVINO bf16 against
+76.8 under PyTorch's bf16 autocast on the same CPU (f32: 54.7 against 36.3; benchmarks/segmenter_backends.py).
 """
 
 from __future__ import annotations
