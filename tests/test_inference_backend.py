@@ -69,19 +69,25 @@ def test_the_converted_graph_is_cached_and_reused_without_loading_pytorch(tiny_c
 
 
 def test_a_changed_head_is_converted_again(tiny_classifier_pack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The cache is keyed by what the graph computes: a pack whose head was retrained gets its own graph."""
+    """The cache is keyed by what the graph computes: a pack whose head was retrained gets its own graph, which
+    replaces the pack's earlier one (a graph is the size of the weights); another pack's graph stays."""
     from safetensors.torch import load_file, save_file
 
     monkeypatch.setenv("HEPATOQUANT_CACHE_DIR", str(tmp_path / "cache"))
+    cache = tmp_path / "cache" / "openvino"
+    load_openvino_classifier(tiny_classifier_pack, "fp32", lambda: load_classifier(tiny_classifier_pack, CPU))
+    [other] = cache.iterdir()
     copy = tmp_path / "pack"
     shutil.copytree(tiny_classifier_pack.path, copy)
     pack = load_model_pack(copy)
-    load_openvino_classifier(pack, "fp32", lambda: load_classifier(pack, CPU))
     head = load_file(str(pack.head_weights))
+    save_file({name: tensor * 2 for name, tensor in head.items()}, str(pack.head_weights))
+    load_openvino_classifier(pack, "fp32", lambda: load_classifier(pack, CPU))
+    [earlier] = set(cache.iterdir()) - {other}
     save_file({name: -tensor for name, tensor in head.items()}, str(pack.head_weights))
     loads = []
     changed = load_openvino_classifier(pack, "fp32", lambda: loads.append(1) or load_classifier(pack, CPU))
-    assert loads == [1] and len(list((tmp_path / "cache" / "openvino").iterdir())) == 2
+    assert loads == [1] and other.is_dir() and not earlier.exists() and len(list(cache.iterdir())) == 2
     tiles = _tiles(pack)
     np.testing.assert_allclose(_probabilities(changed, tiles), _probabilities(load_classifier(pack, CPU), tiles),
                                atol=1e-5)
@@ -251,17 +257,20 @@ def _base_only(pack):
 
 def test_a_changed_adapter_is_converted_again(micro_segmenter_pack, tmp_path: Path,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    """Keyed by every file of the pack: a retrained adapter (backbone and decoder unchanged) gets its own graph."""
+    """Keyed by every file of the pack: a retrained adapter (backbone and decoder unchanged) gets its own graph,
+    which replaces the earlier one."""
     from safetensors.torch import load_file, save_file
 
     monkeypatch.setenv("HEPATOQUANT_CACHE_DIR", str(tmp_path / "cache"))
     pack = micro_segmenter_pack
     load_openvino_segmenter(pack, "fp32", lambda: _torch_segmenter(pack))
+    [earlier] = (tmp_path / "cache" / "openvino").iterdir()
     adapter = pack.path / "adapter" / "adapter_model.safetensors"
     save_file({name: -tensor for name, tensor in load_file(str(adapter)).items()}, str(adapter))
     loads = []
     changed = load_openvino_segmenter(pack, "fp32", lambda: loads.append(1) or _torch_segmenter(pack))
-    assert loads == [1] and len(list((tmp_path / "cache" / "openvino").iterdir())) == 2
+    [now] = (tmp_path / "cache" / "openvino").iterdir()
+    assert loads == [1] and now != earlier and json.loads((now / "source.json").read_text())["graph"] == "segmenter"
     windows = _windows(pack)
     with torch.inference_mode():
         np.testing.assert_allclose(changed(windows).numpy(), _torch_segmenter(pack)(windows).numpy(), atol=1e-4)

@@ -6,14 +6,15 @@ ONNX Runtime and INT8 (``benchmarks/cpu_runtimes.py``, README "Backend and preci
 tiles/s in OpenVINO f32 against 15.4 in PyTorch fp32 (identical top-1), and 66.7 in OpenVINO bf16 against 39.1
 under PyTorch's bf16 autocast (top-1 agreement with fp32 0.997 and 0.994 on 351 real tiles); the INT8 options
 were faster than fp32 but agreed on only 96-97 %. So ``auto`` is OpenVINO on a CPU and PyTorch on a GPU;
-``torch`` forces PyTorch (the reference: training and the segmenter run there); ``openvino`` refuses a GPU.
+``torch`` forces PyTorch (the reference: training runs there); ``openvino`` refuses a GPU.
 
 Converting a model (``openvino.convert_model`` traces the PyTorch module) takes seconds (3.7 s for a ViT-S/16,
 more for the foundation models), so the converted graph is kept in the cache folder (``$HEPATOQUANT_CACHE_DIR``),
 keyed by what it computes: the weights' and head's SHA-256 (themselves cached while the files are unchanged),
 the encoder's registered configuration, the pack's classes and normalisation and the library versions. A later
 run reads it (0.02 s) and compiles it (0.3 s) without loading the PyTorch model at all. A cache entry that cannot
-be read is converted again, with a warning; one that cannot be written costs the conversion next time.
+be read is converted again, with a warning; one that cannot be written costs the conversion next time. A
+pack's new graph replaces those of its earlier content (a graph is the size of the weights).
 
 The region segmenter (LoRA-adapted encoder and decoder, normalisation included) is converted and cached the same
 way, keyed by every file of its pack: the demo segmenter's windows ran at 130.8 windows/s in OpenVINO bf16 against
@@ -25,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shutil
 import sys
 import threading
 import warnings
@@ -51,6 +53,7 @@ BACKENDS = ("auto", "torch", "openvino")
 _PRECISION_HINTS = {"fp32": "f32", "bf16": "bf16"}
 # Bump when what PatchClassifier computes changes without its weights or the encoder's configuration changing.
 _GRAPH_VERSION = 1
+_SOURCE_FILE = "source.json"  # in each cache entry: what it was converted from (see _store)
 
 
 def import_openvino():
@@ -157,7 +160,7 @@ def load_openvino_classifier(pack, precision: str, load_torch: Callable[[], torc
         "classes": list(pack.classes), "mean": list(pack.mean), "std": list(pack.std),
     }
     graph_file = _cache_folder(pack, pack.encoder_name, identity, ("openvino", "torch", "timm")) / "classifier.xml"
-    compiled = _compiled(graph_file, load_torch, pack.input_size_px, precision)
+    compiled = _compiled(graph_file, load_torch, pack.input_size_px, precision, _source(pack, "classifier", identity))
     return CompiledClassifier(compiled, classes=pack.classes, precision=precision)
 
 
@@ -174,7 +177,7 @@ def load_openvino_segmenter(pack, precision: str, load_torch: Callable[[], torch
     identity = {"files": {path.relative_to(pack.path).as_posix(): weights_sha256(path) for path in files}}
     versions = ("openvino", "torch", "timm", "peft")
     graph_file = _cache_folder(pack, f"segmenter-{pack.encoder_name}", identity, versions) / "segmenter.xml"
-    compiled = _compiled(graph_file, load_torch, pack.input_size_px, precision)
+    compiled = _compiled(graph_file, load_torch, pack.input_size_px, precision, _source(pack, "segmenter", identity))
     config = _encoder_config(pack.encoder_name)
     return CompiledSegmenter(compiled, classes=pack.classes, precision=precision, input_size_px=pack.input_size_px,
                              patch_size_px=config.patch_size_px)
@@ -191,8 +194,10 @@ def _encoder_config(name: str):
     return encoder_config(name)
 
 
-def _compiled(graph_file: Path, load_torch: Callable[[], torch.nn.Module], size: int, precision: str):
-    """The graph in ``graph_file`` (else converted from ``load_torch()`` and stored there) compiled for the CPU."""
+def _compiled(graph_file: Path, load_torch: Callable[[], torch.nn.Module], size: int, precision: str,
+              source: dict[str, str]):
+    """The graph in ``graph_file`` (else converted from ``load_torch()`` and stored there with ``source``, which
+    replaces the pack's earlier graphs) compiled for the CPU."""
     core = _openvino_core()
     graph = None
     if graph_file.is_file():
@@ -202,7 +207,7 @@ def _compiled(graph_file: Path, load_torch: Callable[[], torch.nn.Module], size:
             log.warning("the cached OpenVINO graph %s cannot be read (%s): converting the model again", graph_file, error)
     if graph is None:
         graph = _convert(load_torch(), size)
-        _store(graph, graph_file)
+        _store(graph, graph_file, source)
     return core.compile_model(graph, "CPU", {
         "INFERENCE_PRECISION_HINT": _PRECISION_HINTS[precision],
         "PERFORMANCE_HINT": "LATENCY",  # one request uses every core (THROUGHPUT splits them into streams)
@@ -233,7 +238,17 @@ def _cache_folder(pack, stem: str, identity: dict, libraries: tuple[str, ...]) -
     return default_cache_dir() / "openvino" / f"{stem}-{key}"
 
 
-def _store(graph, graph_file: Path) -> None:
+def _source(pack, graph: str, identity: dict) -> dict[str, str]:
+    """What a cache entry was converted from: the pack's folder, which graph, and a digest of the pack's content
+    (``identity``: weights, head, classes...), library versions left out."""
+    content = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+    return {"pack": str(pack.path.resolve()), "graph": graph, "content": content}
+
+
+def _store(graph, graph_file: Path, source: dict[str, str]) -> None:
+    """Keep ``graph`` in its cache folder with ``source.json``, then remove the same pack's graphs of earlier
+    content: a retrained adapter or head would otherwise leave a copy the size of the weights per version (1.2 GB
+    for UNI). Graphs of the same content under other library versions stay (another environment may use them)."""
     openvino = import_openvino()
 
     from hepatoquant.atomic_write import staged_folder
@@ -241,6 +256,21 @@ def _store(graph, graph_file: Path) -> None:
     try:
         with staged_folder(graph_file.parent, replace=True) as staging:
             openvino.save_model(graph, str(staging / graph_file.name), compress_to_fp16=False)  # the weights as they are
+            (staging / _SOURCE_FILE).write_text(json.dumps(source, indent=2))
     except OSError as error:
         log.warning("the converted OpenVINO graph cannot be kept in %s (%s): the next run converts the model again; "
                     "set $HEPATOQUANT_CACHE_DIR to a writable folder", graph_file.parent, error)
+        return
+    _remove_earlier_content(graph_file.parent, source)
+
+
+def _remove_earlier_content(kept: Path, source: dict[str, str]) -> None:
+    for folder in kept.parent.iterdir():
+        try:
+            other = json.loads((folder / _SOURCE_FILE).read_text())
+        except (OSError, ValueError):
+            continue  # not an entry, one being written, or one from before source.json: left as it is
+        if folder != kept and (other.get("pack"), other.get("graph")) == (source["pack"], source["graph"]) and (
+                other.get("content") != source["content"]):
+            shutil.rmtree(folder, ignore_errors=True)  # a process that compiled it holds its graph in memory
+            log.info("removed the converted graph of %s's earlier content: %s", source["pack"], folder)
