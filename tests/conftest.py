@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -15,9 +16,13 @@ TESTDATA = Path(__file__).resolve().parents[1].parent / "shared" / "testdata"
 
 @pytest.fixture(scope="session")
 def testdata() -> Path:
-    """``../shared/testdata`` (real slides, patches, QuPath exports); tests skip where it is absent."""
+    """``../shared/testdata`` (real slides, patches, QuPath exports); tests skip where it is absent, and fail in
+    CI (``CI=true``), which always has it."""
     if not TESTDATA.is_dir():
-        pytest.skip(f"the team's test data folder {TESTDATA} is absent (CI always has it)")
+        message = f"the team's test data folder {TESTDATA} is absent: clone the repository with ../shared beside it"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
     return TESTDATA
 
 
