@@ -276,6 +276,30 @@ def test_a_changed_adapter_is_converted_again(micro_segmenter_pack, tmp_path: Pa
         np.testing.assert_allclose(changed(windows).numpy(), _torch_segmenter(pack)(windows).numpy(), atol=1e-4)
 
 
+def test_a_swapped_backbone_outside_the_pack_is_not_served_from_the_cache(micro_segmenter_pack, tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """A manifest may name its backbone beside the pack (weights are relative to it): that file is part of the key
+    too, so a backbone swapped there reaches PyTorch's check (the adapter was trained on other weights) instead of
+    a graph converted from the old one."""
+    from safetensors.torch import load_file, save_file
+
+    from hepatoquant.errors import WeightsMismatchError
+    from hepatoquant.model_pack import MANIFEST_NAME
+
+    monkeypatch.setenv("HEPATOQUANT_CACHE_DIR", str(tmp_path / "cache"))
+    pack = micro_segmenter_pack
+    beside = pack.path.parent / "shared-backbone.safetensors"
+    pack.encoder_weights.rename(beside)
+    manifest = json.loads((pack.path / MANIFEST_NAME).read_text())
+    manifest["encoder"]["weights"] = "../shared-backbone.safetensors"
+    (pack.path / MANIFEST_NAME).write_text(json.dumps(manifest))
+    pack = load_model_pack(pack.path)
+    load_openvino_segmenter(pack, "fp32", lambda: _torch_segmenter(pack))
+    save_file({name: tensor * 1.5 for name, tensor in load_file(str(beside)).items()}, str(beside))
+    with pytest.raises(WeightsMismatchError, match="trained on backbone weights"):
+        load_openvino_segmenter(pack, "fp32", lambda: _torch_segmenter(pack))
+
+
 def test_a_classifier_pack_is_refused_as_a_segmenter(tiny_classifier_pack) -> None:
     with pytest.raises(ModelPackError, match="not a segmenter pack"):
         load_openvino_segmenter(tiny_classifier_pack, "fp32", lambda: _torch_segmenter(tiny_classifier_pack))

@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
 import sys
 import threading
@@ -167,14 +168,14 @@ def load_openvino_classifier(pack, precision: str, load_torch: Callable[[], torc
 def load_openvino_segmenter(pack, precision: str, load_torch: Callable[[], torch.nn.Module]) -> CompiledSegmenter:
     """``pack``'s segmenter (a :class:`~hepatoquant.segmentation.inference.WindowSegmenter` from ``load_torch()``)
     compiled for this CPU at ``precision``, from the cache when it holds the graph; keyed by every file of the
-    pack (backbone, LoRA adapter, decoder, manifest)."""
+    pack (backbone, LoRA adapter, decoder, manifest) and the backbone its manifest names, wherever it lies."""
     _check_precision(precision)
     if pack.kind != "segmenter":
         load_torch()  # refuses the pack, saying why
     from hepatoquant.weights_digest import weights_sha256
 
-    files = sorted(path for path in pack.path.rglob("*") if path.is_file())
-    identity = {"files": {path.relative_to(pack.path).as_posix(): weights_sha256(path) for path in files}}
+    files = {path for path in pack.path.rglob("*") if path.is_file()} | {pack.encoder_weights}
+    identity = {"files": {os.path.relpath(path, pack.path): weights_sha256(path) for path in files}}
     versions = ("openvino", "torch", "timm", "peft")
     graph_file = _cache_folder(pack, f"segmenter-{pack.encoder_name}", identity, versions) / "segmenter.xml"
     compiled = _compiled(graph_file, load_torch, pack.input_size_px, precision, _source(pack, "segmenter", identity))
