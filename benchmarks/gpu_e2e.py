@@ -144,19 +144,26 @@ class UtilisationSampler:
         return round(sum(inside) / len(inside), 1) if inside else None
 
 
-def run_analyze(slide: Path, models: Path, model: str, segmenter: str, args, out: Path,
-                sampler: UtilisationSampler) -> dict:
+def analyze_process(models: Path, slide: Path, out: Path, options: list[str]) -> tuple[float, float, dict]:
+    """``hepatoquant analyze SLIDE --out OUT OPTIONS`` as a process of its own: when it started (epoch seconds),
+    its wall time and its report; a failed run ends the benchmark with its stderr."""
     command = [sys.executable, "-m", "hepatoquant.cli", "--models-dir", str(models), "analyze", str(slide),
-               "--model", model, "--seg-model", segmenter, "--device", args.device, "--batch-size",
-               str(args.batch_size), "--workers", str(args.workers), "--out", str(out), "--no-progress",
-               "--profile", str(out.parent / f"{out.name}-trace.json")] + (["--omit-tiles"] if args.omit_tiles else [])
+               "--out", str(out), "--no-progress", *options]
     started_wall = time.time()
     started = time.perf_counter()
     finished = subprocess.run(command, capture_output=True, text=True)
     wall = time.perf_counter() - started
     if finished.returncode != 0:
-        raise SystemExit(f"analyze failed ({finished.returncode}):\n{finished.stderr[-4000:]}")
-    report = json.loads(next(out.glob("*.report.json")).read_text())
+        raise SystemExit(f"analyze {' '.join(options)} failed ({finished.returncode}):\n{finished.stderr[-4000:]}")
+    return started_wall, wall, json.loads(next(out.glob("*.report.json")).read_text())
+
+
+def run_analyze(slide: Path, models: Path, model: str, segmenter: str, args, out: Path,
+                sampler: UtilisationSampler) -> dict:
+    started_wall, wall, report = analyze_process(models, slide, out, [
+        "--model", model, "--seg-model", segmenter, "--device", args.device, "--batch-size", str(args.batch_size),
+        "--workers", str(args.workers), "--profile", str(out.parent / f"{out.name}-trace.json"),
+    ] + (["--omit-tiles"] if args.omit_tiles else []))
     timings = report["timings_s"]
     trace = json.loads((out.parent / f"{out.name}-trace.json").read_text())["traceEvents"]
     classification = next((e for e in trace if e["name"] == "classification"), None)

@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,7 +30,7 @@ import tifffile
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_e2e import DEFAULT_SOURCE, build_mosaic  # noqa: E402
+from gpu_e2e import DEFAULT_SOURCE, analyze_process, build_mosaic  # noqa: E402
 
 from hepatoquant.analysis import ModelCache  # noqa: E402
 from hepatoquant.encoders import encoder_config  # noqa: E402
@@ -56,15 +55,8 @@ def bare_windows_per_second(model, windows: torch.Tensor, batch_size: int, preci
 
 
 def analyze(slide: Path, models: Path, segmenter: str, backend: str, out: Path) -> dict:
-    command = [sys.executable, "-m", "hepatoquant.cli", "--models-dir", str(models), "analyze", str(slide),
-               "--seg-model", segmenter, "--device", "cpu", "--backend", backend, "--omit-tiles", "--no-progress",
-               "--out", str(out)]
-    started = time.perf_counter()
-    finished = subprocess.run(command, capture_output=True, text=True)
-    wall = time.perf_counter() - started
-    if finished.returncode != 0:
-        raise SystemExit(f"analyze --backend {backend} failed ({finished.returncode}):\n{finished.stderr[-4000:]}")
-    report = json.loads(next(out.glob("*.report.json")).read_text())
+    _, wall, report = analyze_process(models, slide, out, ["--seg-model", segmenter, "--device", "cpu", "--backend",
+                                                           backend, "--omit-tiles"])
     return {"wall_s": wall, "segmentation_s": report["timings_s"]["segmentation"],
             "segmenter_loading_s": report["timings_s"]["segmenter_loading"], "total_s": report["timings_s"]["total"],
             "windows": report["segmentation"]["windows_run"], "precision": report["segmentation"]["precision"],
