@@ -373,8 +373,13 @@ def test_watchers_of_a_job_the_server_announced_need_no_thread_and_no_store_read
         stub = pb_grpc.HepatoQuantStub(channel)
         job = stub.SubmitAnalysis(pb.AnalysisRequest(slide="synthetic.tiff", omit_tiles=True), metadata=AUTH, timeout=30)
         first = stub.WatchJob(pb.WatchJobRequest(job_id=job.job_id), metadata=AUTH, timeout=60)
-        while next(first).job.state != pb.JOB_STATE_RUNNING:  # the executor has announced the job
+        while next(first).job.state != pb.JOB_STATE_RUNNING:
             pass
+        # The first watcher may have read RUNNING from the store before the job thread (at nice 10) handed the
+        # announcement to the event loop: a watcher arriving in between reads the store, rightly. Wait for it.
+        deadline = time.monotonic() + 30
+        while running._serving.events.latest(job.job_id) is None and time.monotonic() < deadline:
+            time.sleep(0.01)
         reads = []
         real_get = running.engine.get
         monkeypatch.setattr(running.engine, "get", lambda job_id: (reads.append(job_id), real_get(job_id))[1])
