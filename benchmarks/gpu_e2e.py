@@ -43,7 +43,7 @@ from hepatoquant.pack_import import add_model_pack
 from hepatoquant.inference_backend import resolve_backend
 from hepatoquant.precision import resolve_precision
 from hepatoquant.segmentation.pack import ensure_demo_segmentation_pack
-from hepatoquant.tile_reader import TileBatch
+from hepatoquant.tile_reader import TileBatch, resolve_readers
 
 DEFAULT_SOURCE = Path(__file__).resolve().parents[1].parent / "shared/testdata/slides/CMU-1-Small-Region.svs"
 _TILE = 256
@@ -158,11 +158,11 @@ def analyze_process(models: Path, slide: Path, out: Path, options: list[str]) ->
     return started_wall, wall, json.loads(next(out.glob("*.report.json")).read_text())
 
 
-def run_analyze(slide: Path, models: Path, model: str, segmenter: str, args, out: Path,
+def run_analyze(slide: Path, models: Path, model: str, segmenter: str, readers: str, args, out: Path,
                 sampler: UtilisationSampler) -> dict:
     started_wall, wall, report = analyze_process(models, slide, out, [
         "--model", model, "--seg-model", segmenter, "--device", args.device, "--batch-size", str(args.batch_size),
-        "--workers", str(args.workers), "--profile", str(out.parent / f"{out.name}-trace.json"),
+        "--workers", str(args.workers), "--readers", readers, "--profile", str(out.parent / f"{out.name}-trace.json"),
     ] + (["--omit-tiles"] if args.omit_tiles else []))
     timings = report["timings_s"]
     trace = json.loads((out.parent / f"{out.name}-trace.json").read_text())["traceEvents"]
@@ -171,8 +171,15 @@ def run_analyze(slide: Path, models: Path, model: str, segmenter: str, args, out
     if classification is not None:  # trace times count from the process's start (within milliseconds of ours)
         begin = started_wall + classification["ts"] / 1e6
         busy = sampler.mean_between(begin, begin + classification["dur"] / 1e6)
-    return {"wall_s": round(wall, 2), "tiles": report["tiles"]["count"], "timings_s": timings,
+    return {"wall_s": round(wall, 2), "readers": report["parameters"]["readers"], "tiles": report["tiles"]["count"],
+            "timings_s": timings,
             "classification_tiles_per_s": report["tiles_per_second"], "gpu_busy_classification_pct": busy}
+
+
+def RUNS(other_readers: str) -> tuple[tuple[str, str, str], ...]:
+    """(label, segmenter, readers) of the analyze runs."""
+    return (("with_segmenter", "demo-seg", "auto"), ("classifier_only", "none", "auto"),
+            (f"classifier_only_{other_readers}", "none", other_readers))
 
 
 def main() -> None:
@@ -208,19 +215,21 @@ def main() -> None:
         results["precision"] = precision
         results["bare_tiles_per_s"] = round(bare_tiles_per_second(pack, device, args.batch_size, precision,
                                                                   args.bare_batches), 1)
+        # The third run reads with the readers auto does not pick (threads on a GPU), for the ratio in one run.
+        other_readers = "threads" if resolve_readers("auto", device) == "processes" else "processes"
         with UtilisationSampler(device) as sampler:
-            for label, segmenter in (("with_segmenter", "demo-seg"), ("classifier_only", "none")):
-                run = run_analyze(slide, models, pack.path.name, segmenter, args, work / label, sampler)
+            for label, segmenter, readers in RUNS(other_readers):
+                run = run_analyze(slide, models, pack.path.name, segmenter, readers, args, work / label, sampler)
                 run["efficiency_vs_bare"] = round(run["classification_tiles_per_s"] / results["bare_tiles_per_s"], 3)
                 results[label] = run
         results["gpu_utilisation"] = sampler.problem or f"{len(sampler.samples)} samples"
 
     print(f"{results['device']}, {args.encoder} ({precision}), slide {size[0]} x {size[1]} px, "
           f"bare {results['bare_tiles_per_s']} tiles/s")
-    for label in ("with_segmenter", "classifier_only"):
+    for label, _, _ in RUNS(other_readers):
         run = results[label]
         stages = ", ".join(f"{k} {v:.2f}" for k, v in run["timings_s"].items())
-        print(f"{label}: wall {run['wall_s']} s, {run['tiles']} tiles, classification "
+        print(f"{label} ({run['readers']}): wall {run['wall_s']} s, {run['tiles']} tiles, classification "
               f"{run['classification_tiles_per_s']:.0f} tiles/s = {run['efficiency_vs_bare']} of bare, GPU busy "
               f"{run['gpu_busy_classification_pct']} % in classification\n  stages (s): {stages}")
     if args.out:

@@ -57,7 +57,7 @@ def test_analysis_of_a_generated_slide_writes_every_output(synthetic_slide: Path
     assert first_box[2] - first_box[0] == pytest.approx(150.0, abs=0.01)  # 75 um at 0.5 um/px
 
     report = json.loads(paths.report.read_text())
-    assert report["report_schema_version"] == "2.3"
+    assert report["report_schema_version"] == "2.4"
     assert report["model_status"] == "untrained-demo"
     assert "Research use only" in report["notice"]
     assert report["slide"]["mpp_um_px"] == 0.5 and report["slide"]["mpp_source"] == "metadata"

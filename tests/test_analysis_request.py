@@ -95,7 +95,8 @@ def demo_pack(tmp_path_factory: pytest.TempPathFactory):
 
 def test_resolve_applies_every_field(demo_pack) -> None:
     request = AnalysisRequest(**{k: v for k, v in GIVEN.items() if k != "regions_geojson"})
-    options = resolve_options(request, demo_pack, Runtime(device="cpu", batch_size=7, num_workers=3),
+    options = resolve_options(request, demo_pack, Runtime(device="cpu", batch_size=7, num_workers=3,
+                                                          readers="processes"),
                               regions_path=Path("r.geojson"))
     assert options.mpp_override_um_px == 0.25 and options.regions_path == Path("r.geojson")
     assert (options.tile.tile_size_px, options.tile.spacing_um_px, options.tile.min_tissue_fraction) == (224, 1.0, 0.3)
@@ -104,6 +105,7 @@ def test_resolve_applies_every_field(demo_pack) -> None:
     assert options.embeddings_formats == ("h5",)
     assert options.tissue.saturation_threshold == 20 and options.windows.overlap == 0.5 and options.min_focus == 10.0
     assert (options.device, options.batch_size, options.num_workers, options.windows.num_workers) == ("cpu", 7, 3, 3)
+    assert options.readers == "processes"
 
 
 def test_absent_fields_take_the_defaults_in_one_place(demo_pack) -> None:

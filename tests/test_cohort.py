@@ -162,11 +162,14 @@ def test_a_slide_counted_under_another_report_schema_is_analysed_again(local_run
 
 
 def test_cohort_run_backend_reaches_each_slides_report(synthetic_slide: Path, models: Path, tmp_path: Path) -> None:
-    """`cohort run --backend` is the run's choice for every slide (default auto: OpenVINO on a CPU)."""
+    """`cohort run --backend` and `--readers` are the run's choice for every slide (default auto: OpenVINO and
+    reader threads on a CPU)."""
     (tmp_path / "cohort.csv").write_text(f"slide_id,slide\ngen,{synthetic_slide}\n")
-    for flags, expected in (([], "openvino"), (["--backend", "torch"], "torch")):
+    for flags, expected, readers in (([], "openvino", "threads"),
+                                     (["--backend", "torch", "--readers", "processes"], "torch", "processes")):
         out = tmp_path / f"out-{expected}"
         assert main(["--models-dir", str(models), "cohort", "run", str(tmp_path / "cohort.csv"), "--out", str(out),
                      "--tile-size", "300", *flags]) == 0
         [report] = (out / "slides" / "gen").glob("*.report.json")
-        assert json.loads(report.read_text())["parameters"]["backend"] == expected
+        parameters = json.loads(report.read_text())["parameters"]
+        assert (parameters["backend"], parameters["readers"]) == (expected, readers)

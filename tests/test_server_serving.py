@@ -596,9 +596,10 @@ def test_jobs_and_classify_tiles_share_one_loaded_copy_of_a_model(start, monkeyp
 
 
 def test_the_servers_backend_reaches_the_jobs_report(start) -> None:
-    """`serve --backend` is the server's choice for every job (a machine's setting, like --device)."""
-    for backend in ("torch", "openvino"):
-        running = start(backend=backend)
+    """`serve --backend` and `--readers` are the server's choice for every job (a machine's settings, like
+    --device)."""
+    for backend, readers in (("torch", "processes"), ("openvino", "threads")):
+        running = start(backend=backend, readers=readers)
         channel = grpc.insecure_channel(f"127.0.0.1:{running.grpc_port}")
         try:
             stub = pb_grpc.HepatoQuantStub(channel)
@@ -607,6 +608,7 @@ def test_the_servers_backend_reaches_the_jobs_report(start) -> None:
             assert list(stub.WatchJob(pb.WatchJobRequest(job_id=job.job_id), metadata=AUTH, timeout=120))[-1] \
                 .job.state == pb.JOB_STATE_SUCCEEDED
             result = stub.GetResult(pb.GetResultRequest(job_id=job.job_id), metadata=AUTH, timeout=30)
-            assert json.loads(result.report_json)["parameters"]["backend"] == backend
+            parameters = json.loads(result.report_json)["parameters"]
+            assert (parameters["backend"], parameters["readers"]) == (backend, readers)
         finally:
             channel.close()

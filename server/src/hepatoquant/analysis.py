@@ -38,7 +38,7 @@ from hepatoquant.regions import (
 )
 from hepatoquant.segmentation.inference import SegmentationMap, SlidingWindowParams, WindowSegmenter, segment_slide
 from hepatoquant.slide import Slide, SlideInfo
-from hepatoquant.tile_reader import iter_tile_batches
+from hepatoquant.tile_reader import READERS, iter_tile_batches, resolve_readers
 from hepatoquant.tiling import TileGrid, TileSpec, build_tile_grid, without_artefacts
 from hepatoquant.tissue import TissueDetectionParams, TissueMask, detect_tissue
 
@@ -66,6 +66,7 @@ class AnalysisOptions:
     windows: SlidingWindowParams = field(default_factory=SlidingWindowParams)
     precision: str = "auto"  # see hepatoquant.precision
     backend: str = "auto"  # the models': torch, or openvino on CPUs (see hepatoquant.inference_backend)
+    readers: str = "auto"  # tiles and windows read by threads or processes (tile_reader.resolve_readers)
     # Tiles whose focus score (tile_reader.focus_score) is below this are left out of the composition and
     # counted as excluded (blur); 0 keeps every tile. Measured on 60 tiles each of CMU-1-Small-Region and the
     # TCGA slide at 150 px: in focus, 5th percentile 697 / 214 (lowest of all their tiles 449 / 62); the same
@@ -78,6 +79,8 @@ class AnalysisOptions:
             raise InvalidParameterError(f"batch size {self.batch_size} is outside 1..4096")
         if not 1 <= self.num_workers <= 64:
             raise InvalidParameterError(f"reader workers {self.num_workers} is outside 1..64")
+        if self.readers not in ("auto", *READERS):
+            raise InvalidParameterError(f"tile readers {self.readers!r} must be one of auto, {', '.join(READERS)}")
         if not 0.0 <= self.min_focus <= 1e6:
             raise InvalidParameterError(f"minimum focus {self.min_focus} is outside 0..1e6 (0 keeps every tile)")
         if self.tile_object_type not in ("detection", "tile"):
@@ -108,6 +111,7 @@ class AnalysisResult:
     segmentation: SegmentationMap | None = None
     precision: str = "fp32"  # the classifier's resolved precision (fp32, bf16, fp16)
     backend: str = "torch"  # the classifier's resolved backend (torch, openvino)
+    readers: str = "threads"  # who read the tiles and windows (resolved: threads, processes)
     focus: np.ndarray | None = None  # (tiles,) focus score of each kept tile
     excluded_tiles: dict[str, int] = field(default_factory=dict)  # reason (artefact kind, "blur") -> tiles left out
 
@@ -218,6 +222,7 @@ def _segment(
             device=device,
             progress=lambda done, total: report_progress("windows", done, total),
             precision=precision,
+            readers=resolve_readers(options.readers, device),
         )
         segmentation = dataclasses.replace(segmentation, backend=backend)
     with clock.stage("regions"):
@@ -323,12 +328,13 @@ def analyze_slide(
     device = choose_device(options.device)
     precision = resolve_precision(options.precision, device, encoder_config(pack.encoder_name).recommended_dtype)
     backend = resolve_backend(options.backend, device)
+    readers = resolve_readers(options.readers, device)
     with clock.stage("model_loading"):
         model = models.classifier(pack, device, backend, precision)
 
     with clock.stage("classification"):
         probabilities, embeddings, focus = _classify(slide_path, grid, pack, model, device, precision, options,
-                                                     report_progress)
+                                                     readers, report_progress)
     sharp = focus >= options.min_focus
     if not sharp.all():
         excluded["blur"] = int((~sharp).sum())
@@ -360,6 +366,7 @@ def analyze_slide(
         device=str(device),
         precision=precision,
         backend=backend,
+        readers=readers,
         classes=pack.classes,
         tissue=tissue,
         grid=grid,
@@ -385,6 +392,7 @@ def _classify(
     device: torch.device,
     precision: str,
     options: AnalysisOptions,
+    readers: str,
     report_progress: ProgressCallback,
 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
     """Every tile's class probabilities, embeddings (when kept) and focus score, read and classified in
@@ -395,7 +403,7 @@ def _classify(
     )
     batches = iter_tile_batches(
         slide_path, grid, out_size_px=pack.input_size_px, batch_size=options.batch_size,
-        num_workers=options.num_workers, focus_px=options.tile.tile_size_px,
+        num_workers=options.num_workers, focus_px=options.tile.tile_size_px, readers=readers,
     )
     focus = np.empty(len(grid), dtype=np.float32)
 

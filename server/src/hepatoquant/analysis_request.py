@@ -67,9 +67,10 @@ class Runtime:
 
     device: str = "auto"
     batch_size: int = 32
-    num_workers: int = 2  # tile and window reading threads
+    num_workers: int = 2  # tile and window readers
     precision: str = "auto"  # used when a request leaves its precision empty
     backend: str = "auto"  # the models': torch, or openvino on CPUs (hepatoquant.inference_backend)
+    readers: str = "auto"  # threads or processes (hepatoquant.tile_reader.resolve_readers)
 
 
 def resolve_options(
@@ -113,6 +114,7 @@ def resolve_options(
         num_workers=runtime.num_workers,
         device=runtime.device,
         backend=runtime.backend,
+        readers=runtime.readers,
         keep_embeddings=request.include_embeddings,
         embeddings_formats=embeddings_formats,
         tile_object_type=request.tile_object_type or "detection",

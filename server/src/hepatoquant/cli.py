@@ -43,6 +43,8 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_request_flags(analyze)
     analyze.add_argument("--batch-size", type=int, default=32)
     analyze.add_argument("--workers", type=int, default=2, help="parallel tile readers")
+    analyze.add_argument("--readers", choices=("auto", "threads", "processes"), default="auto",
+                         help="who reads tiles and windows: auto (processes on a GPU, where threads of this process cap the rate; threads on a CPU), threads, processes")
     analyze.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     analyze.add_argument("--backend", choices=("auto", "torch", "openvino"), default="auto",
                          help="what runs the classifier and the segmenter: auto (OpenVINO on a CPU, PyTorch on a GPU), "
@@ -119,6 +121,8 @@ def _build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--backend", choices=("auto", "torch", "openvino"), default="auto",
                        help="what runs the classifier and the segmenter: auto (OpenVINO on a CPU, PyTorch on a GPU), "
                        "torch, openvino")
+    serve.add_argument("--readers", choices=("auto", "threads", "processes"), default="auto",
+                       help="who reads tiles and windows: auto (processes on a GPU, where threads of this process cap the rate; threads on a CPU), threads, processes")
     serve.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
                        help="encoder precision (auto: bf16 on CPUs with AVX512-BF16/AMX and on GPUs, else fp32)")
     serve.add_argument("--workers", type=int, default=1, help="jobs run at once (one per device is safest)")
@@ -244,7 +248,9 @@ def _add_cohort_parser(commands) -> None:
                      help="what runs the classifier and the segmenter: auto (OpenVINO on a CPU, PyTorch on a GPU), "
                      "torch, openvino")
     run.add_argument("--batch-size", type=int, default=32)
-    run.add_argument("--reader-workers", type=int, default=2, help="tile-reading threads per slide")
+    run.add_argument("--reader-workers", type=int, default=2, help="tile readers per slide")
+    run.add_argument("--readers", choices=("auto", "threads", "processes"), default="auto",
+                     help="who reads tiles and windows: auto (processes on a GPU, where threads of this process cap the rate; threads on a CPU), threads, processes")
     _add_request_flags(run)
 
 
@@ -430,7 +436,8 @@ def _analyze(args: argparse.Namespace) -> int:
     shown_first = [demo_model_warning(p) for p in (pack, segmenter) if p is not None and p.is_untrained_demo]
     for warning in shown_first:
         console.print(f"[bold yellow]warning:[/] {warning}")
-    runtime = Runtime(device=args.device, backend=args.backend, batch_size=args.batch_size, num_workers=args.workers)
+    runtime = Runtime(device=args.device, backend=args.backend, batch_size=args.batch_size, num_workers=args.workers,
+                      readers=args.readers)
     options = resolve_options(request, pack, runtime, regions_path=args.regions)
     profiler = cProfile.Profile() if args.profile else None
     with progress_bar(console, disabled=args.no_progress) as on_progress, \
@@ -586,6 +593,7 @@ def _server_config(args: argparse.Namespace):
         device=args.device,
         precision=args.precision,
         backend=args.backend,
+        readers=args.readers,
         workers=args.workers,
         max_queued_jobs=args.max_queued,
         max_results=args.max_results,
@@ -742,7 +750,7 @@ def _cohort_run(args: argparse.Namespace) -> int:
     settings = CohortSettings(
         request=request, models_dir=str(args.models_dir) if args.models_dir else None,
         runtime=Runtime(device=args.device, backend=args.backend, batch_size=args.batch_size,
-                        num_workers=args.reader_workers),
+                        num_workers=args.reader_workers, readers=args.readers),
     )
     console = Console(stderr=True)
     counts = {"done": 0, "failed": 0, "skipped": 0, "tiles": 0}

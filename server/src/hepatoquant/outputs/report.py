@@ -24,7 +24,8 @@ REPORT_SCHEMA_PATH = Path(__file__).resolve().parents[1] / "schemas" / "report.s
 # 2.1: artefacts (area and share of the slide per kind), tiles.excluded, tiles.min_focus, tiles.keep_artefacts.
 # 2.2: parameters.backend (torch or openvino), versions.openvino when it ran the classifier.
 # 2.3: segmentation.backend (what ran the segmenter's windows); versions.openvino when it ran either model.
-REPORT_SCHEMA_VERSION = "2.3"
+# 2.4: parameters.readers (threads or processes: who read the tiles and windows).
+REPORT_SCHEMA_VERSION = "2.4"
 
 
 def _versions(backends: set[str]) -> dict[str, str]:
@@ -63,6 +64,7 @@ def build_report(result: AnalysisResult, *, outputs: dict[str, str]) -> dict:
             "device": result.device,
             "precision": result.precision,
             "backend": result.backend,
+            "readers": result.readers,
             "tile_object_type": options.tile_object_type,
         },
         "model": result.model,

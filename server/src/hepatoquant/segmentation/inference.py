@@ -131,6 +131,7 @@ def segment_slide(
     device: torch.device = torch.device("cpu"),
     progress: Callable[[int, int], None] | None = None,
     precision: str = "fp32",
+    readers: str = "threads",
 ) -> SegmentationMap:
     """Segment a slide into background / non-tumour / tumour at ``params.map_spacing_um_px``.
 
@@ -165,7 +166,8 @@ def segment_slide(
     weights = blend_weights(window_map_px)
     done = 0
     batches = iter_tile_batches(
-        slide_path, grid, out_size_px=window_px, batch_size=params.batch_size, num_workers=params.num_workers
+        slide_path, grid, out_size_px=window_px, batch_size=params.batch_size, num_workers=params.num_workers,
+        readers=readers,
     )
     with contextlib.closing(batches), torch.inference_mode(), autocast_for(device, precision):
         for batch in batches:

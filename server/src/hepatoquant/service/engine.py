@@ -89,6 +89,7 @@ class ServerConfig:
     device: str = "auto"
     precision: str = "auto"  # see hepatoquant.precision
     backend: str = "auto"  # the models': torch, or openvino on CPUs (hepatoquant.inference_backend)
+    readers: str = "auto"  # tile readers: threads or processes (hepatoquant.tile_reader.resolve_readers)
     workers: int = 1
     max_queued_jobs: int = 16
     max_message_bytes: int = 64 * 2**20
@@ -271,7 +272,7 @@ class ServerEngine:
     def _runtime(self) -> Runtime:
         return Runtime(device=str(self.device), batch_size=self.config.batch_size,
                        num_workers=self.config.reader_workers, precision=self.config.precision,
-                       backend=self.config.backend)
+                       backend=self.config.backend, readers=self.config.readers)
 
     def _request_key(self, request: pb.AnalysisRequest, slide: Path, packs: list[ModelPack | None]) -> str:
         """Same request, same slide file (path, size, modification time), same model manifests, same report
