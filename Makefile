@@ -33,5 +33,6 @@ benchmark: install
 	$(VENV)/bin/python benchmarks/capacity_model.py
 	$(VENV)/bin/python benchmarks/precision.py
 	$(VENV)/bin/python benchmarks/segmenter_backends.py
+	$(VENV)/bin/python benchmarks/reader_gil.py
 	$(VENV)/bin/python benchmarks/peer_wsinfer.py
 	$(VENV)/bin/python benchmarks/tissue_qc.py
