@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -67,6 +69,9 @@ class AnalysisOptions:
     precision: str = "auto"  # see hepatoquant.precision
     backend: str = "auto"  # the models': torch, or openvino on CPUs (see hepatoquant.inference_backend)
     readers: str = "auto"  # tiles and windows read by threads or processes (tile_reader.resolve_readers)
+    # With a segmenter: run it alongside the classification (True) or before it (False); None: alongside when
+    # the models run on a GPU (see analyze_slide).
+    segment_alongside: bool | None = None
     # Tiles whose focus score (tile_reader.focus_score) is below this are left out of the composition and
     # counted as excluded (blur); 0 keeps every tile. Measured on 60 tiles each of CMU-1-Small-Region and the
     # TCGA slide at 150 px: in focus, 5th percentile 697 / 214 (lowest of all their tiles 449 / 62); the same
@@ -194,6 +199,7 @@ def _segment(
     segmenter: ModelPack,
     options: AnalysisOptions,
     report_progress: ProgressCallback,
+    *,
     models: ModelCache,
     clock: RunClock,
 ) -> tuple[SegmentationMap, list[Region], list[str]]:
@@ -292,10 +298,7 @@ def analyze_slide(
             warnings.append(f"regions given with --regions: the segmenter {segmenter.name!r} was not used")
             segmenter = None
     elif segmenter is not None:
-        segmentation, regions, segmentation_warnings = _segment(
-            slide_path, slide_info, tissue, segmenter, options, report_progress, models, clock
-        )
-        warnings += segmentation_warnings
+        regions = []  # the segmenter's, from its run alongside the classification below
     else:
         regions = [whole_tissue_region(tissue.polygons)]
 
@@ -307,7 +310,7 @@ def analyze_slide(
         restrict_to = None
         if options.regions_path is not None:
             restrict_to = shapely.union_all([r.geometry for r in regions])
-        elif segmentation is None:
+        elif segmenter is None:
             restrict_to = regions[0].geometry
         grid = build_tile_grid(
             (slide_info.width_px, slide_info.height_px), slide_info.mpp_um_px, tissue, options.tile, restrict_to
@@ -323,18 +326,43 @@ def analyze_slide(
             f"{tissue.area_um2() / 1e6:.3f} mm^2). If the slide is blank there is nothing to measure; if its "
             "tissue is faint, lower --min-tissue-fraction or set --tissue-threshold"
         )
-    report_progress("tiles", 0, len(grid))
 
+    # The segmenter reads its own windows and runs its own model, and only the quantification needs both its
+    # regions and the tiles' classes: on a GPU it runs alongside the classification (its window readers, not the
+    # GPU, set its pace); on a CPU before it (the two would share the cores: 5-10 % slower measured, README).
     device = choose_device(options.device)
-    precision = resolve_precision(options.precision, device, encoder_config(pack.encoder_name).recommended_dtype)
-    backend = resolve_backend(options.backend, device)
-    readers = resolve_readers(options.readers, device)
-    with clock.stage("model_loading"):
-        model = models.classifier(pack, device, backend, precision)
+    alongside = None
+    if segmenter is not None:
+        segment = functools.partial(_segment, slide_path, slide_info, tissue, segmenter, options, models=models,
+                                    clock=clock)
+        if segments_alongside(options, device):
+            alongside = _Alongside(segment, report_progress)
+        else:
+            segmentation, regions, segmentation_warnings = segment(report_progress)
+            warnings += segmentation_warnings
+    report_progress("tiles", 0, len(grid))
+    try:
+        precision = resolve_precision(options.precision, device, encoder_config(pack.encoder_name).recommended_dtype)
+        backend = resolve_backend(options.backend, device)
+        readers = resolve_readers(options.readers, device)
+        with clock.stage("model_loading"):
+            model = models.classifier(pack, device, backend, precision)
 
-    with clock.stage("classification"):
-        probabilities, embeddings, focus = _classify(slide_path, grid, pack, model, device, precision, options,
-                                                     readers, report_progress)
+        def classification_progress(stage: str, done: int, total: int) -> None:
+            if alongside is not None:
+                alongside.raise_if_failed()
+            report_progress(stage, done, total)
+
+        with clock.stage("classification"):
+            probabilities, embeddings, focus = _classify(slide_path, grid, pack, model, device, precision, options,
+                                                         readers, classification_progress)
+    except BaseException:
+        if alongside is not None:
+            alongside.stop()
+        raise
+    if alongside is not None:
+        segmentation, regions, segmentation_warnings = alongside.result()
+        warnings += segmentation_warnings
     sharp = focus >= options.min_focus
     if not sharp.all():
         excluded["blur"] = int((~sharp).sum())
@@ -382,6 +410,50 @@ def analyze_slide(
         focus=focus,
         excluded_tiles=excluded,
     )
+
+
+def segments_alongside(options: AnalysisOptions, device: torch.device) -> bool:
+    """Whether a segmenter runs alongside the classification: ``options.segment_alongside``, else on a GPU."""
+    return options.segment_alongside if options.segment_alongside is not None else device.type == "cuda"
+
+
+class _Stopped(Exception):
+    """Ends the segmenter's run when the classification beside it failed or was cancelled."""
+
+
+class _Alongside:
+    """``run(progress)`` in a thread of its own while this one classifies. Its progress is reported once the
+    classification is done (until then the tiles' is: one stage at a time for watchers and progress bars); it
+    ends at its next batch when the classification fails or is cancelled, and a failure of its own ends the
+    classification at the next batch rather than after every tile."""
+
+    def __init__(self, run: Callable[[ProgressCallback], object], report_progress: ProgressCallback) -> None:
+        self._report = report_progress
+        self._classified = threading.Event()
+        self._stopping = threading.Event()
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="segmentation")
+        self._future = self._thread.submit(run, self._progress)
+
+    def _progress(self, stage: str, done: int, total: int) -> None:
+        if self._stopping.is_set():
+            raise _Stopped()
+        if self._classified.is_set():
+            self._report(stage, done, total)  # may raise (a cancelled job): ends this run, re-raised by result()
+
+    def raise_if_failed(self) -> None:
+        if self._future.done() and self._future.exception() is not None:
+            raise self._future.exception()
+
+    def result(self):
+        self._classified.set()
+        try:
+            return self._future.result()
+        finally:
+            self._thread.shutdown(wait=True)
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._thread.shutdown(wait=True)  # its own error, if any, is not the one the caller is raising
 
 
 def _classify(

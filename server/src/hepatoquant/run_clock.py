@@ -4,7 +4,7 @@ A report's ``timings_s`` used to leave out start-up, model loading from disk and
 understated the wall time by a third. A :class:`RunClock` is started with the run (for the command line: with
 the process) and travels with the result; every stage is timed on it, and its summary ends with ``other``
 (whatever no stage covered, shown rather than hidden) and ``total`` (the wall time so far), so that the stages
-and ``other`` add up to ``total``.
+and ``other`` add up to ``total``, less ``overlapped`` where stages ran at once in different threads.
 """
 
 from __future__ import annotations
@@ -63,11 +63,22 @@ class RunClock:
             self.spans.append((name, start, end, threading.get_ident()))
 
     def summary(self) -> dict[str, float]:
-        """The stages, then ``other`` (wall time no stage covered) and ``total`` (wall time since the start)."""
-        total = time.perf_counter() - self._origin
+        """The stages, then ``overlapped`` (time two stages ran at once, so counted twice: the segmenter runs
+        alongside the classification; absent when none did), ``other`` (wall time no stage covered) and
+        ``total`` (wall time since the start): stages - overlapped + other = total."""
+        now = time.perf_counter()
+        total = now - self._origin
         with self._lock:
             stages = dict(self.stages)
-        return {**stages, "other": max(0.0, total - sum(stages.values())), "total": total}
+            spans = sorted((start, end) for _, start, end, _ in self.spans)
+        covered, reach = 0.0, self._origin
+        for start, end in spans:  # the union of the spans
+            if end > reach:
+                covered += end - max(start, reach)
+                reach = end
+        overlapped = max(0.0, sum(stages.values()) - covered)
+        summary = {**stages, "overlapped": overlapped} if overlapped > 1e-4 else stages
+        return {**summary, "other": max(0.0, total - covered), "total": total}
 
     def write_trace(self, path: Path) -> None:
         """The stages as a Chrome trace (open it in https://ui.perfetto.dev or chrome://tracing)."""
