@@ -102,6 +102,28 @@ def test_predict_batches_keeps_order_and_starts(tiny_classifier_pack: ModelPack,
     )
 
 
+def test_the_next_batch_is_launched_before_a_batchs_results_are_fetched(tiny_classifier_pack: ModelPack,
+                                                                        classifier) -> None:
+    """On a GPU kernels run asynchronously: launching batch k + 1 before waiting for batch k's results keeps the
+    GPU busy while this thread waits and reads. The order is the same on a CPU, where it is observable."""
+    size = tiny_classifier_pack.input_size_px
+    events: list[str] = []
+
+    def model(tiles):
+        events.append(f"launch {len(tiles)}")
+        return classifier(tiles)
+
+    def reading():
+        for start, count in ((0, 2), (2, 3), (5, 4)):
+            events.append(f"read {count}")
+            yield Batch(start, _tiles(count, size, start))
+
+    for prediction in predict_batches(model, reading(), CPU):
+        events.append(f"result {len(prediction.probabilities)}")
+    assert events == ["read 2", "launch 2", "read 3", "launch 3", "result 2", "read 4", "launch 4", "result 3",
+                      "result 4"]
+
+
 def test_predict_batches_keeps_embeddings_when_asked(tiny_classifier_pack: ModelPack, classifier) -> None:
     tiles = _tiles(4, tiny_classifier_pack.input_size_px, 4)
     (result,) = predict_batches(classifier, [Batch(10, tiles)], CPU, keep_embeddings=True)

@@ -119,3 +119,30 @@ def test_lora_targets_attention_only_and_leaves_the_backbone_frozen(micro_model)
     assert all(n.startswith("decoder.") for n in trainable if "lora_" not in n)
     # The base tensors recorded for the pack are the frozen backbone's, under their original names.
     assert "blocks.0.attn.qkv.weight" in micro_model.base_state_dict
+
+
+def test_the_next_windows_are_launched_before_a_batch_is_blended(synthetic_slide: Path, micro_model) -> None:
+    """As for tiles (hepatoquant.classify.one_behind): a GPU has the next windows queued while this thread
+    blends and reads."""
+    from hepatoquant.segmentation.inference import WindowSegmenter
+
+    with Slide(synthetic_slide) as slide:
+        tissue = detect_tissue(slide)
+        size, mpp = slide.dimensions, slide.mpp_um_px
+    config = micro_model.encoder.config
+    segmenter = WindowSegmenter(micro_model, config.mean, config.std)
+    events: list[str] = []
+
+    class Recording:
+        classes, input_size_px, patch_size_px = segmenter.classes, segmenter.input_size_px, segmenter.patch_size_px
+
+        def __call__(self, windows):
+            events.append("launch")
+            return segmenter(windows)
+
+    result = segment_slide(synthetic_slide, size, mpp, tissue, Recording(), mean=config.mean, std=config.std,
+                           window_spacing_um_px=2.0, params=SlidingWindowParams(batch_size=4, num_workers=1),
+                           progress=lambda done, total: events.append("blended"))
+    batches = -(-result.windows_run // 4)
+    assert batches >= 3
+    assert events == ["launch"] + ["launch", "blended"] * (batches - 1) + ["blended"]

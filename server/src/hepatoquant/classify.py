@@ -7,8 +7,9 @@ precision policy's choice (:mod:`hepatoquant.precision`).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -26,7 +27,11 @@ __all__ = [
     "BatchPrediction",
     "normalisation_buffers",
     "normalise_uint8_nhwc",
+    "one_behind",
+    "tiles_to_device",
 ]
+
+T, L, R = TypeVar("T"), TypeVar("L"), TypeVar("R")
 
 
 def normalisation_buffers(
@@ -128,13 +133,40 @@ def predict_batches(
     precision: str = "fp32",
 ) -> Iterator[BatchPrediction]:
     """Run the classifier over batches of tiles, yielding results in the same order, at ``precision`` (a resolved
-    one: :func:`hepatoquant.precision.resolve_precision`)."""
+    one: :func:`hepatoquant.precision.resolve_precision`); one batch behind (:func:`one_behind`)."""
     from hepatoquant.precision import autocast_for
 
+    def launch(batch) -> tuple[int, torch.Tensor, torch.Tensor | None]:
+        logits, embeddings = model(tiles_to_device(batch.pixels, device))
+        return batch.start, logits, embeddings if keep_embeddings else None
+
+    def fetch(launched: tuple[int, torch.Tensor, torch.Tensor | None]) -> BatchPrediction:
+        start, logits, embeddings = launched
+        probabilities = torch.softmax(logits.float(), dim=1).cpu().numpy()
+        kept = embeddings.float().cpu().numpy() if embeddings is not None else None
+        return BatchPrediction(start, probabilities, kept)
+
     with torch.inference_mode(), autocast_for(device, precision):
-        for batch in batches:
-            tiles = torch.from_numpy(batch.pixels).to(device, non_blocking=True)
-            logits, embeddings = model(tiles)
-            probabilities = torch.softmax(logits.float(), dim=1).cpu().numpy()
-            kept = embeddings.float().cpu().numpy() if keep_embeddings else None
-            yield BatchPrediction(batch.start, probabilities, kept)
+        yield from one_behind(batches, launch, fetch)
+
+
+def tiles_to_device(pixels: np.ndarray, device: torch.device) -> torch.Tensor:
+    """uint8 NHWC tiles on ``device``; to a GPU through page-locked memory (PyTorch's host cache keeps those
+    blocks), which the copy needs to be asynchronous."""
+    tiles = torch.from_numpy(pixels)
+    if device.type == "cuda":
+        tiles = tiles.pin_memory()
+    return tiles.to(device, non_blocking=True)
+
+
+def one_behind(items: Iterable[T], launch: Callable[[T], L], fetch: Callable[[L], R]) -> Iterator[R]:
+    """``fetch(launch(item))`` for each item, in order, each fetched only once the next one is launched. A GPU
+    runs kernels asynchronously: it then always has the next batch queued while this thread waits for results
+    and for the readers, instead of idling through each batch's copy back, read and copy in."""
+    in_flight: list[L] = []
+    for item in items:
+        in_flight.append(launch(item))
+        if len(in_flight) == 2:
+            yield fetch(in_flight.pop(0))
+    if in_flight:
+        yield fetch(in_flight.pop())

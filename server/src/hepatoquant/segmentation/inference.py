@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hepatoquant.classify import normalisation_buffers, normalise_uint8_nhwc
+from hepatoquant.classify import normalisation_buffers, normalise_uint8_nhwc, one_behind, tiles_to_device
 from hepatoquant.errors import InvalidParameterError
 from hepatoquant.precision import autocast_for
 from hepatoquant.segmentation import BACKGROUND
@@ -169,10 +169,16 @@ def segment_slide(
         slide_path, grid, out_size_px=window_px, batch_size=params.batch_size, num_workers=params.num_workers,
         readers=readers,
     )
+
+    def launch(batch):
+        return batch, model(tiles_to_device(batch.pixels, device))
+
+    def fetch(launched) -> tuple:
+        batch, logits = launched
+        return batch, F.interpolate(logits.float(), size=(window_map_px, window_map_px), mode="area").cpu().numpy()
+
     with contextlib.closing(batches), torch.inference_mode(), autocast_for(device, precision):
-        for batch in batches:
-            logits = model(torch.from_numpy(batch.pixels).to(device, non_blocking=True)).float()
-            small = F.interpolate(logits, size=(window_map_px, window_map_px), mode="area").cpu().numpy()
+        for batch, small in one_behind(batches, launch, fetch):  # a GPU has the next windows queued meanwhile
             for offset, window_logits in enumerate(small):
                 index = batch.start + offset
                 x0 = round(grid.x_level0_px[index] / map_downsample)
