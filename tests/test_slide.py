@@ -429,3 +429,37 @@ def test_copy_of_real_slide_still_opens(tmp_path: Path, cmu_slide: Path) -> None
     shutil.copyfile(cmu_slide, path)
     with Slide(path) as slide:
         assert slide.read_region((0, 0), 0, (16, 16)).shape == (16, 16, 3)
+
+
+def _boxes_one_by_one(slide: Slide, xs, ys, size: float, out_px: int) -> list[np.ndarray]:
+    return [slide.read_scaled((x, y), (size, size), (out_px, out_px)) for x, y in zip(xs, ys)]
+
+
+@pytest.mark.parametrize(
+    ("slide_name", "size", "out_px", "step", "reads"),
+    [
+        ("cmu_slide", 150.3, 150, 150.3, 5),  # tiles at level 0, side by side (0.5 um/px tiles, 0.499 um/px slide)
+        ("cmu_slide", 301.0, 150, 301.0, 5),  # 40x-like: level 0 read and shrunk
+        ("cmu_slide", 896.0, 224, 672.0, 5),  # segmentation windows overlapping by a quarter
+        ("tcga_slide", 300.0, 150, 300.0, 9),  # level 1 at 2.0005x: offsets never whole level pixels: one by one
+        ("synthetic_slide", 512.0, 128, 384.0, 5),  # exact 4x level: runs at level 1
+    ],
+)
+def test_boxes_read_in_runs_are_the_boxes_read_one_by_one(request, monkeypatch: pytest.MonkeyPatch, slide_name: str,
+                                                          size: float, out_px: int, step: float, reads: int) -> None:
+    """Runs along a row (with gaps, several rows, a last box flush elsewhere) give exactly read_scaled's pixels,
+    with fewer OpenSlide calls where the level allows."""
+    path = request.getfixturevalue(slide_name)
+    with Slide(path) as slide:
+        columns = [c for c in range(5) if c != 3]  # a gap: the run breaks there
+        xs = np.array([100 + c * step for _ in range(2) for c in columns] + [1000.0])
+        ys = np.array([200 + r * step for r in range(2) for _ in columns] + [37.0])
+        expected = _boxes_one_by_one(slide, xs, ys, size, out_px)
+        calls: list[tuple] = []
+        real = slide.read_region
+        monkeypatch.setattr(slide, "read_region", lambda *args: (calls.append(args), real(*args))[1])
+        got = list(slide.read_scaled_boxes(xs, ys, size, out_px))
+    assert len(got) == len(expected) == len(xs)
+    for box, reference in zip(got, expected):
+        np.testing.assert_array_equal(box, reference)
+    assert len(calls) == reads  # in runs: per row columns 0-2 together, column 4 alone, then the last box

@@ -95,6 +95,32 @@ def test_a_reader_process_that_dies_fails_the_reading_clearly_and_a_new_one_serv
     assert starts == list(range(0, len(grid), 4))
 
 
+def test_a_reader_that_died_between_batches_fails_the_next_submission_clearly(cmu_slide: Path) -> None:
+    """The batches in flight were all read before the kill: the error comes when the next one is handed to the
+    broken pool (it came out as a bare BrokenProcessPool)."""
+    import time
+
+    grid = _grid(cmu_slide)
+    before = _our_shared_blocks()
+    batches = iter_tile_batches(cmu_slide, grid, out_size_px=64, batch_size=4, num_workers=2, readers="processes")
+    assert next(batches).start == 0
+    time.sleep(1.0)  # the two batches in flight are read by now
+    pool = tile_reader._pools[2]
+    for process in list(pool._processes.values()):
+        os.kill(process.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while not pool._broken and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert pool._broken
+    with pytest.raises(CorruptSlideError) as excinfo:
+        for _ in batches:
+            pass
+    assert str(cmu_slide) in str(excinfo.value) and "process died" in str(excinfo.value)
+    assert _our_shared_blocks() == before
+    assert _read(cmu_slide, grid, "processes", batch_size=4, num_workers=2, out_size_px=64)[0] == \
+        list(range(0, len(grid), 4))
+
+
 def test_closing_early_keeps_the_processes_and_removes_the_shared_block(cmu_slide: Path) -> None:
     grid = _grid(cmu_slide)
     before = _our_shared_blocks()

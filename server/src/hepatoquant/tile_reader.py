@@ -14,7 +14,7 @@ import signal
 import threading
 from collections import OrderedDict, deque
 from collections.abc import Iterator
-from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
+from concurrent.futures import Future, InvalidStateError, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from multiprocessing.shared_memory import SharedMemory
 from dataclasses import dataclass
@@ -157,13 +157,12 @@ def _read_tiles(
     """Tiles at level-0 ``(xs, ys)`` of side ``size``, as (pixels, focus scores or None): see iter_tile_batches."""
     pixels = np.empty((len(xs), out_size_px, out_size_px, 3), dtype=np.uint8)
     focus = np.empty(len(xs), dtype=np.float32) if focus_px else None
-    for row, location in enumerate(zip(xs, ys)):
+    for row, tile in enumerate(slide.read_scaled_boxes(xs, ys, size, focus_px or out_size_px)):
         if focus is None:
-            pixels[row] = slide.read_scaled(location, (size, size), (out_size_px, out_size_px))
+            pixels[row] = tile
             continue
         # The tile at its defined resolution (HepatoBench's 150 px at 20x), then the model's input size, as
         # the benchmark's patches were made; the focus score is taken before that resize, by the reader.
-        tile = slide.read_scaled(location, (size, size), (focus_px, focus_px))
         focus[row] = focus_score(tile)
         pixels[row] = tile if focus_px == out_size_px else cv2.resize(
             tile, (out_size_px, out_size_px),
@@ -241,39 +240,56 @@ def _read_batches_in_processes(
     block = SharedMemory(create=True, size=slot_bytes * in_flight_limit)
     free_slots = list(range(in_flight_limit))
 
+    def reader_died(start: int, exc: BrokenProcessPool) -> CorruptSlideError:
+        _forget_reader_processes(executor)
+        return CorruptSlideError(
+            f"slide {str(slide_path)!r}: a tile-reader process died while reading tiles {start} onwards ({exc}); "
+            "the file may be damaged (copy it again from the scanner or archive), or the machine ran out of memory "
+            "(fewer --workers or a smaller --batch-size)")
+
     def submit(start: int) -> Future[TileBatch]:
         stop = min(start + batch_size, len(grid))
         slot = free_slots.pop()
-        read = executor.submit(_read_tiles_in_process, block.name, slot * slot_bytes, str(slide_path),
-                               grid.x_level0_px[start:stop], grid.y_level0_px[start:stop], grid.size_level0_px,
-                               out_size_px, focus_px)
+        try:
+            read = executor.submit(_read_tiles_in_process, block.name, slot * slot_bytes, str(slide_path),
+                                   grid.x_level0_px[start:stop], grid.y_level0_px[start:stop], grid.size_level0_px,
+                                   out_size_px, focus_px)
+        except BrokenProcessPool as exc:  # a reader died since the last batch was handed over
+            free_slots.append(slot)
+            raise reader_died(start, exc) from exc
         batch: Future[TileBatch] = Future()
+        batch.read, batch.settled = read, threading.Event()  # type: ignore[attr-defined]
 
-        def copied_out(read: Future) -> None:  # runs in this process once the reader is done with the slot
+        def copied_out(read: Future) -> None:
+            """In this process, once the reader is done with the slot (or its read was cancelled): copy the tiles
+            out, free the slot, and only then hand the batch over, so that the next submission finds a slot and
+            the block outlives every copy from it."""
             try:
                 focus = read.result()
                 view = np.ndarray((stop - start, *slot_shape[1:]), np.uint8, block.buf, slot * slot_bytes)
-                batch.set_result(TileBatch(start, view.copy(), focus))
+                outcome: TileBatch | BaseException = TileBatch(start, view.copy(), focus)
             except BrokenProcessPool as exc:
-                _forget_reader_processes(executor)
-                batch.set_exception(CorruptSlideError(
-                    f"slide {str(slide_path)!r}: a tile-reader process died while reading tiles {start} onwards "
-                    f"({exc}); the file may be damaged (copy it again from the scanner or archive), or the machine "
-                    "ran out of memory (fewer --workers or a smaller --batch-size)"))
+                outcome = reader_died(start, exc)
             except BaseException as exc:  # noqa: BLE001 - handed to the consumer, who re-raises it
-                batch.set_exception(exc)
-            finally:
-                free_slots.append(slot)
+                outcome = exc
+            free_slots.append(slot)
+            batch.settled.set()  # type: ignore[attr-defined]
+            try:
+                if isinstance(outcome, TileBatch):
+                    batch.set_result(outcome)
+                else:
+                    batch.set_exception(outcome)
+            except InvalidStateError:  # the consumer gave the batch up (cancelled it) meanwhile
+                pass
 
         read.add_done_callback(copied_out)
-        batch.read = read  # type: ignore[attr-defined]  # cancelled with the batch
         return batch
 
     def finish(pending: list[Future]) -> None:
-        reads = [batch.read for batch in pending]
-        for read in reads:
-            read.cancel()
-        wait(reads)  # no reader process may still write into the block once it is gone
+        for batch in pending:
+            batch.read.cancel()
+        for batch in pending:
+            batch.settled.wait()  # no reader may write into the block, nor a copy read from it, once it is gone
         block.close()
         block.unlink()
 
