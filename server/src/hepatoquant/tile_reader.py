@@ -1,7 +1,9 @@
 """Parallel tile reading: batches of tile pixels streamed from the slide, in grid order.
 
-Worker threads each hold their own OpenSlide handle (OpenSlide and OpenCV release the GIL while decoding and
-resizing), read every tile from the best pyramid level and resize it straight to the encoder's input size.
+Workers each hold their own OpenSlide handle, read the tiles from the best pyramid level (a row's tiles in one
+call, :meth:`Slide.read_scaled_boxes`) and resize them to the encoder's input size. Workers are threads of this
+process (OpenSlide and OpenCV release the GIL while decoding and resizing) or processes (``readers``, for a GPU,
+where threads would wait for the GIL of the thread driving the model), which write each batch into shared memory.
 At most ``prefetch_batches`` batches are in flight, so memory is bounded by the batch size, not the slide.
 """
 
