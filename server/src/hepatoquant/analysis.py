@@ -298,7 +298,7 @@ def analyze_slide(
             warnings.append(f"regions given with --regions: the segmenter {segmenter.name!r} was not used")
             segmenter = None
     elif segmenter is not None:
-        regions = []  # the segmenter's, from its run alongside the classification below
+        regions = []  # the segmenter's, from its run below (before or alongside the classification)
     else:
         regions = [whole_tissue_region(tissue.polygons)]
 
