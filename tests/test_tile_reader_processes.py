@@ -189,3 +189,30 @@ def test_a_spawned_process_that_used_reader_processes_exits(cmu_slide: Path) -> 
         child.kill()
     assert not hung, "the process hung at exit waiting for its reader processes"
     assert child.exitcode == 0
+
+
+_SCRIPT_WITHOUT_MAIN_GUARD = """
+import sys
+from pathlib import Path
+import numpy as np
+from hepatoquant.tile_reader import iter_tile_batches
+from hepatoquant.tiling import TileGrid, TileSpec
+print("script body ran", flush=True)
+xs, ys = np.meshgrid(np.arange(4) * 150.0, np.arange(2) * 150.0)
+grid = TileGrid(xs.ravel(), ys.ravel(), 150.0, np.ones(xs.size), TileSpec())
+batches = iter_tile_batches(Path(sys.argv[1]), grid, out_size_px=32, num_workers=2, readers="processes")
+print("tiles", sum(len(b) for b in batches))
+"""
+
+
+def test_a_script_without_a_main_guard_is_not_run_again_by_the_readers(tmp_path: Path, cmu_slide: Path) -> None:
+    """A lab's analysis script calling analyze on a GPU (auto: reader processes) at its top level: multiprocessing's
+    spawn would import it again in every reader, run it there and fail (reported as a damaged slide)."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "my_analysis.py"
+    script.write_text(_SCRIPT_WITHOUT_MAIN_GUARD)
+    run = subprocess.run([sys.executable, str(script), str(cmu_slide)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.splitlines() == ["script body ran", "tiles 8"]

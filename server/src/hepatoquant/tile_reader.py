@@ -10,9 +10,11 @@ At most ``prefetch_batches`` batches are in flight, so memory is bounded by the 
 from __future__ import annotations
 
 import multiprocessing
+import multiprocessing.context
 import multiprocessing.util
 import os
 import signal
+import sys
 import threading
 from collections import OrderedDict, deque
 from collections.abc import Iterator
@@ -306,13 +308,37 @@ _OPEN_SLIDES_PER_PROCESS = 4
 _process_slides: OrderedDict[tuple[str, int, int], Slide] = OrderedDict()
 
 
+class _ReaderProcess(multiprocessing.context.SpawnProcess):
+    """Spawned, not forked: this process may run model, gRPC and OpenVINO threads that a fork would copy
+    mid-flight. And spawned without the program's main module: multiprocessing would import it again in the
+    reader (run a user's script a second time, top-level code and all, and fail there when that script has no
+    ``if __name__ == "__main__"`` guard); a reader needs only this module, which it imports to find its work."""
+
+    @staticmethod
+    def _Popen(process_obj):
+        main = sys.modules["__main__"]
+        with _main_hidden_lock:
+            saved = {name: main.__dict__.pop(name) for name in ("__spec__", "__file__") if name in main.__dict__}
+            main.__spec__ = None
+            try:
+                return multiprocessing.context.SpawnProcess._Popen(process_obj)  # reads __main__ while launching
+            finally:
+                del main.__spec__
+                main.__dict__.update(saved)
+
+
+class _ReaderContext(multiprocessing.context.SpawnContext):
+    Process = _ReaderProcess
+
+
+_main_hidden_lock = threading.Lock()
+
+
 def _reader_processes(workers: int) -> ProcessPoolExecutor:
     with _pools_lock:
         pool = _pools.get(workers)
         if pool is None:
-            # spawn, not fork: this process may run model, gRPC and OpenVINO threads that a fork would copy
-            # mid-flight; a spawned reader imports only what reading needs.
-            pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+            pool = ProcessPoolExecutor(max_workers=workers, mp_context=_ReaderContext(),
                                        initializer=_init_reader_process)
             _pools[workers] = pool
         return pool
