@@ -216,3 +216,28 @@ def test_a_script_without_a_main_guard_is_not_run_again_by_the_readers(tmp_path:
     run = subprocess.run([sys.executable, str(script), str(cmu_slide)], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.splitlines() == ["script body ran", "tiles 8"]
+
+
+def test_reader_processes_are_started_before_the_tissue_is_found(cmu_slide: Path, monkeypatch,
+                                                                 tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Their start (about half a second of imports each) overlaps the tissue detection and the model loading
+    instead of delaying the first batch."""
+    from hepatoquant import analysis
+
+    pack = ensure_demo_pack(tmp_path_factory.mktemp("tiny-models"), encoder="test_vit_micro")
+    workers = 5  # a pool of its own: no earlier test started one of this size
+    assert workers not in tile_reader._pools
+    seen: list[int] = []
+    real = analysis.detect_tissue
+
+    def detect(*args, **kwargs):
+        pool = tile_reader._pools.get(workers)
+        seen.append(0 if pool is None else sum(p.is_alive() for p in pool._processes.values()))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(analysis, "detect_tissue", detect)
+    result = analyze_slide(cmu_slide, pack, AnalysisOptions(device="cpu", backend="torch", readers="processes",
+                                                            num_workers=workers))
+    assert seen == [workers] and result.readers == "processes"
+    threads = analyze_slide(cmu_slide, pack, AnalysisOptions(device="cpu", backend="torch", num_workers=6))
+    assert threads.readers == "threads" and 6 not in tile_reader._pools  # threads: no processes started

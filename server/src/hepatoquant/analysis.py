@@ -40,7 +40,7 @@ from hepatoquant.regions import (
 )
 from hepatoquant.segmentation.inference import SegmentationMap, SlidingWindowParams, WindowSegmenter, segment_slide
 from hepatoquant.slide import Slide, SlideInfo
-from hepatoquant.tile_reader import READERS, iter_tile_batches, resolve_readers
+from hepatoquant.tile_reader import READERS, iter_tile_batches, resolve_readers, start_reader_processes
 from hepatoquant.tiling import TileGrid, TileSpec, build_tile_grid, without_artefacts
 from hepatoquant.tissue import TissueDetectionParams, TissueMask, detect_tissue
 
@@ -271,6 +271,8 @@ def analyze_slide(
     warnings: list[str] = []
     if pack.is_untrained_demo:
         warnings.append(demo_model_warning(pack))
+    if resolve_readers(options.readers, choose_device(options.device)) == "processes":
+        start_reader_processes(options.num_workers)  # they start while the tissue is found and the models load
     with clock.stage("tissue_detection"), Slide(slide_path, mpp_override_um_px=options.mpp_override_um_px) as slide:
         slide_info = slide.info()
         tissue = detect_tissue(slide, options.tissue)

@@ -31,7 +31,8 @@ from hepatoquant.errors import CorruptSlideError, InvalidParameterError
 from hepatoquant.slide import Slide
 from hepatoquant.tiling import TileGrid
 
-__all__ = ["READERS", "TileBatch", "focus_score", "iter_tile_batches", "resolve_readers", "shutdown_reader_processes"]
+__all__ = ["READERS", "TileBatch", "focus_score", "iter_tile_batches", "resolve_readers", "shutdown_reader_processes",
+           "start_reader_processes"]
 
 READERS = ("threads", "processes")
 
@@ -342,6 +343,18 @@ def _reader_processes(workers: int) -> ProcessPoolExecutor:
                                        initializer=_init_reader_process)
             _pools[workers] = pool
         return pool
+
+
+def start_reader_processes(workers: int) -> None:
+    """Have ``workers`` reader processes started now rather than at the first batch: each takes about half a
+    second to import what reading needs, which a run spends finding the tissue and loading its models."""
+    pool = _reader_processes(workers)
+    for _ in range(workers):
+        pool.submit(_ready)  # the pool starts a process for each task while none is idle
+
+
+def _ready() -> None:
+    """A reader process's first task: nothing (see start_reader_processes)."""
 
 
 def _forget_reader_processes(pool: ProcessPoolExecutor) -> None:
