@@ -176,7 +176,7 @@ def run_analyze(slide: Path, models: Path, model: str, segmenter: str, readers: 
             "classification_tiles_per_s": report["tiles_per_second"], "gpu_busy_classification_pct": busy}
 
 
-def RUNS(other_readers: str) -> tuple[tuple[str, str, str], ...]:
+def analyze_runs(other_readers: str) -> tuple[tuple[str, str, str], ...]:
     """(label, segmenter, readers) of the analyze runs."""
     return (("with_segmenter", "demo-seg", "auto"), ("classifier_only", "none", "auto"),
             (f"classifier_only_{other_readers}", "none", other_readers))
@@ -218,7 +218,7 @@ def main() -> None:
         # The third run reads with the readers auto does not pick (threads on a GPU), for the ratio in one run.
         other_readers = "threads" if resolve_readers("auto", device) == "processes" else "processes"
         with UtilisationSampler(device) as sampler:
-            for label, segmenter, readers in RUNS(other_readers):
+            for label, segmenter, readers in analyze_runs(other_readers):
                 run = run_analyze(slide, models, pack.path.name, segmenter, readers, args, work / label, sampler)
                 run["efficiency_vs_bare"] = round(run["classification_tiles_per_s"] / results["bare_tiles_per_s"], 3)
                 results[label] = run
@@ -226,7 +226,7 @@ def main() -> None:
 
     print(f"{results['device']}, {args.encoder} ({precision}), slide {size[0]} x {size[1]} px, "
           f"bare {results['bare_tiles_per_s']} tiles/s")
-    for label, _, _ in RUNS(other_readers):
+    for label, _, _ in analyze_runs(other_readers):
         run = results[label]
         stages = ", ".join(f"{k} {v:.2f}" for k, v in run["timings_s"].items())
         print(f"{label} ({run['readers']}): wall {run['wall_s']} s, {run['tiles']} tiles, classification "

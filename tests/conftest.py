@@ -33,6 +33,16 @@ def cmu_slide(testdata: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def damaged_cmu_slide(cmu_slide: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """CMU-1-Small-Region with its tile data overwritten and its directories intact: it opens, its pixels fail."""
+    data = bytearray(cmu_slide.read_bytes())
+    data[100_000:1_200_000] = bytes(1_100_000)
+    path = tmp_path_factory.mktemp("damaged") / "damaged.svs"
+    path.write_bytes(bytes(data))
+    return path
+
+
+@pytest.fixture(scope="session")
 def tcga_slide(testdata: Path) -> Path:
     """Real Aperio SVS, 4443 x 3567 px, two levels, JPEG 2000, no MPP in its metadata."""
     return testdata / "slides" / "TCGA-CR-7395-01A-01-TS1.svs"

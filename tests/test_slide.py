@@ -404,12 +404,9 @@ def test_truncated_tiff_tail_is_corrupt(tmp_path: Path, synthetic_slide: Path) -
     assert str(path) in str(excinfo.value)
 
 
-def test_damaged_tiles_fail_at_read_time(tmp_path: Path, cmu_slide: Path) -> None:
+def test_damaged_tiles_fail_at_read_time(damaged_cmu_slide: Path) -> None:
     """Tile data overwritten (directories intact): the slide opens, reading its pixels raises CorruptSlideError."""
-    data = bytearray(cmu_slide.read_bytes())
-    data[100_000:1_200_000] = bytes(1_100_000)
-    path = tmp_path / "damaged.svs"
-    path.write_bytes(bytes(data))
+    path = damaged_cmu_slide
     with Slide(path) as slide:
         assert slide.dimensions == (2220, 2967)
         with pytest.raises(CorruptSlideError) as excinfo:

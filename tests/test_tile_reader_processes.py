@@ -61,12 +61,9 @@ def test_processes_read_what_threads_read_on_real_slides(slide_name: str, reques
     assert _our_shared_blocks() == before  # the shared block is gone with the reading
 
 
-def test_an_error_in_a_reader_process_names_the_slide_and_the_next_reading_works(tmp_path: Path,
+def test_an_error_in_a_reader_process_names_the_slide_and_the_next_reading_works(damaged_cmu_slide: Path,
                                                                                  cmu_slide: Path) -> None:
-    data = bytearray(cmu_slide.read_bytes())
-    data[100_000:1_200_000] = bytes(1_100_000)  # tile data destroyed, directories intact
-    damaged = tmp_path / "damaged.svs"
-    damaged.write_bytes(bytes(data))
+    damaged = damaged_cmu_slide
     xs, ys = np.meshgrid(np.arange(5) * 150.0, np.arange(5) * 150.0)
     grid = TileGrid(xs.ravel(), ys.ravel(), 150.0, np.ones(xs.size), TileSpec())
     before = _our_shared_blocks()

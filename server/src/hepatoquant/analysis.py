@@ -200,6 +200,8 @@ def _segment(
     options: AnalysisOptions,
     report_progress: ProgressCallback,
     *,
+    device: torch.device,
+    readers: str,
     models: ModelCache,
     clock: RunClock,
 ) -> tuple[SegmentationMap, list[Region], list[str]]:
@@ -209,7 +211,6 @@ def _segment(
     warnings = []
     if segmenter.is_untrained_demo:
         warnings.append(demo_model_warning(segmenter))
-    device = choose_device(options.device)
     precision = resolve_precision(options.precision, device, encoder_config(segmenter.encoder_name).recommended_dtype)
     backend = resolve_backend(options.backend, device)
     with clock.stage("segmenter_loading"):
@@ -228,7 +229,7 @@ def _segment(
             device=device,
             progress=lambda done, total: report_progress("windows", done, total),
             precision=precision,
-            readers=resolve_readers(options.readers, device),
+            readers=readers,
         )
         segmentation = dataclasses.replace(segmentation, backend=backend)
     with clock.stage("regions"):
@@ -271,7 +272,9 @@ def analyze_slide(
     warnings: list[str] = []
     if pack.is_untrained_demo:
         warnings.append(demo_model_warning(pack))
-    if resolve_readers(options.readers, choose_device(options.device)) == "processes":
+    device = choose_device(options.device)
+    readers = resolve_readers(options.readers, device)
+    if readers == "processes":
         start_reader_processes(options.num_workers)  # they start while the tissue is found and the models load
     with clock.stage("tissue_detection"), Slide(slide_path, mpp_override_um_px=options.mpp_override_um_px) as slide:
         slide_info = slide.info()
@@ -332,11 +335,10 @@ def analyze_slide(
     # The segmenter reads its own windows and runs its own model, and only the quantification needs both its
     # regions and the tiles' classes: on a GPU it runs alongside the classification (its window readers, not the
     # GPU, set its pace); on a CPU before it (the two would share the cores: 5-10 % slower measured, README).
-    device = choose_device(options.device)
     alongside = None
     if segmenter is not None:
-        segment = functools.partial(_segment, slide_path, slide_info, tissue, segmenter, options, models=models,
-                                    clock=clock)
+        segment = functools.partial(_segment, slide_path, slide_info, tissue, segmenter, options, device=device,
+                                    readers=readers, models=models, clock=clock)
         if segments_alongside(options, device):
             alongside = _Alongside(segment, report_progress)
         else:
@@ -346,7 +348,6 @@ def analyze_slide(
     try:
         precision = resolve_precision(options.precision, device, encoder_config(pack.encoder_name).recommended_dtype)
         backend = resolve_backend(options.backend, device)
-        readers = resolve_readers(options.readers, device)
         with clock.stage("model_loading"):
             model = models.classifier(pack, device, backend, precision)
 

@@ -43,12 +43,8 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_request_flags(analyze)
     analyze.add_argument("--batch-size", type=int, default=32)
     analyze.add_argument("--workers", type=int, default=2, help="parallel tile readers")
-    analyze.add_argument("--readers", choices=("auto", "threads", "processes"), default="auto",
-                         help="who reads tiles and windows: auto (processes on a GPU, where threads of this process cap the rate; threads on a CPU), threads, processes")
     analyze.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    analyze.add_argument("--backend", choices=("auto", "torch", "openvino"), default="auto",
-                         help="what runs the classifier and the segmenter: auto (OpenVINO on a CPU, PyTorch on a GPU), "
-                       "torch, openvino")
+    _add_machine_flags(analyze)
     analyze.add_argument("--no-progress", action="store_true", help="no progress bar (for logs)")
     analyze.add_argument("--profile", type=Path, metavar="TRACE.json",
                          help="also write where the time went: the stages as a Chrome trace (open in "
@@ -118,11 +114,7 @@ def _build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--model", default="demo", help="default classifier pack")
     serve.add_argument("--seg-model", default=os.environ.get("HEPATOQUANT_SEG_MODEL", "none"), help="default segmenter pack")
     serve.add_argument("--device", default="auto")
-    serve.add_argument("--backend", choices=("auto", "torch", "openvino"), default="auto",
-                       help="what runs the classifier and the segmenter: auto (OpenVINO on a CPU, PyTorch on a GPU), "
-                       "torch, openvino")
-    serve.add_argument("--readers", choices=("auto", "threads", "processes"), default="auto",
-                       help="who reads tiles and windows: auto (processes on a GPU, where threads of this process cap the rate; threads on a CPU), threads, processes")
+    _add_machine_flags(serve)
     serve.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
                        help="encoder precision (auto: bf16 on CPUs with AVX512-BF16/AMX and on GPUs, else fp32)")
     serve.add_argument("--workers", type=int, default=1, help="jobs run at once (one per device is safest)")
@@ -173,6 +165,17 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_bench_parser(commands)
     _add_cohort_parser(commands)
     return parser
+
+
+def _add_machine_flags(parser: argparse.ArgumentParser) -> None:
+    """What runs the models and reads the slide: a machine's choices (Runtime), the same for analyze, serve and
+    cohort run."""
+    parser.add_argument("--backend", choices=("auto", "torch", "openvino"), default="auto",
+                        help="what runs the classifier and the segmenter: auto (OpenVINO on a CPU, PyTorch on a "
+                        "GPU), torch, openvino")
+    parser.add_argument("--readers", choices=("auto", "threads", "processes"), default="auto",
+                        help="who reads tiles and windows: auto (processes on a GPU, where threads of this process "
+                        "cap the rate; threads on a CPU), threads, processes")
 
 
 def _add_request_flags(parser: argparse.ArgumentParser) -> None:
@@ -244,13 +247,9 @@ def _add_cohort_parser(commands) -> None:
     run.add_argument("--address", help="Ray cluster address (auto, ray://host:10001); default: Ray on this machine")
     run.add_argument("--workers", type=int, default=1, help="slides analysed at once (one model copy each)")
     run.add_argument("--device", default="cpu", help="cpu, cuda, or auto")
-    run.add_argument("--backend", choices=("auto", "torch", "openvino"), default="auto",
-                     help="what runs the classifier and the segmenter: auto (OpenVINO on a CPU, PyTorch on a GPU), "
-                     "torch, openvino")
+    _add_machine_flags(run)
     run.add_argument("--batch-size", type=int, default=32)
     run.add_argument("--reader-workers", type=int, default=2, help="tile readers per slide")
-    run.add_argument("--readers", choices=("auto", "threads", "processes"), default="auto",
-                     help="who reads tiles and windows: auto (processes on a GPU, where threads of this process cap the rate; threads on a CPU), threads, processes")
     _add_request_flags(run)
 
 
